@@ -1,0 +1,128 @@
+"""All of quiver's settings, read from `QUIVER_*` environment variables and an optional YAML file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from server.base_model import DEFAULT_MODEL_NAME
+
+# vLLM accepts only these LoRA ranks for --max-lora-rank.
+ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+KeyList = Annotated[list[str], NoDecode]
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quiver"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="forbid", validate_default=True)
+
+    # Where the gateway listens.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # The base model: a local Hugging Face folder, or empty for the embedded default (SmolLM2-135M-Instruct).
+    model: Path | None = None
+    served_model_name: str | None = None
+    model_cache_dir: Path = Field(default_factory=lambda: _cache_home() / "models")
+
+    # The adapter store (source of truth for the registry) and the engine's scratch space.
+    store_dir: Path = Path("adapters")
+    state_dir: Path = Field(default_factory=lambda: _cache_home() / "run")
+
+    # Auth: with no keys at all the server only binds to loopback.
+    admin_keys: KeyList = Field(default_factory=list)
+    api_keys: KeyList = Field(default_factory=list)
+
+    # Limits.
+    max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+
+    # The vLLM engine.
+    engine_port: int | None = Field(None, ge=1, le=65535, description="private loopback port; free one if unset")
+    dtype: str = "float32"
+    max_model_len: int = Field(2048, gt=0)
+    max_loras: int = Field(4, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    max_lora_rank: int = 16
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU engines only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads_bind: str = Field("all", description="CPU engines only: VLLM_CPU_OMP_THREADS_BIND; 'all' binds every core")
+    engine_extra_args: KeyList = Field(default_factory=list)
+    engine_start_timeout_s: float = Field(600.0, gt=0)
+    engine_restart: bool = True
+
+    @field_validator("admin_keys", "api_keys", "engine_extra_args", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            separator = " " if value and "," not in value and " " in value else ","
+            return [item.strip() for item in value.split(separator) if item.strip()]
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _engine_rank(cls, value: int) -> int:
+        if value not in ENGINE_LORA_RANKS:
+            raise ValueError(f"must be one of {ENGINE_LORA_RANKS} (what vLLM accepts)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a Hugging Face model folder (no config.json)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.admin_keys or self.api_keys)
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.model is None
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model if self.model is not None else self.model_cache_dir / DEFAULT_MODEL_NAME
+
+    @property
+    def base_model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return DEFAULT_MODEL_NAME if self.model is None else self.model.name
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then the environment, then the YAML file named by QUIVER_CONFIG.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("QUIVER_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)

@@ -1,0 +1,1 @@
+"""quiver's trainer: JSONL examples in, a validated, evaluated LoRA adapter out."""
