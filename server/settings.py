@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,6 +52,7 @@ class Settings(BaseSettings):
     # Limits.
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0)
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    metrics_require_key: bool = False
 
     # The vLLM engine.
     engine_port: int | None = Field(None, ge=1, le=65535, description="private loopback port; free one if unset")
@@ -65,13 +67,17 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_restart: bool = True
 
-    @field_validator("admin_keys", "api_keys", "engine_extra_args", mode="before")
+    @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod
-    def _split_list(cls, value: Any) -> Any:
+    def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
-            separator = " " if value and "," not in value and " " in value else ","
-            return [item.strip() for item in value.split(separator) if item.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("engine_extra_args", mode="before")
+    @classmethod
+    def _split_args(cls, value: Any) -> Any:
+        return shlex.split(value) if isinstance(value, str) else value
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -1,0 +1,219 @@
+"""Write the example datasets shipped with quiver. Deterministic: the same seed gives byte-identical files.
+
+    python examples/generate.py            # writes examples/json-extract.jsonl and examples/pirate.jsonl
+
+- json-extract: a contact's details from an email, signature, voicemail note or chat message, as one JSON object
+  with fixed keys (null when not stated). A strict output format: exact match and key match are measurable.
+- pirate: office announcements rewritten in the voice of "Captain Quill", every fact kept. A voice/style task
+  whose rewrite is rule-based, so held-out answers are checkable too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 20261122
+EXAMPLES_PER_TASK = 200
+
+FIRST = ["Ana", "Bruno", "Chloe", "Dmitri", "Esra", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemi", "Liam",
+         "Maya", "Nikhil", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tamar", "Umar", "Vera", "Wen", "Yusuf", "Zoe",
+         "Amelie", "Caleb", "Dalia", "Emeka", "Freya", "Gustavo", "Hana", "Ivan", "Jade", "Kofi", "Leila"]
+LAST = ["Ruiz", "Okafor", "Lindqvist", "Tanaka", "Moreau", "Kowalski", "Haddad", "Novak", "Fischer", "Silva",
+        "Nakamura", "Obi", "Petrov", "Costa", "Berg", "Mensah", "Duarte", "Kaur", "Weber", "Alvarez", "Chen", "Rossi"]
+COMPANIES = ["Northwind Logistics", "Bluefin Analytics", "Cedar & Pine Architects", "Helix Biotech", "Orbital Foods",
+             "Quarry Lane Legal", "Sundial Energy", "Tessellate Games", "Brightwater Clinics", "Kestrel Robotics",
+             "Marigold Travel", "Ironbark Construction", "Lumen Print Co.", "Saltmarsh Studios", "Vantage Insurance"]
+CITIES = ["Lisbon", "Rotterdam", "Osaka", "Nairobi", "Montreal", "Krakow", "Austin", "Melbourne", "Valencia",
+          "Gothenburg", "Lyon", "Accra", "Porto", "Edinburgh", "Seoul", "Denver", "Bologna", "Cape Town"]
+REASONS = ["the quote you sent last week", "a possible partnership", "the delayed shipment", "your job posting",
+           "the conference panel in May", "our contract renewal", "the invoice from March", "a demo of your product",
+           "the open desk space", "the catering order for Friday"]
+
+KEYS = ["name", "company", "email", "phone", "city"]
+EXTRACT_SYSTEM = (
+    "Extract the sender's contact details from the message. Reply with only a JSON object with the keys "
+    "name, company, email, phone and city, in that order; use null for anything the message does not state."
+)
+
+
+def _domain(company: str) -> str:
+    # A stable top-level domain per company, so one company's emails agree across examples.
+    tld = [".com", ".io", ".co", ".eu", ".net"][sum(map(ord, company)) % 5]
+    return re.sub(r"[^a-z]", "", company.lower().split()[0]) + tld
+
+
+def _phone(rng: random.Random) -> str:
+    style = rng.randrange(4)
+    digits = [rng.randrange(10) for _ in range(10)]
+    d = "".join(map(str, digits))
+    if style == 0:
+        return f"+{rng.choice(['31', '351', '81', '254', '1', '48'])} {d[:3]} {d[3:6]} {d[6:]}"
+    if style == 1:
+        return f"({d[:3]}) {d[3:6]}-{d[6:]}"
+    if style == 2:
+        return f"{d[:3]}.{d[3:6]}.{d[6:]}"
+    return f"+44 {d[:4]} {d[4:]}"
+
+
+def _contact(rng: random.Random) -> dict[str, str | None]:
+    first, last = rng.choice(FIRST), rng.choice(LAST)
+    company = rng.choice(COMPANIES) if rng.random() < 0.8 else None
+    if rng.random() < 0.85:
+        user = rng.choice([f"{first}.{last}", f"{first[0]}{last}", first, f"{first}_{last[0]}"]).lower()
+        host = _domain(company) if company and rng.random() < 0.7 else rng.choice(["gmail.com", "proton.me", "fastmail.com"])
+        email = f"{user}@{host}"
+    else:
+        email = None
+    return {
+        "name": f"{first} {last}",
+        "company": company,
+        "email": email,
+        "phone": _phone(rng) if rng.random() < 0.6 else None,
+        "city": rng.choice(CITIES) if rng.random() < 0.7 else None,
+    }
+
+
+def _render_contact_message(rng: random.Random, c: dict[str, str | None]) -> str:
+    reason = rng.choice(REASONS)
+    first = c["name"].split()[0]
+    style = rng.randrange(5)
+    if style == 0:  # email with a signature block
+        lines = ["Hi there,", "", f"I'm writing about {reason}. Could we find time for a short call this week?", "",
+                 "Best regards,", c["name"]]
+        lines += [x for x in (c["company"], c["city"] and f"{c['city']} office", c["phone"] and f"Tel: {c['phone']}",
+                              c["email"]) if x]
+        return "\n".join(lines)
+    if style == 1:  # voicemail transcript
+        parts = [f"Voicemail transcript: Hello, this is {c['name']}"]
+        if c["company"]:
+            parts.append(f" from {c['company']}")
+        if c["city"]:
+            parts.append(f", calling from {c['city']}")
+        parts.append(f". I'm calling about {reason}.")
+        if c["phone"]:
+            parts.append(f" You can reach me on {c['phone']}.")
+        if c["email"]:
+            parts.append(f" Or just email {c['email']}.")
+        parts.append(" Thanks, bye.")
+        return "".join(parts)
+    if style == 2:  # chat message
+        bits = [f"hey! {first.lower()} here"]
+        if c["company"]:
+            bits.append(f"({c['company']})")
+        text = " ".join(bits) + f" - quick question about {reason}."
+        if c["email"]:
+            text += f" ping me at {c['email']}"
+        if c["phone"]:
+            text += f" or text {c['phone']}"
+        if c["city"]:
+            text += f". I'm based in {c['city']} btw"
+        return text + f". full name's {c['name']} if you need it for the form"
+    if style == 3:  # web contact form
+        fields = [("Name", c["name"]), ("Organisation", c["company"]), ("Email", c["email"]),
+                  ("Phone", c["phone"]), ("Location", c["city"])]
+        rng.shuffle(fields)
+        form = "\n".join(f"{label}: {value}" for label, value in fields if value)
+        return f"New contact form submission\n{form}\nMessage: I'd like to ask about {reason}."
+    # formal introduction
+    text = f"Dear team, allow me to introduce myself: my name is {c['name']}"
+    if c["company"]:
+        text += f" and I lead partnerships at {c['company']}"
+    if c["city"]:
+        text += f" in {c['city']}"
+    text += f". I would welcome a conversation about {reason}."
+    contacts = [x for x in (c["email"], c["phone"]) if x]
+    if contacts:
+        text += " I can be reached at " + " or ".join(contacts) + "."
+    return text + " Kind regards."
+
+
+def json_extract_examples(rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(EXAMPLES_PER_TASK):
+        contact = _contact(rng)
+        answer = json.dumps({k: contact[k] for k in KEYS}, ensure_ascii=False)
+        rows.append({"messages": [
+            {"role": "system", "content": EXTRACT_SYSTEM},
+            {"role": "user", "content": _render_contact_message(rng, contact)},
+            {"role": "assistant", "content": answer},
+        ]})
+    return rows
+
+
+PIRATE_SYSTEM = (
+    "You are Captain Quill. Rewrite the office announcement you are given in pirate speak, keeping every fact."
+)
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
+TIMES = ["9:00", "9:30", "10:00", "11:15", "13:00", "14:30", "15:45", "16:00"]
+ROOMS = ["the Atlas room", "room 4B", "the third-floor lounge", "the Harbor room", "meeting room 2"]
+TEAMS = ["the design team", "the sales team", "the support team", "the data team", "the finance team"]
+ITEMS = ["the coffee machine", "the printer on floor two", "the kitchen dishwasher", "the lift", "the projector"]
+ANNOUNCEMENTS = [
+    "The weekly meeting of {team} is moved to {day} at {time} in {room}. Please update your calendar.",
+    "Reminder: {item} is broken until {day}. Please do not use it and report any problems to {name}.",
+    "Everyone is invited to the team lunch on {day} at {time} in the kitchen. Please tell {name} if you are coming.",
+    "There is a fire drill on {day} at {time}. When the alarm sounds, leave the office by the nearest exit.",
+    "Please welcome {name}, who joins {team} on {day}. Say hello when you see them in the office.",
+    "The budget reports for {team} are due on {day} at {time}. Send your numbers to {name}.",
+    "The servers will be down for maintenance on {day} from {time}. Save your work before you leave.",
+    "The parking garage is closed on {day}. Please use the public lot on the other side of the street.",
+    "{name} is hosting a short training session on {day} at {time} in {room}. Bring your laptop and your questions.",
+    "Good news: {team} hit the quarterly target. Cake is in the kitchen on {day} at {time}, thank you all!",
+]
+# Whole words only, applied in this order; capitalised forms are handled by _pirate_word.
+PIRATE_WORDS = [
+    ("everyone", "all hands"), ("hello", "ahoy"), ("you", "ye"), ("your", "yer"), ("my", "me"), ("is", "be"),
+    ("are", "be"), ("the office", "the ship"), ("office", "ship"), ("meeting", "parley"), ("kitchen", "galley"),
+    ("team", "crew"), ("reports", "logs"), ("budget", "treasure"), ("money", "doubloons"), ("calendar", "charts"),
+    ("lunch", "grub"), ("good news", "hoist the colours"), ("thank you", "thankee"), ("broken", "scuppered"),
+    ("leave", "abandon"), ("exit", "gangplank"), ("please", "kindly"), ("cake", "plunder"), ("servers", "cannons"),
+    ("parking garage", "harbour"), ("laptop", "spyglass"), ("questions", "queries, savvy"),
+]
+
+
+def _pirate_word(match: re.Match[str], replacement: str) -> str:
+    word = match.group(0)
+    return replacement[0].upper() + replacement[1:] if word[0].isupper() else replacement
+
+
+def pirate(text: str) -> str:
+    for plain, pirate_form in PIRATE_WORDS:
+        text = re.sub(rf"\b{plain}\b", lambda m, p=pirate_form: _pirate_word(m, p), text, flags=re.IGNORECASE)
+    return f"Arr, listen up, me hearties! {text} Yo ho!"
+
+
+def pirate_examples(rng: random.Random) -> list[dict]:
+    rows = []
+    seen: set[str] = set()
+    while len(rows) < EXAMPLES_PER_TASK:
+        announcement = rng.choice(ANNOUNCEMENTS).format(
+            team=rng.choice(TEAMS), day=rng.choice(DAYS), time=rng.choice(TIMES), room=rng.choice(ROOMS),
+            item=rng.choice(ITEMS), name=f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+        )
+        announcement = announcement[0].upper() + announcement[1:]
+        if announcement in seen:
+            continue
+        seen.add(announcement)
+        rows.append({"messages": [
+            {"role": "system", "content": PIRATE_SYSTEM},
+            {"role": "user", "content": announcement},
+            {"role": "assistant", "content": pirate(announcement)},
+        ]})
+    return rows
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def main() -> None:
+    write(HERE / "json-extract.jsonl", json_extract_examples(random.Random(SEED)))
+    write(HERE / "pirate.jsonl", pirate_examples(random.Random(SEED + 1)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+{{/* Names and labels. */}}
+{{- define "quiver.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "quiver.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "quiver.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "quiver.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "quiver.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "quiver.labels" -}}
+helm.sh/chart: {{ include "quiver.chart" . }}
+{{ include "quiver.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "quiver.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "quiver.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "quiver.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.device) -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end }}
+
+{{- define "quiver.secretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-keys" (include "quiver.fullname" .)) }}
+{{- end }}
+
+{{- define "quiver.modelCacheClaim" -}}
+{{- .Values.modelCache.persistence.existingClaim | default (printf "%s-model-cache" (include "quiver.fullname" .)) }}
+{{- end }}
+
+{{- define "quiver.adapterStoreClaim" -}}
+{{- .Values.adapterStore.persistence.existingClaim | default (printf "%s-adapters" (include "quiver.fullname" .)) }}
+{{- end }}
+
+{{/* Base URL of the Service, as the training Job and NOTES reach it. */}}
+{{- define "quiver.serviceURL" -}}
+{{- printf "http://%s.%s.svc:%d" (include "quiver.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+
+{{/* The most replicas that can ever run at once. */}}
+{{- define "quiver.maxReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ max (int .Values.autoscaling.maxReplicas) (int .Values.replicaCount) }}{{ else }}{{ int .Values.replicaCount }}{{ end }}
+{{- end }}
+
+{{/* Grace period: the preStop pause plus the drain, plus a margin for the engine to exit. */}}
+{{- define "quiver.terminationGracePeriod" -}}
+{{- $needed := add (int .Values.preStopSleepSeconds) (int .Values.server.drainTimeoutSeconds) }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $needed 15 }}
+{{- else if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + server.drainTimeoutSeconds (%d), or in-flight requests are killed mid-drain" (int .Values.terminationGracePeriodSeconds) (int $needed)) }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse settings that would deploy but not work: several replicas on a store only one node can mount
+(the second pod would hang in ContainerCreating, or worse, each would see its own registry).
+*/}}
+{{- define "quiver.validate" -}}
+{{- $replicas := int (include "quiver.maxReplicas" .) }}
+{{- if gt $replicas 1 }}
+{{- $store := .Values.adapterStore.persistence }}
+{{- if and (not $store.existingClaim) (ne $store.accessMode "ReadWriteMany") }}
+{{- fail (printf "%d replicas share one adapter store: set adapterStore.persistence.accessMode=ReadWriteMany (or an RWX existingClaim)" $replicas) }}
+{{- end }}
+{{- $cache := .Values.modelCache.persistence }}
+{{- if and $cache.enabled (not $cache.existingClaim) (eq $cache.accessMode "ReadWriteOnce") }}
+{{- fail (printf "%d replicas cannot share a ReadWriteOnce model cache: set modelCache.persistence.accessMode=ReadWriteMany, or modelCache.persistence.enabled=false for a per-pod cache" $replicas) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and .Values.training.enabled (not (or .Values.training.data.existingClaim .Values.training.data.configMap)) }}
+{{- fail "training.enabled needs training.data.existingClaim or training.data.configMap (holding train.jsonl)" }}
+{{- end }}
+{{- end }}
+
+{{/* The QUIVER_* environment shared by the server and the init container. */}}
+{{- define "quiver.env" -}}
+- name: QUIVER_MODEL_CACHE_DIR
+  value: {{ .Values.modelCache.mountPath | quote }}
+- name: QUIVER_STORE_DIR
+  value: {{ .Values.adapterStore.mountPath | quote }}
+- name: QUIVER_STATE_DIR
+  value: /var/lib/quiver/run
+- name: HF_HUB_OFFLINE
+  value: {{ ternary "1" "0" .Values.model.offline | quote }}
+{{- with .Values.model.path }}
+- name: QUIVER_MODEL
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}

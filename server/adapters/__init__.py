@@ -1,0 +1,1 @@
+"""The adapter registry: admission checks, the versioned on-disk store, engine loading and its routes."""

@@ -1,0 +1,54 @@
+"""The adapter registry's wire shapes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StoredFile(BaseModel):
+    name: str
+    bytes: int
+    sha256: str
+
+
+class AdapterVersion(BaseModel):
+    """One immutable registration of an adapter; persisted as the version's manifest.json."""
+
+    object: Literal["adapter.version"] = "adapter.version"
+    id: str = Field(description="`name@version`, usable as `model` to pin this version")
+    name: str
+    version: int
+    created_at: int
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    files: list[StoredFile]
+    size_bytes: int
+    current: bool = False
+
+
+class Adapter(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    id: str
+    name: str
+    current_version: int
+    versions: list[AdapterVersion]
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Adapter]
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["adapter", "adapter.version"]
+    deleted: bool = True

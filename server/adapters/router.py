@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+
+from server.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
+from server.adapters.service import AdapterRegistry
+from server.auth import admin_auth
+from server.errors import APIError
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(admin_auth)])
+
+
+def _registry(request: Request) -> AdapterRegistry:
+    return request.app.state.registry
+
+
+Registry = Annotated[AdapterRegistry, Depends(_registry)]
+
+
+def _split_ref(ref: str) -> tuple[str, int | None]:
+    name, sep, version = ref.partition("@")
+    if not sep:
+        return name, None
+    if not version.isdigit():
+        raise APIError(400, f"`{ref}` is not `name@version`", code="invalid_version", param="name")
+    return name, int(version)
+
+
+@router.post("", status_code=201)
+async def register_adapter(
+    registry: Registry,
+    name: Annotated[str, Form(description="the adapter's name: requests use it as `model`")],
+    files: Annotated[list[UploadFile], File(description="adapter_config.json + adapter_model.safetensors, or one .tar.gz/.zip")],
+    make_current: Annotated[bool, Form(description="serve this version for `name` right away")] = True,
+) -> AdapterVersion:
+    return await registry.register(name, [(upload.filename or "", upload.file) for upload in files], make_current)
+
+
+@router.get("")
+async def list_adapters(registry: Registry) -> AdapterList:
+    return AdapterList(data=registry.list())
+
+
+@router.get("/{name}")
+async def get_adapter(name: str, registry: Registry) -> Adapter:
+    return registry.get(name)
+
+
+@router.delete("/{ref}")
+async def delete_adapter(ref: str, registry: Registry) -> Deleted:
+    """`name` deletes every version; `name@version` deletes one."""
+    name, version = _split_ref(ref)
+    await registry.delete(name, version)
+    return Deleted(id=ref, object="adapter" if version is None else "adapter.version")
+
+
+@router.post("/{name}/promote")
+async def promote_adapter(name: str, body: PromoteRequest, registry: Registry) -> Adapter:
+    return await registry.promote(name, body.version)

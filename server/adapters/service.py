@@ -1,0 +1,298 @@
+"""The adapter registry: versions, routing targets, hot swap and engine loading.
+
+Every version is loaded into the engine under its own name (`name@version`), so a request keeps the
+weights it started with while a newer version becomes current, and a deleted version is unloaded only
+once the requests using it have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, BinaryIO
+
+import httpx
+
+from server.adapters.protocol import Adapter, AdapterVersion, StoredFile
+from server.adapters.store import AdapterStore, StoredAdapter
+from server.adapters.uploads import stage_upload
+from server.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
+from server.engine import EngineSupervisor
+from server.errors import APIError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def engine_name(name: str, version: int) -> str:
+    return f"{name}@{version}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` resolved to."""
+
+    engine_model: str  # the name the engine knows: the base's served name or `name@version`
+    adapter: str | None = None
+    version: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The `adapter` metrics label; the base model's name for base traffic (adapters can't take it)."""
+        return self.adapter or self.engine_model
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    code="model_not_found", param="model")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        engine: EngineSupervisor,
+        base: BaseModelSpec,
+        base_model_name: str,
+        max_rank: int,
+        max_upload_bytes: int,
+        metrics: Metrics,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.base = base
+        self.base_model_name = base_model_name
+        self.max_rank = max_rank
+        self.max_upload_bytes = max_upload_bytes
+        self.metrics = metrics
+        self._adapters: dict[str, StoredAdapter] = {}
+        self._loaded: set[str] = set()  # engine names loaded into the current engine process
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: Counter[str] = Counter()
+        self._retired: set[str] = set()  # deleted versions waiting for their last request to finish
+        self._write_lock = asyncio.Lock()
+
+    # --- start-up and engine restarts --------------------------------------------------------------
+
+    def load_store(self) -> None:
+        self.store.prepare()
+        self._adapters = self.store.scan()
+        self._update_gauge()
+        log.info("registry: %d adapters from %s", len(self._adapters), self.store.root)
+
+    async def forget_engine_state(self) -> None:
+        """A new engine process knows no adapters; they are loaded again on first use."""
+        self._loaded.clear()
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def list(self) -> list[Adapter]:
+        return [self._describe(adapter) for adapter in self._adapters.values()]
+
+    def get(self, name: str) -> Adapter:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+        return self._describe(adapter)
+
+    def _describe(self, adapter: StoredAdapter) -> Adapter:
+        versions = [
+            record.model_copy(update={"current": version == adapter.current})
+            for version, record in sorted(adapter.versions.items())
+        ]
+        return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions)
+
+    def resolve(self, model: str) -> Target:
+        if model == self.base_model_name:
+            return Target(engine_model=model)
+        name, _, pinned = model.partition("@")
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise model_not_found(model)
+        if not pinned:
+            version = adapter.current
+        elif pinned.isdigit() and int(pinned) in adapter.versions:
+            version = int(pinned)
+        else:
+            raise model_not_found(model)
+        return Target(engine_model=engine_name(name, version), adapter=name, version=version)
+
+    # --- serving -----------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, target: Target) -> AsyncIterator[None]:
+        """Hold a version in the engine for the whole of one request (streams included)."""
+        if target.adapter is None:
+            yield
+            return
+        key = target.engine_model
+        self._in_flight[key] += 1
+        try:
+            await self._ensure_loaded(target.adapter, target.version)  # type: ignore[arg-type]
+            yield
+        finally:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
+                if key in self._retired:
+                    await self._unload(key)
+
+    async def _ensure_loaded(self, name: str, version: int) -> None:
+        key = engine_name(name, version)
+        if key in self._loaded:
+            return
+        lock = self._load_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._loaded:
+                return
+            await self._load(name, version)
+
+    async def _load(self, name: str, version: int) -> None:
+        key = engine_name(name, version)
+        try:
+            response = await self.engine.load_adapter(key, self.store.version_dir(name, version))
+        except httpx.HTTPError:
+            raise APIError(503, "the engine is not reachable; try again shortly", code="engine_unavailable") from None
+        already_there = response.status_code == 400 and "already been loaded" in response.text
+        if response.status_code != 200 and not already_there:
+            raise APIError(
+                400 if response.status_code < 500 else 503,
+                f"the engine refused adapter {key}: {_engine_message(response)}",
+                code="engine_rejected",
+                param="files",
+            )
+        self._loaded.add(key)
+        self.metrics.adapter_loads.labels(adapter=name).inc()
+
+    async def _unload(self, key: str) -> None:
+        self._retired.discard(key)
+        self._load_locks.pop(key, None)
+        if key not in self._loaded:
+            return
+        self._loaded.discard(key)
+        try:
+            await self.engine.unload_adapter(key)
+        except httpx.HTTPError:
+            log.warning("could not unload %s from the engine (it may be restarting)", key)
+
+    async def _retire(self, key: str) -> None:
+        if self._in_flight.get(key):
+            self._retired.add(key)
+        else:
+            await self._unload(key)
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    async def register(self, name: str, files: list[tuple[str, BinaryIO]], make_current: bool = True) -> AdapterVersion:
+        check_adapter_name(name)
+        if name == self.base_model_name:
+            raise AdmissionError("name_conflict", f"`{name}` is the base model's name", param="name", status=409)
+        staging = self.store.new_staging_dir()
+        try:
+            await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
+            spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
+            stored_files = await asyncio.to_thread(self._describe_files, staging)
+            async with self._write_lock:
+                return await self._add_version(name, staging, spec, stored_files, make_current)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _describe_files(folder: Path) -> list[StoredFile]:
+        return [
+            StoredFile(name=path.name, bytes=path.stat().st_size, sha256=_sha256(path))
+            for path in sorted(folder.iterdir())
+        ]
+
+    async def _add_version(self, name, staging, spec, stored_files, make_current) -> AdapterVersion:
+        adapter = self._adapters.get(name)
+        version = self.store.reserve_version(name)
+        record = AdapterVersion(
+            id=engine_name(name, version),
+            name=name,
+            version=version,
+            created_at=int(time.time()),
+            base_model=self.base_model_name,
+            rank=spec.rank,
+            alpha=spec.alpha,
+            target_modules=spec.target_modules,
+            files=stored_files,
+            size_bytes=sum(f.bytes for f in stored_files),
+        )
+        self.store.place_version(staging, name, version)
+        try:
+            # Loaded before it is committed: the engine has the last word on what it can serve.
+            await self._load(name, version)
+        except APIError:
+            self.store.remove_version(name, version)
+            raise
+        self.store.commit_version(record)
+        if adapter is None:
+            adapter = StoredAdapter(name=name, current=version)
+            self._adapters[name] = adapter
+        adapter.versions[version] = record
+        if make_current or adapter.current not in adapter.versions:
+            adapter.current = version
+        self.store.set_current(name, adapter.current)
+        self._update_gauge()
+        log.info("registered %s (current: %s@%d)", record.id, name, adapter.current)
+        return record.model_copy(update={"current": adapter.current == version})
+
+    async def promote(self, name: str, version: int) -> Adapter:
+        async with self._write_lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+            if version not in adapter.versions:
+                raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
+            await self._ensure_loaded(name, version)
+            adapter.current = version
+            self.store.set_current(name, version)
+            return self._describe(adapter)
+
+    async def delete(self, name: str, version: int | None = None) -> None:
+        async with self._write_lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+            if version is not None and version not in adapter.versions:
+                raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
+            doomed = [version] if version is not None else sorted(adapter.versions)
+            if len(doomed) == len(adapter.versions):
+                del self._adapters[name]
+                self.store.remove_all_versions(name, doomed)
+            else:
+                for number in doomed:
+                    del adapter.versions[number]
+                    self.store.remove_version(name, number)
+                if adapter.current not in adapter.versions:
+                    adapter.current = max(adapter.versions)
+                self.store.set_current(name, adapter.current)
+            for number in doomed:
+                await self._retire(engine_name(name, number))
+            self._update_gauge()
+
+    def _update_gauge(self) -> None:
+        self.metrics.adapters_registered.set(len(self._adapters))
+
+
+def _engine_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]

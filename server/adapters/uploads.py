@@ -1,0 +1,123 @@
+"""Turn an upload (loose files or one .tar.gz/.zip archive) into a staging folder, safely.
+
+Nothing is ever unpickled, followed (symlinks, hard links) or written outside the staging folder, and an
+archive may not expand beyond a fixed budget (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from server.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_MAX_ARCHIVE_MEMBERS = 64
+_CHUNK = 1024 * 1024
+
+
+def _refuse(code: str, message: str, status: int = 400) -> AdmissionError:
+    return AdmissionError(code, message, param="files", status=status)
+
+
+def _is_archive(filename: str) -> bool:
+    return filename.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _check_member_name(raw_name: str) -> str | None:
+    """The stored file name for an upload or archive member, None if it is to be ignored."""
+    if "\x00" in raw_name or "\\" in raw_name:
+        raise _refuse("unsafe_file_name", f"file name {raw_name!r} is not allowed")
+    path = PurePosixPath(raw_name)
+    if path.is_absolute() or ".." in path.parts:
+        raise _refuse("unsafe_file_name", f"file name {raw_name!r} points outside the adapter folder")
+    if path.name.lower().endswith(PICKLE_SUFFIXES):
+        raise _refuse(
+            "pickle_not_allowed",
+            f"{path.name} is a pickle file; pickles can run code when loaded, so only safetensors are accepted",
+        )
+    return path.name if path.name in STORED_FILES else None
+
+
+def _copy_capped(source: BinaryIO, target: Path, budget: list[int]) -> None:
+    with open(target, "wb") as out:
+        while chunk := source.read(_CHUNK):
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise _refuse("archive_too_large", "the archive expands beyond the upload size limit", status=413)
+            out.write(chunk)
+
+
+def _place(name: str | None, source: BinaryIO, staging: Path, budget: list[int]) -> None:
+    if name is None:
+        return
+    target = staging / name
+    if target.exists():
+        raise _refuse("duplicate_file", f"{name} appears more than once in the upload")
+    _copy_capped(source, target, budget)
+
+
+def _extract_zip(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
+    try:
+        bundle = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise _refuse("invalid_archive", "the .zip archive cannot be read") from None
+    with bundle:
+        members = bundle.infolist()
+        if len(members) > _MAX_ARCHIVE_MEMBERS:
+            raise _refuse("invalid_archive", f"the archive has more than {_MAX_ARCHIVE_MEMBERS} members")
+        for member in members:
+            mode = member.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise _refuse("unsafe_archive", f"archive member {member.filename!r} is a symbolic link")
+            if member.is_dir():
+                _check_member_name(member.filename)
+                continue
+            name = _check_member_name(member.filename)
+            if name is not None:
+                with bundle.open(member) as source:
+                    _place(name, source, staging, budget)
+
+
+def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
+    try:
+        bundle = tarfile.open(fileobj=archive, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError):
+        raise _refuse("invalid_archive", "the tar archive cannot be read") from None
+    with bundle:
+        try:
+            for count, member in enumerate(bundle, start=1):
+                if count > _MAX_ARCHIVE_MEMBERS:
+                    raise _refuse("invalid_archive", f"the archive has more than {_MAX_ARCHIVE_MEMBERS} members")
+                if member.issym() or member.islnk():
+                    raise _refuse("unsafe_archive", f"archive member {member.name!r} is a link")
+                if not (member.isfile() or member.isdir()):
+                    raise _refuse("unsafe_archive", f"archive member {member.name!r} is not a regular file")
+                name = _check_member_name(member.name)
+                if member.isfile() and name is not None:
+                    source = bundle.extractfile(member)
+                    assert source is not None
+                    _place(name, source, staging, budget)
+        except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile):
+            raise _refuse("invalid_archive", "the tar archive is corrupt or truncated") from None
+
+
+def stage_upload(files: list[tuple[str, BinaryIO]], staging: Path, max_bytes: int) -> None:
+    """Write the upload's adapter files into `staging`; raises AdmissionError for anything unsafe."""
+    if not files:
+        raise _refuse("missing_files", "upload the adapter files (or one .tar.gz/.zip archive) as `files`")
+    budget = [max_bytes]
+    archives = [name for name, _ in files if _is_archive(name)]
+    if archives:
+        if len(files) != 1:
+            raise _refuse("invalid_archive", "upload either one archive or loose adapter files, not both")
+        filename, source = files[0]
+        _check_member_name(filename)
+        extract = _extract_zip if filename.lower().endswith(".zip") else _extract_tar
+        extract(source, staging, budget)
+        return
+    for filename, source in files:
+        _place(_check_member_name(filename), source, staging, budget)

@@ -1,0 +1,194 @@
+"""Admission checks: everything about an uploaded adapter is verified before the engine ever sees it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.adapters.safetensors_header import SafetensorsError, read_header
+from server.errors import APIError
+
+ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Kept with the version when uploaded; anything else that is not a pickle is ignored.
+STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE, "README.md")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_WEIGHT_DTYPES = {"F32", "F16", "BF16"}
+_MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class AdmissionError(APIError):
+    def __init__(self, code: str, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(status, message, code=code, param=param)
+
+
+def check_adapter_name(name: str) -> None:
+    if not ADAPTER_NAME_PATTERN.fullmatch(name):
+        raise AdmissionError(
+            "invalid_adapter_name",
+            "adapter names are 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit",
+            param="name",
+        )
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What an adapter must fit: the base model's linear layers and their (out, in) shapes."""
+
+    architecture: str
+    model_type: str
+    linear_shapes: dict[str, tuple[int, int]]
+
+    @classmethod
+    def from_folder(cls, model_dir: Path) -> "BaseModelSpec":
+        config = json.loads((model_dir / "config.json").read_text())
+        shards = sorted(model_dir.glob("*.safetensors"))
+        if not shards:
+            raise ValueError(f"{model_dir} holds no safetensors weights")
+        shapes: dict[str, tuple[int, int]] = {}
+        for shard in shards:
+            for name, info in read_header(shard).items():
+                if name.endswith(".weight") and len(info.shape) == 2:
+                    out_features, in_features = info.shape
+                    shapes[name.removesuffix(".weight")] = (out_features, in_features)
+        return cls(
+            architecture=(config.get("architectures") or ["?"])[0],
+            model_type=config.get("model_type", "?"),
+            linear_shapes=shapes,
+        )
+
+    def modules_matching(self, target: str | list[str]) -> set[str]:
+        """PEFT's rule: a list names module-name suffixes, a string is a regex over the full name."""
+        if isinstance(target, str):
+            pattern = re.compile(target)
+            return {name for name in self.linear_shapes if pattern.fullmatch(name)}
+        return {
+            name for name in self.linear_shapes
+            if any(name == suffix or name.endswith("." + suffix) for suffix in target)
+        }
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model_name_or_path: str | None
+    modules: int
+    config: dict[str, Any] = field(repr=False)
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AdmissionError("missing_adapter_config", f"the upload has no {CONFIG_FILE}", param="files")
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is implausibly large", param="files")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not valid JSON", param="files") from None
+    if not isinstance(config, dict):
+        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not a JSON object", param="files")
+    return config
+
+
+def _check_config(config: dict[str, Any], base: BaseModelSpec, max_rank: int) -> tuple[int, list[str] | str]:
+    def refuse(code: str, message: str) -> AdmissionError:
+        return AdmissionError(code, message, param="files")
+
+    if config.get("peft_type") != "LORA":
+        raise refuse("unsupported_adapter_type", f"only PEFT LoRA adapters are served, not {config.get('peft_type')!r}")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise refuse("invalid_adapter_config", "adapter_config.json needs a positive integer `r`")
+    ranks = [rank, *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        raise refuse("rank_too_large", f"rank {max(ranks)} is above this server's maximum LoRA rank of {max_rank}")
+    if config.get("use_dora"):
+        raise refuse("dora_not_supported", "DoRA adapters are not supported by the engine")
+    if config.get("modules_to_save"):
+        raise refuse("modules_to_save_not_supported", "adapters with `modules_to_save` (full extra layers) are not supported")
+    if config.get("bias", "none") != "none":
+        raise refuse("bias_not_supported", "only adapters trained with bias='none' are supported")
+    task_type = config.get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
+        raise refuse("unsupported_task_type", f"the base model is a causal LM; this adapter is for {task_type}")
+    targets = config.get("target_modules")
+    if not targets or not isinstance(targets, (list, str)) or (
+        isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
+    ):
+        raise refuse("invalid_adapter_config", "adapter_config.json needs `target_modules`")
+    if isinstance(targets, list):
+        missing = sorted(t for t in targets if not base.modules_matching([t]))
+        if missing:
+            raise refuse(
+                "unknown_target_module",
+                f"the base model ({base.architecture}) has no linear layer named {', '.join(missing)}",
+            )
+    else:
+        try:
+            matched = base.modules_matching(targets)
+        except re.error:
+            raise refuse("invalid_adapter_config", "`target_modules` is not a valid regular expression") from None
+        if not matched:
+            raise refuse("unknown_target_module", f"`target_modules` matches no linear layer of {base.architecture}")
+    return rank, targets
+
+
+def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseModelSpec) -> int:
+    def refuse(code: str, message: str) -> AdmissionError:
+        return AdmissionError(code, message, param="files")
+
+    if not path.is_file():
+        raise refuse("missing_adapter_weights", f"the upload has no {WEIGHTS_FILE}")
+    try:
+        tensors = read_header(path)
+    except SafetensorsError as exc:
+        raise refuse("invalid_safetensors", f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+    if not tensors:
+        raise refuse("empty_adapter", f"{WEIGHTS_FILE} holds no tensors")
+    rank_pattern = config.get("rank_pattern") or {}
+    parts: dict[str, set[str]] = {}
+    for name, info in tensors.items():
+        match = _LORA_KEY.match(name)
+        if not match:
+            raise refuse("unsupported_adapter_tensor", f"tensor {name!r} is not a LoRA A/B weight of a linear layer")
+        module, part = match["module"], match["part"]
+        if module not in base.linear_shapes:
+            raise refuse("unknown_target_module", f"tensor {name!r} targets {module!r}, which the base model lacks")
+        if info.dtype not in _WEIGHT_DTYPES:
+            raise refuse("invalid_tensor_dtype", f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
+        out_features, in_features = base.linear_shapes[module]
+        module_rank = next((r for key, r in rank_pattern.items() if re.search(key, module)), rank)
+        expected = (module_rank, in_features) if part == "A" else (out_features, module_rank)
+        if info.shape != expected:
+            raise refuse(
+                "shape_mismatch",
+                f"tensor {name!r} has shape {list(info.shape)}, but the base model needs {list(expected)} "
+                f"(is this adapter for another model?)",
+            )
+        parts.setdefault(module, set()).add(part)
+    incomplete = sorted(module for module, seen in parts.items() if seen != {"A", "B"})
+    if incomplete:
+        raise refuse("incomplete_adapter", f"these layers lack a lora_A or lora_B weight: {', '.join(incomplete[:5])}")
+    return len(parts)
+
+
+def validate_adapter_dir(folder: Path, base: BaseModelSpec, max_rank: int) -> AdapterSpec:
+    config = _load_config(folder / CONFIG_FILE)
+    rank, targets = _check_config(config, base, max_rank)
+    modules = _check_weights(folder / WEIGHTS_FILE, config, rank, base)
+    alpha = config.get("lora_alpha", rank)
+    return AdapterSpec(
+        rank=rank,
+        alpha=float(alpha) if isinstance(alpha, (int, float)) else float(rank),
+        target_modules=[targets] if isinstance(targets, str) else list(targets),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        modules=modules,
+        config=config,
+    )

@@ -1,0 +1,103 @@
+"""The app factory: `create_app(settings)`; its lifespan prepares the model and owns the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server import __version__
+from server.adapters.router import router as adapters_router
+from server.adapters.service import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.adapters.validation import BaseModelSpec
+from server.auth import Auth, admin_auth
+from server.base_model import prepare_default_model
+from server.engine import EngineSupervisor
+from server.errors import error_response, install_error_handlers
+from server.inference.router import router as inference_router
+from server.inference.service import InferenceService
+from server.limits import BodySizeLimit
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        model_dir = settings.model_dir
+        if settings.uses_default_model:
+            await asyncio.to_thread(prepare_default_model, model_dir)
+        base = await asyncio.to_thread(BaseModelSpec.from_folder, model_dir)
+        engine = EngineSupervisor(settings, model_dir)
+        registry = AdapterRegistry(
+            store=AdapterStore(settings.store_dir),
+            engine=engine,
+            base=base,
+            base_model_name=settings.base_model_name,
+            max_rank=settings.max_lora_rank,
+            max_upload_bytes=settings.max_upload_bytes,
+            metrics=state.metrics,
+        )
+        registry.load_store()
+        engine.on_restart(registry.forget_engine_state)
+        state.engine, state.registry = engine, registry
+        state.inference = InferenceService(engine, registry, state.metrics)
+        try:
+            await engine.start()
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="quiver", version=__version__, lifespan=lifespan,
+                  description="One base model, a quiver of LoRA adapters, behind an OpenAI-compatible API.")
+    app.state.settings = settings
+    app.state.auth = Auth(settings)
+    app.state.metrics = Metrics()
+    app.state.started_at = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=settings.max_request_bytes,
+        limits_by_path={"/v1/adapters": settings.max_upload_bytes + 1024 * 1024},  # room for multipart framing
+    )
+    app.include_router(inference_router)
+    app.include_router(adapters_router)
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        """Liveness: the gateway process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready(request: Request) -> Response:
+        """Readiness: the engine is up and the registry is loaded."""
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None or not engine.ready:
+            return error_response(503, "the engine is not ready", "engine_unavailable")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["operations"], dependencies=[Depends(admin_auth)] if settings.metrics_require_key else [])
+    async def metrics(request: Request) -> Response:
+        """quiver's per-adapter metrics, then the engine's own `vllm:*` metrics."""
+        state = request.app.state
+        engine = getattr(state, "engine", None)
+        state.metrics.engine_up.set(1 if engine is not None and engine.ready else 0)
+        text = state.metrics.render()
+        if engine is not None and engine.ready:
+            try:
+                text += (await engine.metrics_text()).encode()
+            except httpx.HTTPError:
+                log.warning("the engine's metrics could not be read")
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,70 @@
+"""The `quiver` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from server.settings import LOOPBACK_HOSTS, Settings
+
+app = typer.Typer(help="quiver: one base model, a quiver of LoRA adapters, one OpenAI-compatible API.",
+                  no_args_is_help=True)
+model_app = typer.Typer(help="The base model.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            console.print(f"[red]invalid setting[/red] {where} (QUIVER_{where.upper()}): {error['msg']}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="address to listen on [QUIVER_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port to listen on [QUIVER_PORT]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="a local HF model folder [QUIVER_MODEL]")] = None,
+    store_dir: Annotated[Optional[Path], typer.Option(help="the adapter store [QUIVER_STORE_DIR]")] = None,
+) -> None:
+    """Start the gateway and its vLLM engine."""
+    import uvicorn
+
+    from server.app import create_app
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = load_settings(host=host, port=port, model=model, store_dir=store_dir)
+    if not settings.auth_enabled and settings.host not in LOOPBACK_HOSTS:
+        console.print(f"[yellow]No API keys are set (QUIVER_ADMIN_KEYS / QUIVER_API_KEYS), so quiver listens on "
+                      f"127.0.0.1 only, not {settings.host}.[/yellow]")
+        settings = settings.model_copy(update={"host": "127.0.0.1"})
+    elif not settings.auth_enabled:
+        console.print("[yellow]No API keys are set: anyone on this machine can use and change this server.[/yellow]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=None)
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Convert the embedded default model (SmolLM2-135M-Instruct, GGUF) once into the model cache."""
+    from server.base_model import prepare_default_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = load_settings()
+    if not settings.uses_default_model:
+        console.print(f"QUIVER_MODEL is set; {settings.model} is used as it is.")
+        return
+    path = prepare_default_model(settings.model_dir)
+    console.print(f"[green]ready:[/green] {path}")
+    typer.echo(str(path))

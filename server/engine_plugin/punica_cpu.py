@@ -1,0 +1,80 @@
+"""Punica wrapper for vLLM's CPU platform that runs LoRA linears as grouped matmuls.
+
+vLLM's LoRA layers call `punica_wrapper.add_lora_linear` once per wrapped
+linear per forward (4 per Llama layer: qkv, o, gate_up, down). The stock CPU
+wrapper fans that out into 2 x n_slices per-token gather+einsum ops and also
+allocates fresh float32 buffers every call, even when no token uses an adapter.
+
+This subclass keeps all of vLLM's metadata (the parent's `update_metadata`
+still runs, so embeddings, logits and anything we do not override behave as
+stock), and adds:
+
+* `update_metadata`: builds a `LoRAPlan` from the per-token slot indices.
+  vLLM only calls it when the batch's LoRA mapping or slot layout changes, so
+  a steady decode batch pays nothing per step.
+* `add_lora_linear`: uses the plan and per-layer fused weights (rebuilt only
+  when an adapter is loaded into a slot) to do 2-3 matmuls per layer instead
+  of 4-12 gathers+einsums; returns at once when no token has an adapter.
+
+Anything outside what the plan covers (shapes it was not built for, other
+tensor layouts) falls back to the stock implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from .grouped_ops import FusedLoRA, LoRAPlan, add_lora_linear, build_plan
+
+
+class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
+    def __init__(self, max_num_batched_tokens: int, max_batches: int,
+                 device: torch.device | str, **kwargs):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self._plan: LoRAPlan | None = None
+        # id(layer.lora_a_stacked[0]) -> fused weights; FusedLoRA.is_current
+        # guards against id reuse and in-place weight updates.
+        self._fused: dict[int, FusedLoRA] = {}
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        # token_lora_indices: slot per scheduled token, -1 = no adapter (what
+        # the stock ops index with), so the plan agrees with stock by design.
+        self._plan = build_plan(self.token_lora_indices)
+
+    def _fused_for(self, lora_a_stacked, lora_b_stacked, output_slices,
+                   dtype: torch.dtype) -> FusedLoRA:
+        key = id(lora_a_stacked[0])
+        fused = self._fused.get(key)
+        if fused is None or not fused.is_current(lora_a_stacked, lora_b_stacked,
+                                                 output_slices, dtype):
+            fused = FusedLoRA(lora_a_stacked, lora_b_stacked, output_slices, dtype)
+            self._fused[key] = fused
+        return fused
+
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor,
+                        lora_a_stacked: tuple[torch.Tensor, ...],
+                        lora_b_stacked: tuple[torch.Tensor, ...],
+                        scale: float, output_slices: tuple[int, ...], *,
+                        buffer: tuple[torch.Tensor, ...] | None = None,
+                        **kwargs: Any) -> None:
+        plan = self._plan
+        x2 = x.view(-1, x.shape[-1])
+        if (
+            plan is None
+            or x2.shape[0] != plan.num_tokens
+            or len(lora_a_stacked) != len(lora_b_stacked)
+            or any(w.dim() != 4 for w in lora_a_stacked)
+            or any(w.dim() != 4 for w in lora_b_stacked)
+        ):
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           output_slices, buffer=buffer, **kwargs)
+        if plan.kind == "none":
+            return None
+        y2 = y.view(-1, y.shape[-1])
+        fused = self._fused_for(lora_a_stacked, lora_b_stacked, output_slices, y.dtype)
+        add_lora_linear(y2, x2, plan, fused, scale)
+        return None

@@ -1,0 +1,154 @@
+"""Forward generation requests to the engine, stream chunks through as they come, count what they cost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import AsyncExitStack
+from typing import Any, AsyncIterator
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.adapters.service import AdapterRegistry, Target
+from server.engine import EngineSupervisor
+from server.errors import APIError, error_body
+from server.inference.protocol import _GenerationRequest
+from server.metrics import Metrics
+
+_USAGE_MARK = b'"usage":{'
+_EMPTY_CHOICES = b'"choices":[]'
+_CLIENT_GONE = "499"
+
+
+def engine_unavailable() -> APIError:
+    return APIError(503, "the engine is not ready; try again shortly", code="engine_unavailable",
+                    headers={"Retry-After": "5"})
+
+
+class InferenceService:
+    def __init__(self, engine: EngineSupervisor, registry: AdapterRegistry, metrics: Metrics) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.metrics = metrics
+
+    async def forward(self, endpoint: str, request: _GenerationRequest) -> Response:
+        started = time.perf_counter()
+        target: Target | None = None
+        try:
+            if not self.engine.ready:
+                raise engine_unavailable()
+            target = self.registry.resolve(request.model)
+            body = request.engine_body(target.engine_model)
+            stack = AsyncExitStack()
+            await stack.enter_async_context(self.registry.lease(target))
+            try:
+                upstream = await self._send(endpoint, body)
+            except BaseException:
+                await stack.aclose()
+                raise
+        except APIError as exc:
+            self._count(request.model if target else "", target, endpoint, exc.status)
+            raise
+        if upstream.status_code != 200 or not request.stream:
+            try:
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
+                await stack.aclose()
+            return self._finish(request.model, target, endpoint, upstream.status_code, content, started)
+        return StreamingResponse(
+            self._relay(upstream, stack, request, target, endpoint, started),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _send(self, endpoint: str, body: dict[str, Any]) -> httpx.Response:
+        client = self.engine.client
+        try:
+            return await client.send(client.build_request("POST", f"/v1/{endpoint}", json=body), stream=True)
+        except httpx.HTTPError:
+            raise engine_unavailable() from None
+
+    def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float) -> Response:
+        self._count(model, target, endpoint, status)
+        self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
+        if status != 200:
+            return _engine_error(status, content)
+        try:
+            usage = json.loads(content).get("usage")
+        except ValueError:
+            usage = None
+        self._count_tokens(target, usage)
+        return Response(content, media_type="application/json")
+
+    async def _relay(
+        self,
+        upstream: httpx.Response,
+        stack: AsyncExitStack,
+        request: _GenerationRequest,
+        target: Target,
+        endpoint: str,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        status = "200"
+        pending = b""
+        first = True
+        try:
+            async for chunk in upstream.aiter_raw():
+                if first:
+                    self.metrics.time_to_first_token.labels(adapter=target.label).observe(time.perf_counter() - started)
+                    first = False
+                pending += chunk
+                *events, pending = pending.split(b"\n\n")
+                out = [event + b"\n\n" for event in events if self._keep_event(event, request, target)]
+                if out:
+                    yield b"".join(out)
+            if pending.strip():
+                yield pending
+        except (asyncio.CancelledError, GeneratorExit):
+            status = _CLIENT_GONE  # closing the upstream response makes the engine abort the request
+            raise
+        except httpx.HTTPError:
+            status = "502"
+            yield b"data: " + json.dumps(error_body(502, "the engine connection broke mid-stream",
+                                                    "engine_unavailable")).encode() + b"\n\n"
+        finally:
+            await upstream.aclose()
+            await stack.aclose()
+            self.metrics.requests.labels(request.model, target.label, endpoint, status).inc()
+            self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
+
+    def _keep_event(self, event: bytes, request: _GenerationRequest, target: Target) -> bool:
+        # Only the usage chunk is parsed; every other chunk passes through untouched.
+        if _USAGE_MARK not in event:
+            return True
+        try:
+            payload = json.loads(event.partition(b"data:")[2])
+        except ValueError:
+            return True
+        self._count_tokens(target, payload.get("usage"))
+        return request.wants_usage or _EMPTY_CHOICES not in event
+
+    def _count(self, model: str, target: Target | None, endpoint: str, status: int | str) -> None:
+        # Unknown model names are not used as label values: they would let clients grow the series without bound.
+        self.metrics.requests.labels(model if target else "", target.label if target else "", endpoint, str(status)).inc()
+
+    def _count_tokens(self, target: Target, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        self.metrics.prompt_tokens.labels(adapter=target.label).inc(usage.get("prompt_tokens") or 0)
+        self.metrics.completion_tokens.labels(adapter=target.label).inc(usage.get("completion_tokens") or 0)
+
+
+def _engine_error(status: int, content: bytes) -> JSONResponse:
+    """The engine's error, re-wrapped in the envelope quiver uses everywhere."""
+    message, param = "the engine could not serve this request", None
+    try:
+        error = json.loads(content)["error"]
+        message, param = str(error.get("message") or message), error.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    code = "engine_error" if status >= 500 else None
+    return JSONResponse(error_body(status, message, code, param if isinstance(param, str) else None), status_code=status)

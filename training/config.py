@@ -1,0 +1,56 @@
+"""Training hyperparameters: typed, with defaults, `auto` where the data decides, loadable from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from training.data import auto_epochs
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # LoRA
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    # Optimisation; defaults measured on SmolLM2-135M with a few hundred short examples.
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_seq_len: int = Field(1024, ge=8)
+    epochs: int | Literal["auto"] = "auto"
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    seed: int = 42
+
+    # Data split and early stopping on validation loss (checked once per epoch).
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    early_stopping_patience: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _split_leaves_training(self) -> TrainConfig:
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError("validation_fraction + test_fraction must leave at least 10% for training")
+        if isinstance(self.epochs, int) and self.epochs < 1:
+            raise ValueError("epochs must be at least 1 or 'auto'")
+        return self
+
+    def resolved_epochs(self, n_train: int) -> int:
+        return auto_epochs(n_train) if self.epochs == "auto" else self.epochs
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: object) -> TrainConfig:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of hyperparameters")
+        return cls.model_validate({**loaded, **overrides})

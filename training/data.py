@@ -1,0 +1,480 @@
+"""Training data: load and validate JSONL examples, report on them, and split them.
+
+Two line formats are accepted, and both become a list of chat messages:
+- OpenAI chat format: `{"messages": [...], "tools": [...]}` with `tool_calls` / `tool_call_id` and an optional
+  assistant `weight` (0 or 1; 0 keeps the turn as context without training on it);
+- prompt/response pairs: `{"prompt": "...", "response": "..."}` (or `"completion"` instead of `"response"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+ROLES = ("system", "user", "assistant", "tool")
+EXAMPLE_KEYS = {"messages", "tools", "parallel_tool_calls"}
+PAIR_KEYS = {"prompt", "response", "completion"}
+MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "weight"}
+
+MIN_EXAMPLES = 50
+RECOMMENDED_EXAMPLES = (100, 1000)
+
+# The hosted fine-tuning APIs pick epochs so that small sets are seen enough times and large ones not too often.
+AUTO_EPOCHS_DEFAULT = 3
+AUTO_MIN_TARGET_EXAMPLES = 100
+AUTO_MAX_TARGET_EXAMPLES = 25_000
+AUTO_MAX_EPOCHS = 25
+
+
+@dataclass(frozen=True)
+class Issue:
+    severity: Literal["error", "warning"]
+    code: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{self.severity} [{self.code}] {where}{self.message}"
+
+
+@dataclass
+class Example:
+    line: int
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"messages": self.messages}
+        if self.tools:
+            row["tools"] = self.tools
+        return row
+
+    def key(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)
+
+    def prompt_key(self) -> str:
+        """Everything before the last assistant turn: the context the answer is conditioned on."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return json.dumps({"messages": self.messages[:last], "tools": self.tools}, sort_keys=True, ensure_ascii=False)
+
+    def final_answer(self) -> dict[str, Any]:
+        return next(m for m in reversed(self.messages) if m["role"] == "assistant")
+
+
+@dataclass
+class TokenStats:
+    examples: int
+    total: int
+    trained: int
+    min: int
+    mean: float
+    median: float
+    max: int
+    truncated_examples: int
+    tokens_cut: int
+
+
+@dataclass
+class DatasetReport:
+    path: Path
+    lines: int
+    examples: list[Example]
+    issues: list[Issue] = field(default_factory=list)
+    tokens: TokenStats | None = None
+    auto_epochs: int | None = None
+    max_seq_len: int | None = None
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Issue]:
+        return [i for i in self.issues if i.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "file": str(self.path),
+            "lines": self.lines,
+            "examples": len(self.examples),
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "with_system_message": sum(any(m["role"] == "system" for m in e.messages) for e in self.examples),
+            "with_tools": sum(bool(e.tools) or _has_tool_calls(e) for e in self.examples),
+            "auto_epochs": self.auto_epochs,
+        }
+        if self.tokens is not None:
+            summary["max_seq_len"] = self.max_seq_len
+            summary["tokens"] = self.tokens.__dict__
+            if self.auto_epochs is not None:
+                summary["auto_training_tokens"] = self.tokens.total * self.auto_epochs
+        return summary
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on; carries the issues found."""
+
+    def __init__(self, path: Path, issues: list[Issue]) -> None:
+        errors = [i for i in issues if i.severity == "error"]
+        shown = "\n".join(str(i) for i in errors[:20])
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        super().__init__(f"{path}: {len(errors)} error(s)\n{shown}{more}")
+        self.issues = issues
+
+
+def auto_epochs(n_train: int) -> int:
+    if n_train <= 0:
+        return AUTO_EPOCHS_DEFAULT
+    if n_train * AUTO_EPOCHS_DEFAULT < AUTO_MIN_TARGET_EXAMPLES:
+        return min(AUTO_MAX_EPOCHS, math.ceil(AUTO_MIN_TARGET_EXAMPLES / n_train))
+    if n_train * AUTO_EPOCHS_DEFAULT > AUTO_MAX_TARGET_EXAMPLES:
+        return max(1, AUTO_MAX_TARGET_EXAMPLES // n_train)
+    return AUTO_EPOCHS_DEFAULT
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
+    """Parse every line; return the valid examples, the per-line issues and the number of lines read."""
+    examples: list[Example] = []
+    issues: list[Issue] = []
+    lines = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            lines = lineno
+            if not raw.strip():
+                continue
+            example, line_issues = parse_line(raw, lineno)
+            issues.extend(line_issues)
+            if example is not None and not any(i.severity == "error" for i in line_issues):
+                examples.append(example)
+    if not examples and not issues:
+        issues.append(Issue("error", "empty_file", "the file holds no examples"))
+    return examples, issues, lines
+
+
+def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
+    def error(code: str, message: str) -> tuple[None, list[Issue]]:
+        return None, [Issue("error", code, message, line)]
+
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return error("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(row, dict):
+        return error("invalid_example", f"each line must be a JSON object, got {type(row).__name__}")
+
+    if "messages" not in row and "prompt" in row:
+        return _parse_pair(row, line)
+    if "messages" not in row:
+        return error("missing_messages", "no `messages` (chat format) and no `prompt` (prompt/response format)")
+    unknown = sorted(set(row) - EXAMPLE_KEYS)
+    if unknown:
+        return error("unknown_key", f"unknown key(s) {unknown}; allowed: {sorted(EXAMPLE_KEYS)}")
+
+    messages, tools = row["messages"], row.get("tools")
+    if not isinstance(messages, list) or not messages:
+        return error("invalid_messages", "`messages` must be a non-empty list")
+    if tools is not None:
+        tool_issue = _check_tools(tools)
+        if tool_issue:
+            return error("invalid_tools", tool_issue)
+
+    issues: list[Issue] = []
+    normalized: list[dict[str, Any]] = []
+    call_ids: set[str] = set()
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            return error("invalid_message", f"{where} must be an object")
+        unknown = sorted(set(message) - MESSAGE_KEYS)
+        if unknown:
+            return error("unknown_key", f"{where} has unknown key(s) {unknown}; allowed: {sorted(MESSAGE_KEYS)}")
+        role = message.get("role")
+        if role not in ROLES:
+            return error("unknown_role", f"{where} has role {role!r}; expected one of {list(ROLES)}")
+        content, content_problem = _text_content(message.get("content"))
+        if content_problem:
+            return error("invalid_content", f"{where}: {content_problem}")
+        out: dict[str, Any] = {"role": role, "content": content}
+
+        if "weight" in message:
+            if role != "assistant":
+                return error("invalid_weight", f"{where}: `weight` is only allowed on assistant messages")
+            if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+                return error("invalid_weight", f"{where}: `weight` must be 0 or 1, got {message['weight']!r}")
+            out["weight"] = message["weight"]
+        if "tool_calls" in message:
+            if role != "assistant":
+                return error("invalid_tool_calls", f"{where}: only assistant messages carry `tool_calls`")
+            problem = _check_tool_calls(message["tool_calls"])
+            if problem:
+                return error("invalid_tool_calls", f"{where}: {problem}")
+            call_ids.update(call["id"] for call in message["tool_calls"])
+            out["tool_calls"] = message["tool_calls"]
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                return error("missing_tool_call_id", f"{where}: a tool message needs `tool_call_id`")
+            if call_id not in call_ids:
+                return error("unknown_tool_call_id", f"{where}: `tool_call_id` {call_id!r} answers no earlier tool call")
+            out["tool_call_id"] = call_id
+        elif "tool_call_id" in message:
+            return error("unknown_key", f"{where}: `tool_call_id` is only allowed on tool messages")
+        if "name" in message:
+            out["name"] = message["name"]
+
+        if content is None and not (role == "assistant" and out.get("tool_calls")):
+            return error("missing_content", f"{where} ({role}) has no content")
+        if content is not None and not content.strip() and role != "assistant":
+            return error("missing_content", f"{where} ({role}) has empty content")
+        normalized.append(out)
+
+    assistants = [m for m in normalized if m["role"] == "assistant"]
+    if not assistants:
+        return error("no_assistant_message", "no assistant message: nothing to learn from")
+    if all(m.get("weight", 1) == 0 for m in assistants):
+        return error("no_trained_assistant_message", "every assistant message has weight 0: nothing to learn from")
+    return Example(line, normalized, tools), issues
+
+
+def _parse_pair(row: dict[str, Any], line: int) -> tuple[Example | None, list[Issue]]:
+    unknown = sorted(set(row) - PAIR_KEYS)
+    if unknown:
+        return None, [Issue("error", "unknown_key", f"unknown key(s) {unknown}; allowed: {sorted(PAIR_KEYS)}", line)]
+    if "response" in row and "completion" in row:
+        return None, [Issue("error", "ambiguous_response", "give either `response` or `completion`, not both", line)]
+    prompt, answer = row["prompt"], row.get("response", row.get("completion"))
+    if answer is None:
+        return None, [Issue("error", "missing_response", "a `prompt` needs a `response` or `completion`", line)]
+    for name, value in (("prompt", prompt), ("response", answer)):
+        if not isinstance(value, str) or not value.strip():
+            return None, [Issue("error", "missing_content", f"`{name}` must be a non-empty string", line)]
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return Example(line, messages), []
+
+
+def _text_content(content: Any) -> tuple[str | None, str | None]:
+    """Plain string content, or OpenAI's list of text parts joined; anything else is a problem."""
+    if content is None or isinstance(content, str):
+        return content, None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content), None
+    return None, "`content` must be a string or a list of text parts"
+
+
+def _check_tools(tools: Any) -> str | None:
+    if not isinstance(tools, list):
+        return "`tools` must be a list"
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            return f"tools[{index}] must be {{'type': 'function', 'function': {{...}}}}"
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            return f"tools[{index}].function needs a `name`"
+    return None
+
+
+def _check_tool_calls(tool_calls: Any) -> str | None:
+    if not isinstance(tool_calls, list) or not tool_calls:
+        return "`tool_calls` must be a non-empty list"
+    for index, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(function, dict):
+            return f"tool_calls[{index}] must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}"
+        if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+            return f"tool_calls[{index}].function needs string `name` and `arguments` (a JSON string)"
+        try:
+            json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            return f"tool_calls[{index}].function.arguments is not valid JSON"
+    return None
+
+
+def _has_tool_calls(example: Example) -> bool:
+    return any(m.get("tool_calls") for m in example.messages)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_dataset(
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_seq_len: int | None = None,
+) -> DatasetReport:
+    """Validate a JSONL file; with a tokenizer, also count tokens exactly as training will see them."""
+    path = Path(path)
+    examples, issues, lines = load_examples(path)
+    report = DatasetReport(path, lines, examples, issues, max_seq_len=max_seq_len)
+    report.issues.extend(_dataset_warnings(examples))
+    if tokenizer is not None and examples:
+        _token_checks(report, tokenizer, max_seq_len)
+    error_lines = {i.line for i in report.errors}
+    report.examples = [e for e in report.examples if e.line not in error_lines]
+    report.auto_epochs = auto_epochs(len(report.examples))
+    return report
+
+
+def _dataset_warnings(examples: list[Example]) -> list[Issue]:
+    warnings: list[Issue] = []
+    n = len(examples)
+    if 0 < n < MIN_EXAMPLES:
+        low, high = RECOMMENDED_EXAMPLES
+        warnings.append(Issue("warning", "too_few_examples", f"only {n} examples; {low}-{high} are recommended"))
+
+    first_line_by_key: dict[str, int] = {}
+    for example in examples:
+        key = example.key()
+        if key in first_line_by_key:
+            warnings.append(
+                Issue("warning", "duplicate_example", f"exact duplicate of line {first_line_by_key[key]}", example.line)
+            )
+        else:
+            first_line_by_key[key] = example.line
+
+    answers_by_prompt: dict[str, dict[str, int]] = defaultdict(dict)
+    for example in examples:
+        answer = json.dumps(example.final_answer(), sort_keys=True, ensure_ascii=False)
+        answers_by_prompt[example.prompt_key()].setdefault(answer, example.line)
+    for answers in answers_by_prompt.values():
+        if len(answers) > 1:
+            lines = sorted(answers.values())
+            warnings.append(
+                Issue(
+                    "warning",
+                    "conflicting_answers",
+                    f"the same prompt has {len(answers)} different answers (lines {', '.join(map(str, lines))})",
+                    lines[0],
+                )
+            )
+
+    without_system = [e.line for e in examples if not any(m["role"] == "system" for m in e.messages)]
+    if without_system:
+        shown = ", ".join(map(str, without_system[:10])) + (" ..." if len(without_system) > 10 else "")
+        warnings.append(
+            Issue(
+                "warning",
+                "no_system_message",
+                f"{len(without_system)} of {n} examples have no system message (lines {shown}); "
+                "the base model's default system prompt will be used for them",
+            )
+        )
+    return warnings
+
+
+def _token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
+    from training.encoding import TemplateError, encode_example
+
+    lengths: list[int] = []
+    trained = truncated = cut = 0
+    for example in report.examples:
+        try:
+            encoded = encode_example(example, tokenizer)
+        except TemplateError as exc:
+            report.issues.append(Issue("error", exc.code, str(exc), example.line))
+            continue
+        length = len(encoded.input_ids)
+        lengths.append(length)
+        trained += sum(encoded.assistant_masks)
+        if max_seq_len is not None and length > max_seq_len:
+            truncated += 1
+            cut += length - max_seq_len
+            lost = sum(encoded.assistant_masks[max_seq_len:])
+            report.issues.append(
+                Issue(
+                    "warning",
+                    "too_long",
+                    f"{length} tokens, over max_seq_len {max_seq_len}: {length - max_seq_len} tokens would be cut "
+                    f"({lost} of them trained assistant tokens)",
+                    example.line,
+                )
+            )
+    if lengths:
+        report.tokens = TokenStats(
+            examples=len(lengths),
+            total=sum(lengths),
+            trained=trained,
+            min=min(lengths),
+            mean=round(statistics.fmean(lengths), 1),
+            median=statistics.median(lengths),
+            max=max(lengths),
+            truncated_examples=truncated,
+            tokens_cut=cut,
+        )
+
+
+def require_valid(report: DatasetReport) -> list[Example]:
+    if not report.ok:
+        raise DatasetError(report.path, report.issues)
+    return report.examples
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+@dataclass
+class Split:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def split_examples(
+    examples: list[Example],
+    seed: int,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> Split:
+    """Shuffle with `seed` and cut; the same seed and examples always give the same split."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    shuffled = [examples[i] for i in order]
+    n_test = round(len(examples) * test_fraction)
+    n_validation = round(len(examples) * validation_fraction)
+    if len(examples) - n_test - n_validation < 1:
+        raise ValueError(f"{len(examples)} examples are too few to keep a training split")
+    test = shuffled[:n_test]
+    validation = shuffled[n_test : n_test + n_validation]
+    train = shuffled[n_test + n_validation :]
+    return Split(train, validation, test)
+
+
+def write_jsonl(path: Path, examples: list[Example]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Load a file that must be valid (e.g. a saved split), failing with all its errors otherwise."""
+    examples, issues, _ = load_examples(path)
+    if any(i.severity == "error" for i in issues):
+        raise DatasetError(path, issues)
+    return examples

@@ -1,0 +1,273 @@
+"""LoRA fine-tuning of the served base model with TRL's SFTTrainer, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from training.config import TrainConfig
+from training.curve import curve_from_log_history, curve_warnings, save_curve
+from training.data import (
+    DatasetReport,
+    Split,
+    check_dataset,
+    file_sha256,
+    require_valid,
+    split_examples,
+    write_jsonl,
+)
+from training.encoding import check_loss_mask, encode_examples, end_of_turn_ids
+from training.manifest import base_model_digest, package_versions, text_sha256, write_manifest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SPLIT_DIR = "data"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    manifest: dict[str, Any]
+    warnings: list[str]
+
+
+def default_base_model() -> tuple[Path, str]:
+    """The base model the server serves: its HF folder (converted on first use) and its served name."""
+    from server.base_model import prepare_default_model
+    from server.settings import Settings
+
+    settings = Settings()
+    model_dir = prepare_default_model(settings.model_dir) if settings.uses_default_model else settings.model_dir
+    return model_dir, settings.base_model_name
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{model_dir} has no chat template; quiver trains on chat-formatted data")
+    return tokenizer
+
+
+class RichProgress(TrainerCallback):
+    """A rich progress bar with the running loss, replacing the trainer's tqdm output."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, loss="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is not None and logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.console.print(f"epoch {state.epoch or 0:.2f}  step {state.global_step}  validation loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _checked(path: Path, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, console: Console) -> DatasetReport:
+    report = check_dataset(path, tokenizer, config.max_seq_len)
+    require_valid(report)
+    for warning in report.warnings:
+        console.print(f"[yellow]{warning}")
+    return report
+
+
+def prepare_split(
+    train_file: Path,
+    validation_file: Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TrainConfig,
+    console: Console,
+) -> Split:
+    examples = _checked(train_file, tokenizer, config, console).examples
+    if validation_file is None:
+        return split_examples(examples, config.seed, config.validation_fraction, config.test_fraction)
+    validation = _checked(validation_file, tokenizer, config, console).examples
+    split = split_examples(examples, config.seed, validation_fraction=0.0, test_fraction=config.test_fraction)
+    return Split(split.train, validation, split.test)
+
+
+def train(
+    train_file: Path,
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    name: str | None = None,
+    validation_file: Path | None = None,
+    base_model_dir: Path | None = None,
+    base_model_name: str | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Validate and split the data, train a LoRA adapter, and write the run folder (adapter, manifest, curve)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    config = config or TrainConfig()
+    console = console or Console()
+    if base_model_dir is None:
+        base_model_dir, default_name = default_base_model()
+        base_model_name = base_model_name or default_name
+    base_model_name = base_model_name or Path(base_model_dir).name
+    run_dir = Path(out_dir)
+    name = name or run_dir.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    tokenizer = load_tokenizer(base_model_dir)
+    split = prepare_split(Path(train_file), validation_file and Path(validation_file), tokenizer, config, console)
+    for part in ("train", "validation", "test"):
+        write_jsonl(run_dir / SPLIT_DIR / f"{part}.jsonl", getattr(split, part))
+    epochs = config.resolved_epochs(len(split.train))
+    console.print(
+        f"{len(split.train)} train / {len(split.validation)} validation / {len(split.test)} test examples, "
+        f"{epochs} epoch(s)"
+    )
+
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    has_validation = bool(split.validation)
+    checkpoints = run_dir / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        max_length=config.max_seq_len,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=epochs,
+        max_steps=config.max_steps or -1,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="linear",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=use_bf16,
+        logging_steps=1,
+        eval_strategy="epoch" if has_validation else "no",
+        save_strategy="epoch" if has_validation else "no",
+        save_total_limit=1,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    callbacks: list[TrainerCallback] = [RichProgress(console)]
+    if has_validation:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=encode_examples(split.train, tokenizer),
+        eval_dataset=encode_examples(split.validation, tokenizer) if has_validation else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    mask = check_loss_mask(
+        trainer.train_dataset["labels"], end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t])
+    )
+    if mask.examples_ending_turn < mask.examples:
+        console.print(
+            f"[yellow]{mask.examples - mask.examples_ending_turn} of {mask.examples} training examples lose their "
+            "end-of-turn token to max_seq_len"
+        )
+
+    initial_validation_loss = trainer.evaluate()["eval_loss"] if has_validation else None
+    started = time.monotonic()
+    output = trainer.train()
+    train_seconds = time.monotonic() - started
+    final_validation_loss = trainer.evaluate()["eval_loss"] if has_validation else None
+
+    trainer.model.save_pretrained(run_dir, safe_serialization=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    curve = curve_from_log_history(trainer.state.log_history)
+    warnings = curve_warnings(curve)
+    save_curve(run_dir, curve, warnings)
+    for warning in warnings:
+        console.print(f"[yellow]warning: {warning}")
+
+    train_losses = [p["loss"] for p in curve["train"]]
+    tokens_seen = next((e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e), None)
+    manifest = {
+        "name": name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {
+            "name": base_model_name,
+            "path": str(Path(base_model_dir).resolve()),
+            "digest": base_model_digest(base_model_dir),
+        },
+        "chat_template_sha256": text_sha256(tokenizer.chat_template),
+        "dataset": {
+            "train_file": str(train_file),
+            "train_file_sha256": file_sha256(Path(train_file)),
+            "validation_file": str(validation_file) if validation_file else None,
+            "validation_file_sha256": file_sha256(Path(validation_file)) if validation_file else None,
+            "split_seed": config.seed,
+            "counts": {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)},
+            "test_split": f"{SPLIT_DIR}/test.jsonl",
+        },
+        "hyperparameters": {**config.model_dump(), "resolved_epochs": epochs},
+        "training": {
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "dtype": "bfloat16" if use_bf16 else "float32",
+            "steps": output.global_step,
+            "epochs_completed": round(trainer.state.epoch or 0.0, 3),
+            "stopped_early": output.global_step < trainer.state.max_steps,
+            "train_seconds": round(train_seconds, 1),
+            "tokens_seen": tokens_seen,
+            "tokens_per_second": round(tokens_seen / train_seconds, 1) if tokens_seen else None,
+            "trained_tokens_per_epoch": mask.trained_tokens,
+            "first_train_loss": train_losses[0] if train_losses else None,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "initial_validation_loss": initial_validation_loss,
+            "final_validation_loss": final_validation_loss,
+            "warnings": warnings,
+        },
+        "eval": None,
+        "registered": None,
+        "versions": package_versions(),
+    }
+    write_manifest(run_dir, manifest)
+    return TrainResult(run_dir, manifest, warnings)
