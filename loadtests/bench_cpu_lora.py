@@ -234,6 +234,8 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--sides", default="on,off", help="which servers to run")
     ap.add_argument("--keep-logs", action="store_true")
+    ap.add_argument("--skip-solo", action="store_true",
+                    help="skip the per-model solo runs that check mixed outputs")
     ap.add_argument("--json", help="write raw results here")
     args = ap.parse_args()
     for port in (args.port_on, args.port_off):
@@ -245,6 +247,8 @@ def main() -> int:
     shapes = args.shapes.split(",")
     sides = args.sides.split(",")
 
+    # Turn SIGTERM into SystemExit so the servers below are always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers: dict[str, Server] = {}
     try:
         t0 = time.monotonic()
@@ -274,6 +278,15 @@ def main() -> int:
                     texts.setdefault((side, shape), []).append(outs)
                     print(f"  rep {rep + 1} {shape:5s} plugin {side:3s}: {rate:6.1f} tok/s",
                           flush=True)
+        # Solo references for the mixed shape: each model alone, same prompts
+        # at the same positions, so every mixed request has its own reference.
+        solo: dict[str, dict[str, list[str]]] = {}
+        if "mixed" in shapes and not args.skip_solo:
+            for side, s in servers.items():
+                for model in [SERVED] + names:
+                    _, outs = asyncio.run(run_round(s.url, [model] * args.concurrency,
+                                                    args.max_tokens, args.request_timeout))
+                    solo.setdefault(side, {})[model] = outs
     finally:
         for s in servers.values():
             s.stop(args.keep_logs)
@@ -313,11 +326,26 @@ def main() -> int:
                 if diff:
                     print(f"   request {i} ({shape_models(shape, names, args.concurrency)[i]})"
                           f" differs in runs {diff}")
+    # Mixed batch vs each model alone: the text a request gets must not depend
+    # on what else is in the batch.
+    for side, refs in solo.items():
+        models = shape_models("mixed", names, args.concurrency)
+        bad = [i for i in range(args.concurrency)
+               if any(outs[i] != refs[models[i]][i] for outs in texts[(side, "mixed")])]
+        ok &= not bad
+        print(f"plugin {side}: mixed-batch outputs equal solo outputs: "
+              f"{args.concurrency - len(bad)}/{args.concurrency}"
+              + (f"  (differ: {[f'{i}:{models[i]}' for i in bad]})" if bad else ""))
+    if len(solo) == 2:
+        same = all(solo["on"][m] == solo["off"][m] for m in solo["on"])
+        print(f"solo outputs identical plugin on vs off (all {len(solo['on'])} models): {same}")
+        ok &= same
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args),
             "tok_s": {f"{side}/{shape}": v for (side, shape), v in tps.items()},
             "texts": {f"{side}/{shape}": v for (side, shape), v in texts.items()},
+            "solo": solo,
         }, indent=1))
     return 0 if ok else 1
 

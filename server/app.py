@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 import httpx
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -21,6 +22,7 @@ from server.auth import Auth, admin_auth
 from server.base_model import prepare_default_model
 from server.engine import EngineSupervisor
 from server.errors import error_response, install_error_handlers
+from server.inference.limiter import RequestLimiter
 from server.inference.router import router as inference_router
 from server.inference.service import InferenceService
 from server.limits import BodySizeLimit
@@ -51,7 +53,12 @@ def create_app(settings: Settings) -> FastAPI:
         registry.load_store()
         engine.on_restart(registry.forget_engine_state)
         state.engine, state.registry = engine, registry
-        state.inference = InferenceService(engine, registry, state.metrics)
+        limiter = RequestLimiter(settings.max_running_requests, settings.max_waiting_requests, state.metrics)
+        state.inference = InferenceService(
+            engine, registry, state.metrics, limiter,
+            max_completion_tokens=settings.max_completion_tokens or settings.max_model_len,
+            max_n=settings.max_n,
+        )
         try:
             await engine.start()
             yield
@@ -81,9 +88,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/ready", tags=["operations"])
     async def ready(request: Request) -> Response:
         """Readiness: the engine is up and the registry is loaded."""
-        engine = getattr(request.app.state, "engine", None)
+        state = request.app.state
+        engine = getattr(state, "engine", None)
         if engine is None or not engine.ready:
             return error_response(503, "the engine is not ready", "engine_unavailable")
+        if state.inference.draining:
+            return error_response(503, "the server is shutting down", "server_draining")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["operations"], dependencies=[Depends(admin_auth)] if settings.metrics_require_key else [])
@@ -101,3 +111,39 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+class _DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: readiness goes false, new requests get 503, in-flight ones may finish
+    (up to the drain timeout); then the usual shutdown stops the engine. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_requested = False
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame) -> None:  # runs in the signal handler: only set flags here
+        if not self._drain_requested and hasattr(self._app.state, "inference"):
+            self._drain_requested = True
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain_then_exit())
+        return await super().on_tick(counter)
+
+    async def _drain_then_exit(self) -> None:
+        inference = self._app.state.inference
+        log.info("draining: %d requests in flight, up to %gs", inference.in_flight, self._drain_timeout_s)
+        await inference.drain(self._drain_timeout_s)
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=5)
+    _DrainingServer(config, app, settings.drain_timeout_s).run()

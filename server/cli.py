@@ -12,11 +12,13 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from server.settings import LOOPBACK_HOSTS, Settings
+from training.cli import register_commands as register_training_commands
 
 app = typer.Typer(help="quiver: one base model, a quiver of LoRA adapters, one OpenAI-compatible API.",
                   no_args_is_help=True)
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+register_training_commands(app)
 console = Console(stderr=True)
 
 
@@ -38,9 +40,7 @@ def serve(
     store_dir: Annotated[Optional[Path], typer.Option(help="the adapter store [QUIVER_STORE_DIR]")] = None,
 ) -> None:
     """Start the gateway and its vLLM engine."""
-    import uvicorn
-
-    from server.app import create_app
+    from server.app import serve as serve_app
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings(host=host, port=port, model=model, store_dir=store_dir)
@@ -51,8 +51,7 @@ def serve(
     elif not settings.auth_enabled:
         console.print("[yellow]No API keys are set: anyone on this machine can use and change this server.[/yellow]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=None)
+    serve_app(settings)
 
 
 @model_app.command("prepare")
@@ -68,3 +67,7 @@ def model_prepare() -> None:
     path = prepare_default_model(settings.model_dir)
     console.print(f"[green]ready:[/green] {path}")
     typer.echo(str(path))
+
+
+if __name__ == "__main__":
+    app()

@@ -35,6 +35,12 @@ class Metrics:
             "quiver_adapter_loads", "Adapter versions loaded into the engine.", ["adapter"], registry=r
         )
         self.engine_up = Gauge("quiver_engine_up", "1 while the vLLM engine is healthy.", registry=r)
+        self.queue_depth = Gauge("quiver_queue_depth", "Generation requests waiting for a slot in the gateway.",
+                                 registry=r)
+        self.rejected_requests = Counter(
+            "quiver_rejected_requests", "Requests turned away before the engine (overload, draining).", ["reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

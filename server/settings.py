@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0)
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
     metrics_require_key: bool = False
+    max_running_requests: int = Field(256, ge=1, description="generation requests in flight at once")
+    max_waiting_requests: int = Field(1024, ge=0, description="requests that may wait for a slot before 429s")
+    max_completion_tokens: int | None = Field(None, ge=1, description="cap on max_tokens; default max_model_len")
+    max_n: int = Field(8, ge=1, description="cap on `n` (choices per request)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
 
     # The vLLM engine.
     engine_port: int | None = Field(None, ge=1, le=65535, description="private loopback port; free one if unset")

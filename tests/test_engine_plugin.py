@@ -98,7 +98,7 @@ CASES = {
     "decode_mixed": (random_slots(16, (0, 1, 2), 0.25, 1), "masked"),
     "decode_mixed_sparse_slots": ([2, -1, 0, 2, 2, -1, 0, 0, -1, 2, 0, 2, -1, -1, 2, 0],
                                   "masked"),
-    "decode_one_adapter_plus_base": ([1, -1] * 8, "masked"),
+    "decode_one_adapter_plus_base": ([1, -1] * 8, "grouped"),
     "single_token_adapter": ([2], "uniform"),
     "prefill_contiguous": ([0] * 40 + [-1] * 30 + [2] * 50, "grouped"),
     "prefill_interleaved": (random_slots(200, (0, 1, 2), 0.2, 2), "grouped"),
@@ -239,8 +239,8 @@ def test_build_plan_kinds_and_groups():
     p = build_plan([3, 3, 3])
     assert (p.kind, p.slot_lo, p.slot_hi) == ("uniform", 3, 3)
     p = build_plan([1, -1, 3])
-    assert p.kind == "masked" and p.mask.shape == (3, 3, 1)
-    assert p.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+    assert p.kind == "masked" and p.mask(4).shape == (3, 1, 4, 1)
+    assert p.mask(4)[:, 0, :, 0].tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
     big = [0] * 70 + [-1] * 5 + [1, 0] * 10
     p = build_plan(big)
     assert p.kind == "grouped"
@@ -322,3 +322,52 @@ def test_register_is_noop_off_cpu(monkeypatch):
 
 def test_masked_threshold_constant():
     assert grouped_ops.MASKED_MAX_TOKENS >= 16
+
+
+# ------------------------------------------------------------------ lm_head (logits)
+
+VOCAB = 300
+
+
+def make_logits_layer(nonzero_slots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(MAX_LORAS, 1, RANK, D_IN)
+    b = torch.zeros(MAX_LORAS, 1, VOCAB, RANK)
+    for s in nonzero_slots:
+        a[s, 0, :8] = torch.randn(8, D_IN, generator=g) / D_IN**0.5
+        b[s, 0, :, :8] = torch.randn(VOCAB, 8, generator=g)
+    return a, b
+
+
+@pytest.mark.parametrize("nonzero", [(), (1,), (0, 2)], ids=["no_lm_head", "slot1", "slots02"])
+@pytest.mark.parametrize("case", ["uniform", "all_none", "decode_mixed", "prefill_interleaved"])
+def test_logits_match_stock(case, nonzero):
+    slots, _ = CASES[case]
+    a, b = make_logits_layer(nonzero)
+    x = torch.randn(len(slots), D_IN)
+    # logits may be wider than the LoRA vocab (padding), as stock allows
+    y0 = torch.randn(len(slots), VOCAB + 4)
+    stock, quiver = wrappers(slots)
+    y_stock, y_quiver = y0.clone(), y0.clone()
+    stock.add_lora_logits(y_stock, x, a, b, 1.0)
+    quiver.add_lora_logits(y_quiver, x, a, b, 1.0)
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+    if not nonzero:
+        assert torch.equal(y_quiver, y0)
+
+
+def test_logits_follow_weight_updates():
+    slots = CASES["decode_mixed"][0]
+    a, b = make_logits_layer(())
+    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), VOCAB)
+    stock, quiver = wrappers(slots)
+    y = y0.clone()
+    quiver.add_lora_logits(y, x, a, b, 1.0)
+    assert torch.equal(y, y0)
+    a[1, 0, :4].copy_(torch.randn(4, D_IN))  # an adapter with lm_head lands in slot 1
+    b[1, 0, :, :4].copy_(torch.randn(VOCAB, 4))
+    y_stock, y_quiver = y0.clone(), y0.clone()
+    stock.add_lora_logits(y_stock, x, a, b, 1.0)
+    quiver.add_lora_logits(y_quiver, x, a, b, 1.0)
+    assert not torch.equal(y_quiver, y0)
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)

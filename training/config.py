@@ -31,6 +31,8 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     seed: int = 42
+    # Trades compute for memory: worth it for large models on GPUs, a pure slowdown for small models on CPU.
+    gradient_checkpointing: bool = False
 
     # Data split and early stopping on validation loss (checked once per epoch).
     validation_fraction: float = Field(0.1, ge=0, lt=1)

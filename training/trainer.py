@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from training.config import TrainConfig
 from training.curve import curve_from_log_history, curve_warnings, save_curve
@@ -183,6 +183,7 @@ def train(
         load_best_model_at_end=has_validation,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
+        gradient_checkpointing=config.gradient_checkpointing,
         report_to=[],
         disable_tqdm=True,
     )
@@ -205,6 +206,7 @@ def train(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # RichProgress reports instead of raw log dicts
     mask = check_loss_mask(
         trainer.train_dataset["labels"], end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t])
     )
@@ -218,11 +220,16 @@ def train(
     started = time.monotonic()
     output = trainer.train()
     train_seconds = time.monotonic() - started
-    final_validation_loss = trainer.evaluate()["eval_loss"] if has_validation else None
+    # With load_best_model_at_end the saved adapter is the best checkpoint, and best_metric is its validation loss.
+    final_validation_loss = None
+    if has_validation:
+        final_validation_loss = trainer.state.best_metric or trainer.evaluate()["eval_loss"]
 
     trainer.model.save_pretrained(run_dir, safe_serialization=True)
     shutil.rmtree(checkpoints, ignore_errors=True)
     curve = curve_from_log_history(trainer.state.log_history)
+    if initial_validation_loss is not None:  # train() starts a fresh log history, without the step-0 evaluation
+        curve["validation"].insert(0, {"step": 0, "epoch": 0.0, "loss": initial_validation_loss})
     warnings = curve_warnings(curve)
     save_curve(run_dir, curve, warnings)
     for warning in warnings:

@@ -13,9 +13,10 @@ adapter load (`FusedLoRA`):
 
 * uniform (all tokens on one adapter): x@A then buf@B, one matmul each;
 * masked (small decode batches over several adapters): one matmul against
-  every present slot's A at once, zero the columns that belong to other slots
-  with a per-token mask, one matmul against the stacked B. Costs a few extra
-  flops (rank x slots is small) but a fixed, tiny number of ops;
+  every slot's A at once, zero the columns of other slots with a per-token
+  mask, then per slice one matmul against that slice's B stacked over slots.
+  A few wasted flops (rank x slots is small next to the layer's width) buy a
+  fixed, small number of ops whatever the mix;
 * grouped (large prefill batches): per present slot, its rows (a slice when
   they are contiguous) through the uniform path.
 
@@ -49,10 +50,20 @@ class LoRAPlan:
     kind: str  # "none" | "uniform" | "masked" | "grouped"
     slot_lo: int = 0  # present slots lie in [slot_lo, slot_hi]
     slot_hi: int = -1
+    present: tuple[int, ...] = ()  # slots used by at least one token
     # grouped/uniform: (slot, rows); rows is a slice when contiguous
     groups: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
-    # masked: (T, slot_hi - slot_lo + 1, 1) 0/1 in SHRINK_DTYPE
-    mask: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # masked: per-token slot
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, num_slots: int) -> torch.Tensor:
+        """(T, 1, num_slots, 1): 1 where column block s is token t's slot."""
+        m = self._masks.get(num_slots)
+        if m is None:
+            m = self.slots.unsqueeze(1) == torch.arange(num_slots).unsqueeze(0)
+            m = m.to(SHRINK_DTYPE).reshape(self.num_tokens, 1, num_slots, 1).contiguous()
+            self._masks[num_slots] = m
+        return m
 
 
 def build_plan(slots: Sequence[int] | torch.Tensor,
@@ -64,14 +75,19 @@ def build_plan(slots: Sequence[int] | torch.Tensor,
     if not present:
         return LoRAPlan(T, "none")
     lo, hi = present[0], present[-1]
+    plan = _plan_kind(s, T, present, masked_max_tokens)
+    plan.present = tuple(present)
+    return plan
+
+
+def _plan_kind(s: torch.Tensor, T: int, present: list[int], masked_max_tokens: int) -> LoRAPlan:
+    lo, hi = present[0], present[-1]
     no_lora = bool((s < 0).any())
     if len(present) == 1 and not no_lora:
         return LoRAPlan(T, "uniform", lo, hi, groups=[(lo, slice(0, T))])
-    if T <= masked_max_tokens:
-        width = hi - lo + 1
-        mask = (s.unsqueeze(1) == torch.arange(lo, hi + 1).unsqueeze(0))
-        return LoRAPlan(T, "masked", lo, hi,
-                        mask=mask.to(SHRINK_DTYPE).reshape(T, width, 1).contiguous())
+    # One adapter plus base tokens: its rows alone are cheaper than masking.
+    if len(present) > 1 and T <= masked_max_tokens:
+        return LoRAPlan(T, "masked", lo, hi, slots=s.clone())
     groups: list[tuple[int, slice | torch.Tensor]] = []
     for slot in present:
         rows = torch.nonzero(s == slot).reshape(-1)
@@ -90,6 +106,8 @@ class FusedLoRA:
          slice i's A for slot s. One matmul gives every slice's shrink.
     b_t: (S*K, sum(out_i)); per slot a block-diagonal over slices, so one
          matmul writes every slice's expand into its own column range.
+    a_sm: (in, n*S*rank), slice-major (slice, slot, r): for the masked path.
+    b_sm[i]: (S*rank, out_i), slice i's B stacked over slots.
     Rebuilt when any source tensor's version counter moves (set_lora/reset_lora
     write in place, which bumps it).
     """
@@ -114,6 +132,12 @@ class FusedLoRA:
             b_t[:, i, :, off:off + size] = w[:, 0, :size, :].transpose(1, 2).to(expand_dtype)
             off += size
         self.b_t = b_t.reshape(S * self.k, self.total_out).contiguous()
+        self.num_slots = S
+        self.a_sm = a.transpose(0, 1).reshape(n * S * rank, d_in).to(SHRINK_DTYPE).t().contiguous()
+        self.b_sm = [
+            w[:, 0, :size, :].transpose(1, 2).reshape(S * rank, size).to(expand_dtype).contiguous()
+            for w, size in zip(lora_b_stacked, self.output_slices)
+        ]
 
     @staticmethod
     def _versions(ts: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -143,14 +167,16 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
     out = y if y.shape[1] == fused.total_out else y[:, :fused.total_out]
     k = fused.k
     if plan.kind == "masked":
-        lo, hi = plan.slot_lo, plan.slot_hi
-        a_t = fused.a_t[:, lo * k:(hi + 1) * k]
-        b_t = fused.b_t[lo * k:(hi + 1) * k]
-        buf = torch.mm(x.to(SHRINK_DTYPE), a_t)
-        buf.view(plan.num_tokens, hi - lo + 1, k).mul_(plan.mask)
+        T, S, n = plan.num_tokens, fused.num_slots, len(fused.output_slices)
+        buf = torch.mm(x.to(SHRINK_DTYPE), fused.a_sm)  # (T, n*S*rank)
+        buf.view(T, n, S, fused.rank).mul_(plan.mask(S))
         if scale != 1.0:
             buf.mul_(scale)
-        out.add_(torch.mm(buf.to(fused.expand_dtype), b_t))
+        buf = buf.to(fused.expand_dtype).view(T, n, S * fused.rank)
+        off = 0
+        for i, size in enumerate(fused.output_slices):
+            out[:, off:off + size].add_(torch.mm(buf[:, i], fused.b_sm[i]))
+            off += size
         return
     for slot, rows in plan.groups:
         xs = x[rows]
@@ -162,3 +188,51 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
             out[rows].add_(delta)  # a view: no scatter needed
         else:
             out.index_add_(0, rows, delta)
+
+
+class SlotsInUse:
+    """Which slots of a stacked (A, B) pair hold non-zero weights.
+
+    vLLM always wraps the lm_head in a LoRA layer and runs its (vocab-wide)
+    LoRA every step, although most adapters do not train lm_head and their
+    slots stay zero. Adding an all-zero delta changes nothing, so such slots
+    can be skipped. Cached by the tensors' version counters like FusedLoRA.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+        self.versions = (a._version, b._version)
+        self.nonzero = (a.flatten(1).ne(0).any(1) & b.flatten(1).ne(0).any(1)).tolist()
+
+    def is_current(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a is self.a and b is self.b and (a._version, b._version) == self.versions
+
+
+def add_lora_logits(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
+                    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                    in_use: SlotsInUse) -> None:
+    """y[t, :V] += scale * (x[t] @ A[s]^T) @ B[s]^T per request row t with slot s.
+
+    lora_a: (S, 1, rank, hidden), lora_b: (S, 1, V, rank). Rows with slot -1
+    and slots whose weights are all zero are skipped (their delta is zero).
+    """
+    if plan.kind == "none" or not any(in_use.nonzero[s] for s in plan.present):
+        return
+    groups = plan.groups if plan.kind != "masked" else _groups_from_slots(plan.slots)
+    common = min(y.shape[1], lora_b.shape[2])
+    for slot, rows in groups:
+        if not in_use.nonzero[slot]:
+            continue
+        buf = torch.mm(x[rows].to(SHRINK_DTYPE), lora_a[slot, 0].to(SHRINK_DTYPE).t())
+        if scale != 1.0:
+            buf.mul_(scale)
+        delta = torch.mm(buf.to(y.dtype), lora_b[slot, 0, :common].to(y.dtype).t())
+        if isinstance(rows, slice):
+            y[rows, :common].add_(delta)
+        else:
+            y[:, :common].index_add_(0, rows, delta)
+
+
+def _groups_from_slots(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    return [(int(s), torch.nonzero(slots == s).reshape(-1))
+            for s in torch.unique(slots[slots >= 0]).tolist()]

@@ -12,6 +12,10 @@ stock), and adds:
 * `update_metadata`: builds a `LoRAPlan` from the per-token slot indices.
   vLLM only calls it when the batch's LoRA mapping or slot layout changes, so
   a steady decode batch pays nothing per step.
+* `add_lora_logits`: the lm_head LoRA. Stock gathers a (vocab x rank) B per
+  request every step (~50 MB for a 49k vocab, 16 requests), even for base-only
+  batches and for adapters without lm_head weights (all-zero slots). Here it
+  skips zero slots and no-adapter rows, and does one matmul pair per slot.
 * `add_lora_linear`: uses the plan and per-layer fused weights (rebuilt only
   when an adapter is loaded into a slot) to do 2-3 matmuls per layer instead
   of 4-12 gathers+einsums; returns at once when no token has an adapter.
@@ -27,7 +31,14 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from .grouped_ops import FusedLoRA, LoRAPlan, add_lora_linear, build_plan
+from .grouped_ops import (
+    FusedLoRA,
+    LoRAPlan,
+    SlotsInUse,
+    add_lora_linear,
+    add_lora_logits,
+    build_plan,
+)
 
 
 class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
@@ -38,12 +49,16 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         # id(layer.lora_a_stacked[0]) -> fused weights; FusedLoRA.is_current
         # guards against id reuse and in-place weight updates.
         self._fused: dict[int, FusedLoRA] = {}
+        self._sampler_plan: LoRAPlan | None = None
+        self._logits_in_use: SlotsInUse | None = None
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         # token_lora_indices: slot per scheduled token, -1 = no adapter (what
         # the stock ops index with), so the plan agrees with stock by design.
         self._plan = build_plan(self.token_lora_indices)
+        # sampler_indices: slot per request row of the logits (-1 = none).
+        self._sampler_plan = build_plan(self.sampler_indices)
 
     def _fused_for(self, lora_a_stacked, lora_b_stacked, output_slices,
                    dtype: torch.dtype) -> FusedLoRA:
@@ -77,4 +92,23 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         y2 = y.view(-1, y.shape[-1])
         fused = self._fused_for(lora_a_stacked, lora_b_stacked, output_slices, y.dtype)
         add_lora_linear(y2, x2, plan, fused, scale)
+        return None
+
+    def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                        lora_b_stacked: torch.Tensor, scale, *,
+                        buffer: torch.Tensor | None = None, **kwargs: Any) -> None:
+        plan = self._sampler_plan
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        if (
+            plan is None
+            or x2.shape[0] != plan.num_tokens
+            or lora_a_stacked.dim() != 4
+            or lora_b_stacked.dim() != 4
+        ):
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           buffer=buffer, **kwargs)
+        in_use = self._logits_in_use
+        if in_use is None or not in_use.is_current(lora_a_stacked, lora_b_stacked):
+            in_use = self._logits_in_use = SlotsInUse(lora_a_stacked, lora_b_stacked)
+        add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
         return None

@@ -14,11 +14,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from server.adapters.service import AdapterRegistry, Target
 from server.engine import EngineSupervisor
 from server.errors import APIError, error_body
+from server.inference.limiter import RequestLimiter
 from server.inference.protocol import _GenerationRequest
 from server.metrics import Metrics
 
 _USAGE_MARK = b'"usage":{'
 _EMPTY_CHOICES = b'"choices":[]'
+_DONE = b"data: [DONE]"
 _CLIENT_GONE = "499"
 
 
@@ -28,22 +30,55 @@ def engine_unavailable() -> APIError:
 
 
 class InferenceService:
-    def __init__(self, engine: EngineSupervisor, registry: AdapterRegistry, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineSupervisor, registry: AdapterRegistry, metrics: Metrics,
+                 limiter: RequestLimiter, max_completion_tokens: int, max_n: int) -> None:
         self.engine = engine
         self.registry = registry
         self.metrics = metrics
+        self.limiter = limiter
+        self.max_completion_tokens = max_completion_tokens
+        self.max_n = max_n
+        self.draining = False
+
+    @property
+    def in_flight(self) -> int:
+        return self.limiter.running + self.limiter.waiting
+
+    async def drain(self, timeout_s: float) -> None:
+        """Turn new requests away and give those in flight (streams included) up to `timeout_s` to finish."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    def _check_caps(self, request: _GenerationRequest) -> None:
+        extra = request.model_extra or {}
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = extra.get(field)
+            if isinstance(value, int) and value > self.max_completion_tokens:
+                raise APIError(400, f"`{field}` is {value}; this server allows at most {self.max_completion_tokens}",
+                               code="max_tokens_too_large", param=field)
+        n = extra.get("n")
+        if isinstance(n, int) and n > self.max_n:
+            raise APIError(400, f"`n` is {n}; this server allows at most {self.max_n}", code="n_too_large", param="n")
 
     async def forward(self, endpoint: str, request: _GenerationRequest) -> Response:
         started = time.perf_counter()
         target: Target | None = None
         try:
+            if self.draining:
+                self.metrics.rejected_requests.labels(reason="draining").inc()
+                raise APIError(503, "the server is shutting down", code="server_draining")
             if not self.engine.ready:
                 raise engine_unavailable()
             target = self.registry.resolve(request.model)
+            self._check_caps(request)
             body = request.engine_body(target.engine_model)
+            # Held until the response is complete (for a stream, until its last chunk).
             stack = AsyncExitStack()
-            await stack.enter_async_context(self.registry.lease(target))
             try:
+                await stack.enter_async_context(self.limiter.slot())
+                await stack.enter_async_context(self.registry.lease(target))
                 upstream = await self._send(endpoint, body)
             except BaseException:
                 await stack.aclose()
@@ -95,6 +130,7 @@ class InferenceService:
         status = "200"
         pending = b""
         first = True
+        done = False
         try:
             async for chunk in upstream.aiter_raw():
                 if first:
@@ -102,13 +138,15 @@ class InferenceService:
                     first = False
                 pending += chunk
                 *events, pending = pending.split(b"\n\n")
+                done = done or any(event.strip() == _DONE for event in events)
                 out = [event + b"\n\n" for event in events if self._keep_event(event, request, target)]
                 if out:
                     yield b"".join(out)
             if pending.strip():
                 yield pending
         except (asyncio.CancelledError, GeneratorExit):
-            status = _CLIENT_GONE  # closing the upstream response makes the engine abort the request
+            # Clients may hang up right after [DONE]; before it, closing upstream makes the engine abort.
+            status = "200" if done else _CLIENT_GONE
             raise
         except httpx.HTTPError:
             status = "502"

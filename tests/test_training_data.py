@@ -1,0 +1,172 @@
+"""Dataset validation, warnings, token summary, the split, hyperparameter config, and `quiver data check`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from training.config import TrainConfig
+from training.data import auto_epochs, check_dataset, read_examples, split_examples, write_jsonl
+from training_fixtures import REPO, base_model_dir, chat, tokenizer, write_lines  # noqa: F401
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+USER = {"role": "user", "content": "hi"}
+ASSISTANT = {"role": "assistant", "content": "hello"}
+
+ERROR_CASES = {
+    "invalid_json": '{"messages": [',
+    "invalid_example": "[1, 2]",
+    "missing_messages": {"input": "hi"},
+    "invalid_messages": {"messages": []},
+    "invalid_message": {"messages": ["hi"]},
+    "unknown_key": {"messages": [USER, ASSISTANT], "metadata": {}},
+    "unknown_role": {"messages": [{"role": "robot", "content": "hi"}, ASSISTANT]},
+    "invalid_content": {"messages": [{"role": "user", "content": 42}, ASSISTANT]},
+    "missing_content": {"messages": [{"role": "user"}, ASSISTANT]},
+    "no_assistant_message": {"messages": [{"role": "system", "content": "x"}, USER]},
+    "no_trained_assistant_message": {"messages": [USER, {**ASSISTANT, "weight": 0}]},
+    "invalid_weight": {"messages": [USER, {**ASSISTANT, "weight": 0.5}]},
+    "invalid_tools": {"messages": [USER, ASSISTANT], "tools": [{"name": "weather"}]},
+    "invalid_tool_calls": {"messages": [USER, {"role": "assistant", "tool_calls": [{"id": "c"}]}]},
+    "missing_tool_call_id": {
+        "messages": [USER, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "content": "3C"}, ASSISTANT]
+    },
+    "unknown_tool_call_id": {
+        "messages": [
+            USER,
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_9", "content": "3C"},
+            ASSISTANT,
+        ]
+    },
+    "missing_response": {"prompt": "hi"},
+    "ambiguous_response": {"prompt": "hi", "response": "a", "completion": "b"},
+}
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_CASES))
+def test_each_error_code_names_its_line(tmp_path, code):
+    good = chat("What is 2+2?", "4")
+    path = write_lines(tmp_path / "data.jsonl", [good, ERROR_CASES[code], good])
+    report = check_dataset(path)
+    assert [(i.code, i.line) for i in report.errors] == [(code, 2)]
+    assert [e.line for e in report.examples] == [1, 3]
+
+
+def test_empty_file_is_an_error(tmp_path):
+    report = check_dataset(write_lines(tmp_path / "empty.jsonl", ["", "  "]))
+    assert [i.code for i in report.errors] == ["empty_file"]
+
+
+def test_valid_tool_conversation_and_text_parts_parse(tmp_path):
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Oslo?"}]},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "3C"},
+            {"role": "assistant", "content": "3 degrees."},
+        ],
+        "tools": TOOLS,
+    }
+    report = check_dataset(write_lines(tmp_path / "tools.jsonl", [row]))
+    assert report.ok
+    assert report.examples[0].messages[0]["content"] == "Weather in Oslo?"
+
+
+def test_tools_the_template_cannot_render_are_an_error_with_the_tokenizer(tmp_path, tokenizer):
+    row = {"messages": [USER, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "call_1", "content": "3C"}, ASSISTANT]}
+    report = check_dataset(write_lines(tmp_path / "tools.jsonl", [row]), tokenizer, 512)
+    assert [(i.code, i.line) for i in report.errors] == [("tools_unsupported", 1)]
+
+
+def test_prompt_response_pairs_become_chats(tmp_path):
+    path = write_lines(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "response": "4"}, {"prompt": "3+3?", "completion": "6"}])
+    report = check_dataset(path)
+    assert report.ok
+    assert report.examples[1].messages == [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+
+
+def test_warnings(tmp_path, tokenizer):
+    rows = [
+        chat("What is 2+2?", "4"),
+        chat("What is 2+2?", "4"),  # exact duplicate
+        chat("Capital of France?", "Paris"),
+        chat("Capital of France?", "Lyon"),  # same prompt, different answer
+        chat("Say hi", "hi", system=None),
+        chat("Write a long answer", "word " * 80),
+    ]
+    report = check_dataset(write_lines(tmp_path / "w.jsonl", rows), tokenizer, max_seq_len=48)
+    assert report.ok
+    by_code = {}
+    for issue in report.warnings:
+        by_code.setdefault(issue.code, []).append(issue)
+    assert set(by_code) == {"too_few_examples", "duplicate_example", "conflicting_answers", "no_system_message", "too_long"}
+    assert by_code["duplicate_example"][0].line == 2
+    assert "lines 3, 4" in by_code["conflicting_answers"][0].message
+    assert "1 of 6" in by_code["no_system_message"][0].message
+    [too_long] = by_code["too_long"]
+    assert too_long.line == 6
+    full = len(tokenizer.apply_chat_template(rows[5]["messages"], tokenize=True)["input_ids"])
+    assert f"{full} tokens" in too_long.message and f"{full - 48} tokens would be cut" in too_long.message
+
+
+def test_summary_counts_tokens_and_auto_epochs(tokenizer):
+    report = check_dataset(REPO / "examples" / "json-extract.jsonl", tokenizer, max_seq_len=1024)
+    assert report.ok and not report.warnings
+    summary = report.summary()
+    assert summary["examples"] == 200 and summary["with_system_message"] == 200
+    tokens = report.tokens
+    assert tokens.examples == 200 and tokens.min <= tokens.median <= tokens.max
+    assert 0 < tokens.trained < tokens.total and tokens.truncated_examples == 0
+    assert summary["auto_epochs"] == 3 and summary["auto_training_tokens"] == 3 * tokens.total
+
+
+def test_auto_epochs_follow_dataset_size():
+    assert auto_epochs(10) == 10  # small sets are repeated up to ~100 examples seen
+    assert auto_epochs(200) == 3
+    assert auto_epochs(20_000) == 1
+    assert auto_epochs(2) == 25  # capped
+
+
+def test_split_is_deterministic_disjoint_and_80_10_10(tmp_path):
+    examples = read_examples(REPO / "examples" / "pirate.jsonl")
+    first, again = split_examples(examples, seed=7), split_examples(examples, seed=7)
+    other = split_examples(examples, seed=8)
+    lines = lambda part: [e.line for e in part]  # noqa: E731
+    assert (len(first.train), len(first.validation), len(first.test)) == (160, 20, 20)
+    assert lines(first.test) == lines(again.test) and lines(first.train) == lines(again.train)
+    assert lines(first.test) != lines(other.test)
+    assert sorted(lines(first.train) + lines(first.validation) + lines(first.test)) == list(range(1, 201))
+    write_jsonl(tmp_path / "test.jsonl", first.test)
+    assert [e.messages for e in read_examples(tmp_path / "test.jsonl")] == [e.messages for e in first.test]
+
+
+def test_config_defaults_yaml_and_validation(tmp_path):
+    assert TrainConfig().epochs == "auto" and TrainConfig().resolved_epochs(200) == 3
+    path = tmp_path / "hp.yaml"
+    path.write_text("rank: 16\nlearning_rate: 0.0005\nepochs: 2\ntarget_modules: all-linear\n")
+    config = TrainConfig.from_yaml(path, seed=3)
+    assert (config.rank, config.learning_rate, config.resolved_epochs(200), config.seed) == (16, 5e-4, 2, 3)
+    assert config.target_modules == "all-linear"
+    path.write_text("rnak: 16\n")
+    with pytest.raises(ValueError, match="rnak"):
+        TrainConfig.from_yaml(path)
+
+
+def test_cli_data_check_reports_and_exits_nonzero_on_errors(tmp_path):
+    from training.cli import register_commands
+
+    app = typer.Typer()
+    register_commands(app)
+    path = write_lines(tmp_path / "d.jsonl", [chat("hi", "hello"), "{oops"])
+    result = CliRunner().invoke(app, ["data", "check", str(path), "--no-tokens", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["summary"]["examples"] == 1
+    assert {"severity": "error", "code": "invalid_json", "line": 2} == {
+        k: v for k, v in report["issues"][0].items() if k != "message"
+    }

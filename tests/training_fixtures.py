@@ -1,0 +1,38 @@
+"""Fixtures shared by the training tests: the real default base model and its tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from server.base_model import prepare_default_model
+
+    return prepare_default_model(Path(os.environ.get("QUIVER_TEST_MODEL_DIR", "/tmp/qmodel/SmolLM2-135M-Instruct")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_model_dir):
+    from training.trainer import load_tokenizer
+
+    return load_tokenizer(base_model_dir)
+
+
+def write_lines(path: Path, rows: list) -> Path:
+    """Rows are dicts (written as JSON) or raw strings (written as they are, to test broken lines)."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def chat(user: str, answer: str, system: str | None = "Be brief.") -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}

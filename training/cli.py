@@ -1,0 +1,187 @@
+"""`quiver data check`, `quiver train`, `quiver eval`, `quiver merge`: added to the main CLI by `register_commands`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+ADMIN_KEY_ENV = "QUIVER_ADMIN_KEY"
+API_KEY_ENV = "QUIVER_API_KEY"
+
+
+def _base_model(base_model: Path | None) -> tuple[Path, str | None]:
+    if base_model is not None:
+        return base_model, None
+    from training.trainer import default_base_model
+
+    return default_base_model()
+
+
+def data_check(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL training file")],
+    max_seq_len: Annotated[int, typer.Option(help="flag examples longer than this many tokens")] = 1024,
+    base_model: Annotated[Optional[Path], typer.Option(help="HF model folder whose tokenizer counts tokens; default: the served base")] = None,
+    tokens: Annotated[bool, typer.Option(help="count tokens with the base model's tokenizer")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Validate a training file: line-numbered errors and warnings, then a summary."""
+    from training.data import check_dataset
+    from training.trainer import load_tokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = load_tokenizer(_base_model(base_model)[0]) if tokens else None
+    report = check_dataset(file, tokenizer, max_seq_len if tokens else None)
+    if as_json:
+        issues = [{"severity": i.severity, "code": i.code, "line": i.line, "message": i.message} for i in report.issues]
+        console.print_json(json.dumps({"summary": report.summary(), "issues": issues}))
+    else:
+        for issue in report.issues:
+            style = "red" if issue.severity == "error" else "yellow"
+            console.print(f"[{style}]{issue}", markup=True, highlight=False)
+        table = Table(title=f"{file}", show_header=False)
+        for key, value in report.summary().items():
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        console.print(table)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def train_command(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL training file")],
+    name: Annotated[str, typer.Option(help="adapter name (also the run folder's name)")],
+    out: Annotated[Optional[Path], typer.Option(help="run folder; default out/<name>")] = None,
+    validation_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML hyperparameters")] = None,
+    epochs: Annotated[Optional[str], typer.Option(help="an integer or 'auto'")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option()] = None,
+    rank: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option()] = None,
+    max_steps: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    base_model: Annotated[Optional[Path], typer.Option(help="HF model folder; default: the served base")] = None,
+    register: Annotated[Optional[str], typer.Option(help="quiver server URL to upload the adapter to, then evaluate on")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(envvar=ADMIN_KEY_ENV, help="admin key for --register")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar=API_KEY_ENV, help="API key for the evaluation requests")] = None,
+    evaluate: Annotated[bool, typer.Option(help="after --register, compare base and adapter on the test split")] = True,
+) -> None:
+    """Train a LoRA adapter on FILE; optionally register it on a running server and evaluate it there."""
+    from pydantic import ValidationError
+
+    from training.config import TrainConfig
+    from training.data import DatasetError
+    from training.encoding import LossMaskError
+    from training.trainer import train
+
+    overrides = {
+        key: value
+        for key, value in {
+            "epochs": int(epochs) if epochs and epochs != "auto" else epochs,
+            "learning_rate": learning_rate,
+            "rank": rank,
+            "batch_size": batch_size,
+            "max_seq_len": max_seq_len,
+            "max_steps": max_steps,
+            "seed": seed,
+        }.items()
+        if value is not None
+    }
+    try:
+        train_config = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig(**overrides)
+    except ValidationError as exc:
+        err_console.print(f"[red]invalid hyperparameters:[/red]\n{exc}")
+        raise typer.Exit(2) from exc
+    base_dir, base_name = _base_model(base_model)
+    run_dir = out or Path("out") / name
+    try:
+        result = train(
+            file, run_dir, train_config, name=name, validation_file=validation_file,
+            base_model_dir=base_dir, base_model_name=base_name, console=console,
+        )
+    except (DatasetError, LossMaskError) as exc:
+        err_console.print(f"[red]{exc}")
+        raise typer.Exit(1) from exc
+    training = result.manifest["training"]
+    console.print(
+        f"[green]adapter written to {run_dir}[/green]: {training['steps']} steps in {training['train_seconds']} s, "
+        f"train loss {training['first_train_loss']:.4f} -> {training['final_train_loss']:.4f}, "
+        f"validation loss {training['initial_validation_loss']} -> {training['final_validation_loss']}"
+    )
+    if register:
+        _register_and_evaluate(run_dir, register, name, admin_key, api_key, evaluate)
+
+
+def _register_and_evaluate(
+    run_dir: Path, url: str, name: str, admin_key: str | None, api_key: str | None, evaluate: bool
+) -> None:
+    from training.register import RegistrationError, register_adapter
+
+    try:
+        record = register_adapter(run_dir, url, name, admin_key)
+    except RegistrationError as exc:
+        err_console.print(f"[red]{exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"[green]registered as {record.get('id', name)}[/green] on {url}")
+    if evaluate:
+        _print_eval(run_dir, url, api_key, None, None)
+
+
+def eval_command(
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a training run folder")],
+    url: Annotated[str, typer.Option(help="OpenAI-compatible server serving the base and the adapter")] = "http://127.0.0.1:8000",
+    api_key: Annotated[Optional[str], typer.Option(envvar=API_KEY_ENV)] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="served name of the base; default from the manifest")] = None,
+    adapter_model: Annotated[Optional[str], typer.Option(help="served name of the adapter; default: the registered id")] = None,
+) -> None:
+    """Compare base and adapter on the run's held-out test split; writes eval_report.md and eval_report.json."""
+    _print_eval(run_dir, url, api_key, base_model, adapter_model)
+
+
+def _print_eval(run_dir: Path, url: str, api_key: str | None, base_model: str | None, adapter_model: str | None) -> None:
+    import openai
+
+    from training.evaluate import evaluate_run
+
+    try:
+        report = evaluate_run(run_dir, url, api_key=api_key, base_model=base_model, adapter_model=adapter_model)
+    except openai.OpenAIError as exc:
+        err_console.print(f"[red]evaluation failed: {exc}")
+        raise typer.Exit(1) from exc
+    table = Table(title=f"{run_dir.name}: base vs adapter on the test split")
+    table.add_column("metric")
+    table.add_column(report["models"]["base"])
+    table.add_column(report["models"]["adapter"])
+    base, adapter = report["metrics"]["base"], report["metrics"]["adapter"]
+    for metric in base:
+        table.add_row(metric, str(base[metric]), str(adapter[metric]))
+    console.print(table)
+    console.print(f"report: {run_dir / 'eval_report.md'}")
+
+
+def merge_command(
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a training run folder")],
+    out: Annotated[Path, typer.Option(help="where to write the merged checkpoint")],
+    base_model: Annotated[Optional[Path], typer.Option(help="HF model folder; default: the one the run recorded")] = None,
+) -> None:
+    """Merge the adapter into its base model: a standalone Hugging Face checkpoint."""
+    from training.merge import merge_adapter
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console.print(f"[green]merged checkpoint written to {merge_adapter(run_dir, out, base_model)}")
+
+
+def register_commands(app: typer.Typer) -> None:
+    data_app = typer.Typer(help="Check training data.", no_args_is_help=True)
+    data_app.command("check")(data_check)
+    app.add_typer(data_app, name="data")
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
+    app.command("merge")(merge_command)

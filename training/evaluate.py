@@ -1,0 +1,154 @@
+"""Base model vs adapter on a run's held-out test split, both asked through an OpenAI-compatible server, greedy."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.data import Example, read_examples
+from training.manifest import read_manifest, update_manifest
+from training.trainer import SPLIT_DIR
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_SAMPLES = 5
+CONCURRENT_REQUESTS = 8  # the server batches concurrent requests; sequential ones would leave it idle
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def _context_and_expected(example: Example) -> tuple[list[dict[str, Any]], str]:
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    context = [{k: v for k, v in m.items() if k != "weight"} for m in example.messages[:last]]
+    return context, example.messages[last]["content"] or ""
+
+
+def score(expected: list[str], answers: list[Answer]) -> dict[str, Any]:
+    """Exact match; for JSON-object answers also valid-JSON rate and same-keys rate; mean answer length."""
+    metrics: dict[str, Any] = {
+        "examples": len(expected),
+        "exact_match": statistics.fmean(a.text.strip() == e.strip() for e, a in zip(expected, answers)),
+        "mean_answer_tokens": statistics.fmean(a.tokens for a in answers),
+    }
+    json_pairs = [(_parse_json(e), a) for e, a in zip(expected, answers) if isinstance(_parse_json(e), dict)]
+    if json_pairs:
+        parsed = [(e, _parse_json(a.text.strip())) for e, a in json_pairs]
+        metrics["json_examples"] = len(parsed)
+        metrics["valid_json"] = statistics.fmean(isinstance(p, dict) for _, p in parsed)
+        metrics["expected_keys"] = statistics.fmean(isinstance(p, dict) and set(p) == set(e) for e, p in parsed)
+        metrics["field_accuracy"] = statistics.fmean(
+            isinstance(p, dict) and p.get(key) == value for e, p in parsed for key, value in e.items()
+        )
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def evaluate_run(
+    run_dir: Path,
+    url: str,
+    *,
+    api_key: str | None = None,
+    base_model: str | None = None,
+    adapter_model: str | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    samples: int = DEFAULT_SAMPLES,
+) -> dict[str, Any]:
+    """Ask the served base model and the served adapter every test prompt; write eval_report.md and .json."""
+    from openai import OpenAI
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    base_model = base_model or manifest["base_model"]["name"]
+    adapter_model = adapter_model or (manifest.get("registered") or {}).get("id") or manifest["name"]
+    examples = [e for e in read_examples(run_dir / SPLIT_DIR / "test.jsonl") if _context_and_expected(e)[1]]
+    if not examples:
+        raise ValueError(f"{run_dir} has no test examples with a text answer to evaluate")
+    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=2)
+
+    def ask(model: str, example: Example) -> Answer:
+        context, _ = _context_and_expected(example)
+        extra = {"tools": example.tools} if example.tools else {}
+        completion = client.chat.completions.create(
+            model=model, messages=context, temperature=0, max_tokens=max_tokens, **extra
+        )
+        return Answer(completion.choices[0].message.content or "", completion.usage.completion_tokens)
+
+    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        answers = {
+            role: list(pool.map(lambda e, m=model: ask(m, e), examples))
+            for role, model in (("base", base_model), ("adapter", adapter_model))
+        }
+    expected = [_context_and_expected(e)[1] for e in examples]
+    report = {
+        "url": url,
+        "models": {"base": base_model, "adapter": adapter_model},
+        "decoding": {"temperature": 0, "max_tokens": max_tokens},
+        "metrics": {role: score(expected, role_answers) for role, role_answers in answers.items()},
+        "samples": [
+            {
+                "line": e.line,
+                "prompt": _context_and_expected(e)[0][-1]["content"],
+                "expected": expected[i],
+                "base": answers["base"][i].text,
+                "adapter": answers["adapter"][i].text,
+            }
+            for i, e in enumerate(examples[:samples])
+        ],
+    }
+    (run_dir / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (run_dir / "eval_report.md").write_text(render_markdown(report, manifest["name"]))
+    update_manifest(run_dir, eval={"models": report["models"], "metrics": report["metrics"]})
+    return report
+
+
+def render_markdown(report: dict[str, Any], name: str) -> str:
+    base, adapter = report["metrics"]["base"], report["metrics"]["adapter"]
+    lines = [
+        f"# Evaluation of `{name}`",
+        "",
+        f"Held-out test split, {base['examples']} examples, greedy decoding (temperature 0), served by {report['url']}.",
+        "",
+        f"| metric | base (`{report['models']['base']}`) | adapter (`{report['models']['adapter']}`) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {metric} | {base[metric]} | {adapter[metric]} |" for metric in base if metric != "examples"]
+    lines += ["", "## Samples", ""]
+    for sample in report["samples"]:
+        lines += [
+            f"### test example {sample['line']}",
+            "",
+            "**prompt**",
+            "",
+            _quote(sample["prompt"]),
+            "",
+            "**expected**",
+            "",
+            _quote(sample["expected"]),
+            "",
+            "**base**",
+            "",
+            _quote(sample["base"]),
+            "",
+            "**adapter**",
+            "",
+            _quote(sample["adapter"]),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text or "(empty)").splitlines())
