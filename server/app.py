@@ -22,6 +22,8 @@ from server.auth import Auth, admin_auth
 from server.base_model import prepare_default_model
 from server.engine import EngineSupervisor
 from server.errors import error_response, install_error_handlers
+from server.finetuning.router import router as finetuning_router
+from server.finetuning.service import FileService, JobService
 from server.inference.limiter import RequestLimiter
 from server.inference.router import router as inference_router
 from server.inference.service import InferenceService
@@ -59,10 +61,14 @@ def create_app(settings: Settings) -> FastAPI:
             max_completion_tokens=settings.max_completion_tokens or settings.max_model_len,
             max_n=settings.max_n,
         )
+        state.files = FileService(settings.finetuning_dir / "files", settings.max_upload_bytes)
+        state.jobs = JobService(settings.finetuning_dir / "jobs", state.files, registry, model_dir)
         try:
             await engine.start()
+            state.jobs.start()
             yield
         finally:
+            await state.jobs.stop()
             await engine.stop()
 
     app = FastAPI(title="quiver", version=__version__, lifespan=lifespan,
@@ -75,10 +81,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_request_bytes,
-        limits_by_path={"/v1/adapters": settings.max_upload_bytes + 1024 * 1024},  # room for multipart framing
+        # room for multipart framing
+        limits_by_path={path: settings.max_upload_bytes + 1024 * 1024 for path in ("/v1/adapters", "/v1/files")},
     )
     app.include_router(inference_router)
     app.include_router(adapters_router)
+    app.include_router(finetuning_router)
 
     @app.get("/health", tags=["operations"])
     async def health() -> dict[str, str]:

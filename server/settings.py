@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # The adapter store (source of truth for the registry) and the engine's scratch space.
     store_dir: Path = Path("adapters")
     state_dir: Path = Field(default_factory=lambda: _cache_home() / "run")
+    # Uploaded training files and fine-tuning jobs (persistent, like the store).
+    finetuning_dir: Path = Path("finetuning")
 
     # Auth: with no keys at all the server only binds to loopback.
     admin_keys: KeyList = Field(default_factory=list)

@@ -62,6 +62,7 @@ class QuiverServer:
             QUIVER_MODEL_CACHE_DIR=str(self.model_dir.parent),
             QUIVER_STORE_DIR=str(self.store_dir),
             QUIVER_STATE_DIR=str(self.state_dir),
+            QUIVER_FINETUNING_DIR=str(self.store_dir.parent / "finetuning"),
             QUIVER_ADMIN_KEYS=ADMIN_KEY,
             QUIVER_API_KEYS=API_KEY,
             QUIVER_KV_CACHE_GIB="1",
@@ -147,7 +148,8 @@ def lora_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
-def quiver_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def quiver_server(model_dir: Path, lora_adapters: TestAdapters, tmp_path_factory: pytest.TempPathFactory):
+    # Adapters are built first, while no engine competes with training for the cores.
     root = tmp_path_factory.mktemp("server")
     server = QuiverServer(model_dir=model_dir, store_dir=root / "store", state_dir=root / "state")
     try:

@@ -33,7 +33,7 @@ def random_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8, sca
     return out_dir
 
 
-def trained_adapter(model_dir: Path, out_dir: Path, answer: str, steps: int = 30, rank: int = 8) -> Path:
+def trained_adapter(model_dir: Path, out_dir: Path, answer: str, steps: int = 20, rank: int = 8) -> Path:
     """A briefly trained LoRA that answers every question with `answer`: its effect is recognisable."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = load_base(model_dir)

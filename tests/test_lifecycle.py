@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -42,9 +44,17 @@ def test_registered_adapters_survive_a_whole_server_restart(own_server: QuiverSe
     assert own_server.register("pirate", lora_adapters.pirate).status_code == 201
     pinned_before = ask(own_server, "pirate@1")
     assert ask(own_server, "pirate") == PIRATE_ANSWER
+    admin = own_server.openai(key=own_server.admin_key)
+    examples = (Path(__file__).parent.parent / "examples" / "pirate.jsonl").read_bytes()
+    uploaded = admin.files.create(file=("pirate.jsonl", io.BytesIO(examples)), purpose="fine-tune")
+    job = admin.fine_tuning.jobs.create(model=own_server.model_name, training_file=uploaded.id)
+    assert admin.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
     own_server.stop()
     own_server.start()
+
+    assert admin.files.retrieve(uploaded.id).bytes == len(examples)
+    assert admin.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 
     assert ask(own_server, "pirate") == PIRATE_ANSWER
     assert ask(own_server, "pirate@1") == pinned_before

@@ -130,6 +130,7 @@ def train(
     base_model_dir: Path | None = None,
     base_model_name: str | None = None,
     console: Console | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Validate and split the data, train a LoRA adapter, and write the run folder (adapter, manifest, curve)."""
     import torch
@@ -194,7 +195,7 @@ def train(
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    callbacks: list[TrainerCallback] = [RichProgress(console)]
+    callbacks = [RichProgress(console), *(callbacks or [])]
     if has_validation:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = SFTTrainer(

@@ -1,0 +1,304 @@
+"""Issue #4's comparisons, each taken side by side in one run and printed as ratios.
+
+  mixed     4 adapters + base vs base only, same server                       (target >= 0.9x tok/s)
+  gateway   through quiver vs straight to its engine, same traffic            (>= 0.97x tok/s, <= 5 ms TTFT p50)
+  peft      quiver vs transformers+PEFT: (a) set_adapter per request, (b) mixed-adapter batch; peak RSS
+  hot       POST /v1/adapters returning -> first token from the new adapter  (<= 2 s)
+  scale     Zipf over 100 registered adapters vs uniform over 4, engine slots < working set
+  all       every one of them on one server, in that order
+
+Sides of a comparison alternate round by round (A B A B ...), so a shared machine's noise hits both alike;
+ratios use the median over rounds. With no --base-url a quiver server is started (and stopped) for the run.
+
+    python -m loadtests.compare all --out loadtests/results/2026-11-23
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import httpx
+import typer
+
+from loadtests import report
+from loadtests.loadgen import Workload, run_workload
+from loadtests.servers import (ADMIN_KEY, API_KEY, DEFAULT_MODEL_DIR, PeakRss, QuiverProcess, engine_url_from_log,
+                               make_adapters, register)
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+BASE_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Target:
+    base_url: str
+    api_key: str
+    admin_key: str
+    engine_url: str | None
+    pid: int | None  # the gateway's pid, for memory (its children are the engine processes)
+    out: Path
+    adapters_dir: Path
+    model_dir: Path
+    rounds: int
+    work: Workload  # the shared traffic settings; each comparison changes shape/adapters/label
+    summary: dict
+
+
+@contextmanager
+def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests: int, concurrency: int,
+           max_tokens: int, prompt_tokens: int, max_loras: int, api_key: str, admin_key: str,
+           engine_url: Optional[str], server_log: Optional[Path]) -> Iterator[Target]:
+    out.mkdir(parents=True, exist_ok=True)
+    work = Workload(base_url="", model=BASE_NAME, requests=requests, concurrency=concurrency,
+                    max_tokens=max_tokens, prompt_tokens=prompt_tokens)
+    common = dict(out=out, adapters_dir=out.parent / ".adapters", model_dir=DEFAULT_MODEL_DIR, rounds=rounds,
+                  summary={"started": report.machine_state()})
+    if base_url:
+        engine = engine_url or (engine_url_from_log(server_log) if server_log else None)
+        yield Target(base_url=base_url, api_key=api_key, admin_key=admin_key, engine_url=engine, pid=None,
+                     work=replace(work, base_url=base_url, api_key=api_key), **common)
+        return
+    server = QuiverProcess(root=out.parent / ".server", port=port,
+                           env={"QUIVER_MAX_LORAS": str(max_loras)})
+    typer.echo(f"starting quiver on {server.base_url} (max_loras={max_loras}; log {server.log_path})")
+    with server:
+        yield Target(base_url=server.base_url, api_key=API_KEY, admin_key=ADMIN_KEY, engine_url=server.engine_url,
+                     pid=server.process.pid, work=replace(work, base_url=server.base_url, api_key=API_KEY),
+                     **common)
+
+
+def ensure_adapters(t: Target, count: int, prefix: str = "lt-") -> list[str]:
+    """Register lt-0..lt-{count-1} unless the server has them already; returns their pinned names."""
+    folders = make_adapters(t.model_dir, t.adapters_dir, count, prefix=prefix)
+    names = []
+    with httpx.Client(base_url=t.base_url, headers={"Authorization": f"Bearer {t.admin_key}"}, timeout=60) as c:
+        for folder in folders:
+            existing = c.get(f"/v1/adapters/{folder.name}")
+            if existing.status_code == 200:
+                names.append(f"{folder.name}@{existing.json()['current_version']}")
+            else:
+                names.append(register(t.base_url, folder.name, folder, t.admin_key)["id"])
+    return names
+
+
+def run(work: Workload) -> dict:
+    result = asyncio.run(run_workload(work))
+    o = result["overall"]
+    typer.echo(f"  {work.label:<24} {o['output_tok_s']:>7} tok/s  TTFT p50 {o['ttft_ms']['p50']} ms  "
+               f"errors {o['errors_by_status'] or 0}  load {result['machine']['before']['loadavg_1_5_15']}")
+    return result
+
+
+def warm(t: Target, models: list[str], base_url: str | None = None) -> None:
+    """One tiny request per model: loads adapters into the engine, so that loading isn't what's measured."""
+    run(replace(t.work, base_url=base_url or t.base_url, shape="distinct", adapters=models, requests=len(models),
+                concurrency=4, max_tokens=2, label="warm-up"))
+
+
+def alternate(t: Target, sides: dict[str, Workload]) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for r in range(t.rounds):
+        for name, work in sides.items():
+            runs[name].append(run(replace(work, label=f"{name} #{r + 1}", seed=r)))
+    return runs
+
+
+def median(runs: list[dict], key: str, pct: str | None = None) -> float:
+    values = [r["overall"][key][pct] if pct else r["overall"][key] for r in runs]
+    return statistics.median(v for v in values if v is not None)
+
+
+def save(t: Target, name: str, runs: dict[str, list[dict]], lines: list[str], figures: dict) -> None:
+    flat = [r for side in runs.values() for r in side]
+    text = "\n".join([f"## {name}", "", *lines, ""])
+    report.write_all(flat, t.out / name, extra_markdown=text, extra_json={"figures": figures})
+    t.summary[name] = {"figures": figures, "lines": lines}
+    typer.echo("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+
+def do_mixed(t: Target) -> None:
+    typer.echo("== mixed (4 adapters + base) vs base only, same server")
+    adapters = ensure_adapters(t, 4)
+    warm(t, [BASE_NAME, *adapters])
+    runs = alternate(t, {"base-only": replace(t.work, shape="base"),
+                         "mixed-4+base": replace(t.work, shape="uniform", adapters=adapters, include_base=True)})
+    base, mixed = median(runs["base-only"], "output_tok_s"), median(runs["mixed-4+base"], "output_tok_s")
+    figures = {"base_tok_s": base, "mixed_tok_s": mixed, "ratio": round(mixed / base, 3), "target": 0.9}
+    save(t, "mixed", runs, [f"- base only: {base} tok/s; mixed 4 adapters + base: {mixed} tok/s",
+                            f"- **mixed / base = {figures['ratio']}x** (target >= 0.9x)"], figures)
+
+
+def do_gateway(t: Target) -> None:
+    typer.echo("== through the gateway vs straight to the engine")
+    if not t.engine_url:
+        typer.echo("  skipped: the engine URL is unknown (give --engine-url or --server-log)")
+        return
+    adapters = ensure_adapters(t, 4)  # pinned names (name@version) are the engine's own model names
+    warm(t, [BASE_NAME, *adapters])
+    mix = replace(t.work, shape="uniform", adapters=adapters, include_base=True)
+    runs = alternate(t, {"gateway": mix, "direct": replace(mix, base_url=t.engine_url, api_key=None)})
+    gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
+    ttft_gw, ttft_direct = median(runs["gateway"], "ttft_ms", "p50"), median(runs["direct"], "ttft_ms", "p50")
+    figures = {"gateway_tok_s": gw, "direct_tok_s": direct, "ratio": round(gw / direct, 3),
+               "ttft_p50_gateway_ms": ttft_gw, "ttft_p50_direct_ms": ttft_direct,
+               "extra_ttft_p50_ms": round(ttft_gw - ttft_direct, 2)}
+    save(t, "gateway", runs, [f"- gateway {gw} tok/s vs direct {direct} tok/s: **{figures['ratio']}x** (target >= 0.97x)",
+                              f"- TTFT p50 gateway {ttft_gw} ms vs direct {ttft_direct} ms: "
+                              f"**{figures['extra_ttft_p50_ms']:+} ms** (target <= 5 ms)"], figures)
+
+
+def do_peft(t: Target) -> None:
+    import subprocess
+    import sys
+
+    typer.echo("== quiver vs transformers + PEFT (same adapters, fp32, same threads, concurrency 16)")
+    adapters = ensure_adapters(t, 4)
+    warm(t, [BASE_NAME, *adapters])
+    mix = replace(t.work, shape="uniform", adapters=adapters, include_base=True, label="quiver mixed")
+    if t.pid:
+        with PeakRss(t.pid) as rss:
+            rss.peak = rss.sample()
+            runs = {"quiver": [run(mix)]}
+        quiver_rss = rss.peak_gib
+    else:
+        runs, quiver_rss = {"quiver": [run(mix)]}, None
+    folders = ",".join(str(t.adapters_dir / a.split("@")[0]) for a in adapters)
+    command = [sys.executable, "-m", "loadtests.peft_baseline", "--adapters", folders, "--mode", "both",
+               "--requests", str(t.work.requests), "--concurrency", str(t.work.concurrency),
+               "--prompt-tokens", str(t.work.prompt_tokens), "--max-tokens", str(t.work.max_tokens)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    swap, batched = [json.loads(line) for line in out.strip().splitlines()[-2:]]
+    for p in (swap, batched):
+        typer.echo(f"  peft {p['mode']:<19} {p['output_tok_s']:>7} tok/s  peak RSS {p['peak_rss_gib']} GiB  "
+                   f"load {p['loadavg_1_5_15']}")
+    q = runs["quiver"][0]["overall"]["output_tok_s"]
+    kv = None
+    if t.engine_url:  # what the KV cache buys: how many tokens (and so concurrent sequences) it holds
+        text = httpx.get(f"{t.engine_url}/metrics", timeout=10).text
+        kv = next((line for line in text.splitlines() if line.startswith("vllm:cache_config_info")), None)
+    figures = {"quiver_tok_s": q, "peft_swap_tok_s": swap["output_tok_s"], "peft_mixed_tok_s": batched["output_tok_s"],
+               "vs_swap": round(q / swap["output_tok_s"], 2), "vs_mixed": round(q / batched["output_tok_s"], 2),
+               "quiver_peak_rss_gib": quiver_rss, "peft_swap_peak_rss_gib": swap["peak_rss_gib"],
+               "peft_mixed_peak_rss_gib": batched["peak_rss_gib"], "peft": [swap, batched], "kv_cache_info": kv}
+    save(t, "peft", runs, [
+        f"- quiver (4 adapters + base, concurrency {t.work.concurrency}): {q} tok/s, peak RSS {quiver_rss} GiB "
+        "(gateway + engine processes)",
+        f"- PEFT (a) set_adapter per request: {swap['output_tok_s']} tok/s, peak RSS {swap['peak_rss_gib']} GiB "
+        f"-> **quiver {figures['vs_swap']}x** (target >= 10x)",
+        f"- PEFT (b) mixed batch generate(adapter_names=...): {batched['output_tok_s']} tok/s, peak RSS "
+        f"{batched['peak_rss_gib']} GiB -> **quiver {figures['vs_mixed']}x** (target >= 2x)"], figures)
+
+
+def first_token_s(t: Target, model: str) -> float:
+    """Seconds from now to the first streamed content chunk of a request to `model`."""
+    started = time.perf_counter()
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{t.base_url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {t.api_key}"}) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"content":"' in line.replace(" ", "") and '"content":""' not in line.replace(" ", ""):
+                return time.perf_counter() - started
+    raise RuntimeError(f"no token from {model}")
+
+
+def do_hot(t: Target, count: int = 5) -> None:
+    typer.echo("== hot registration: POST /v1/adapters returned -> first token from the new adapter")
+    stamp = time.strftime("%H%M%S")
+    folders = make_adapters(t.model_dir, t.adapters_dir, count, prefix="hot-", seed=900)
+    times, posts = [], []
+    for folder in folders:
+        name = f"{folder.name}-{stamp}"  # a name this server has never seen
+        started = time.perf_counter()
+        register(t.base_url, name, folder, t.admin_key)
+        posts.append(time.perf_counter() - started)
+        times.append(first_token_s(t, name))
+        typer.echo(f"  {name}: POST {posts[-1] * 1000:.0f} ms, then first token after {times[-1] * 1000:.0f} ms")
+    figures = {"first_token_s": [round(x, 3) for x in times], "median_s": round(statistics.median(times), 3),
+               "max_s": round(max(times), 3), "post_s": [round(x, 3) for x in posts], "target_s": 2.0,
+               "machine": report.machine_state()}
+    lines = [f"- first token from a just-registered adapter: median **{figures['median_s']} s**, max "
+             f"{figures['max_s']} s over {count} registrations (target <= 2 s); the POST itself took "
+             f"{statistics.median(posts):.2f} s (median); load average {figures['machine']['loadavg_1_5_15']}"]
+    (t.out / "hot.json").write_text(json.dumps(figures, indent=1))
+    (t.out / "hot.md").write_text("## hot registration\n\n" + "\n".join(lines) + "\n")
+    t.summary["hot"] = {"figures": figures, "lines": lines}
+    typer.echo("\n".join(lines))
+
+
+def do_scale(t: Target, count: int = 100) -> None:
+    typer.echo(f"== scale: Zipf over {count} registered adapters vs uniform over 4")
+    adapters = ensure_adapters(t, count)
+    warm(t, adapters[:4])  # only the uniform side's; Zipf's cold adapters load (and evict) as traffic asks
+    runs = alternate(t, {"uniform-4": replace(t.work, shape="uniform", adapters=adapters[:4]),
+                         f"zipf-{count}": replace(t.work, shape="zipf", adapters=adapters)})
+    uni, zipf = runs["uniform-4"], runs[f"zipf-{count}"]
+    distinct = [len(r["per_model"]) for r in zipf]
+    figures = {"uniform_tok_s": median(uni, "output_tok_s"), "zipf_tok_s": median(zipf, "output_tok_s"),
+               "uniform_ttft_p99_ms": median(uni, "ttft_ms", "p99"), "zipf_ttft_p99_ms": median(zipf, "ttft_ms", "p99"),
+               "zipf_errors": sum(r["overall"]["errors"] for r in zipf), "zipf_distinct_adapters_per_run": distinct}
+    figures["tok_s_ratio"] = round(figures["zipf_tok_s"] / figures["uniform_tok_s"], 3)
+    figures["ttft_p99_ratio"] = round(figures["zipf_ttft_p99_ms"] / figures["uniform_ttft_p99_ms"], 2)
+    save(t, "scale", runs, [
+        f"- Zipf (s={t.work.zipf_s}) over {count} adapters ({distinct} distinct per run) vs uniform over 4: "
+        f"errors **{figures['zipf_errors']}**, throughput **{figures['tok_s_ratio']}x** "
+        f"({figures['zipf_tok_s']} vs {figures['uniform_tok_s']} tok/s), TTFT p99 **{figures['ttft_p99_ratio']}x** "
+        f"({figures['zipf_ttft_p99_ms']} vs {figures['uniform_ttft_p99_ms']} ms)"], figures)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+COMPARISONS = {"mixed": do_mixed, "gateway": do_gateway, "peft": do_peft, "hot": do_hot, "scale": do_scale}
+
+
+@app.command()
+def main(
+    which: Annotated[str, typer.Argument(help="mixed | gateway | peft | hot | scale | all (comma-separated ok)")],
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("loadtests/results/latest"),
+    base_url: Annotated[Optional[str], typer.Option(help="an already running quiver; else one is started")] = None,
+    api_key: Annotated[str, typer.Option()] = API_KEY,
+    admin_key: Annotated[str, typer.Option()] = ADMIN_KEY,
+    engine_url: Annotated[Optional[str], typer.Option(help="with --base-url: its engine, for `gateway`")] = None,
+    server_log: Annotated[Optional[Path], typer.Option(help="with --base-url: its log, to find the engine")] = None,
+    port: Annotated[int, typer.Option(help="port for a started server")] = 18390,
+    max_loras: Annotated[int, typer.Option(help="engine LoRA slots of a started server")] = 4,
+    rounds: Annotated[int, typer.Option(help="A/B rounds per comparison")] = 2,
+    requests: Annotated[int, typer.Option()] = 32,
+    concurrency: Annotated[int, typer.Option()] = 16,
+    max_tokens: Annotated[int, typer.Option()] = 64,
+    prompt_tokens: Annotated[int, typer.Option()] = 32,
+    scale_adapters: Annotated[int, typer.Option(help="adapters registered for `scale`")] = 100,
+) -> None:
+    """Run comparisons and print their ratios; tables, JSON and plots go to --out."""
+    names = list(COMPARISONS) if which == "all" else [w.strip() for w in which.split(",")]
+    unknown = set(names) - set(COMPARISONS)
+    if unknown:
+        raise typer.BadParameter(f"unknown comparisons {sorted(unknown)}")
+    with target(base_url, port, out, rounds, requests, concurrency, max_tokens, prompt_tokens, max_loras, api_key,
+                admin_key, engine_url, server_log) as t:
+        for name in names:
+            COMPARISONS[name](t, scale_adapters) if name == "scale" else COMPARISONS[name](t)
+        t.summary["finished"] = report.machine_state()
+        t.summary["settings"] = {"rounds": rounds, "requests": requests, "concurrency": concurrency,
+                                 "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "max_loras": max_loras,
+                                 "server": "started by compare" if not base_url else base_url}
+        path = t.out / "summary.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**previous, **t.summary}, indent=1))
+        typer.echo("\n# summary\n" + "\n".join(line for name in names if name in t.summary
+                                               for line in t.summary[name]["lines"]))
+
+
+if __name__ == "__main__":
+    app()

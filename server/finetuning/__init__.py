@@ -1,0 +1,1 @@
+"""OpenAI-compatible files and fine-tuning jobs: upload JSONL, train in a worker process, serve the result."""

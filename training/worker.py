@@ -1,0 +1,75 @@
+"""One fine-tuning job in its own process: `python -m training.worker JOB_DIR`.
+
+The server's job runner writes JOB_DIR/spec.json and starts this; it reports through two files the runner
+reads: events.jsonl (appended, one event a line: messages and per-step metrics) and result.json (written
+last, atomically). Keeping training out of the gateway's process keeps serving responsive while a job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from transformers import TrainerCallback
+
+from training.config import TrainConfig
+from training.job_files import RESULT, SPEC, TRAIN_LOG, EventLog, write_json_atomic
+
+
+class MetricsEvents(TrainerCallback):
+    """Each logged training step and evaluation becomes a `metrics` event, as the hosted APIs report them."""
+
+    def __init__(self, events: EventLog) -> None:
+        self.events = events
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps}
+        if "loss" in logs:
+            data["train_loss"] = logs["loss"]
+        if "eval_loss" in logs:
+            data["valid_loss"] = logs["eval_loss"]
+        if len(data) > 2:
+            self.events.emit(f"Step {state.global_step}/{state.max_steps}", kind="metrics", data=data)
+
+
+def run(job_dir: Path) -> int:
+    from training.trainer import train
+
+    spec = json.loads((job_dir / SPEC).read_text())
+    events = EventLog(job_dir)
+    try:
+        config = TrainConfig.model_validate(spec["config"])
+        events.emit("Fine-tuning job started")
+        result = train(
+            Path(spec["training_file"]),
+            job_dir / "run",
+            config,
+            name=spec["name"],
+            validation_file=Path(spec["validation_file"]) if spec.get("validation_file") else None,
+            base_model_dir=Path(spec["base_model_dir"]),
+            base_model_name=spec["base_model_name"],
+            console=Console(file=open(job_dir / TRAIN_LOG, "a"), force_terminal=False),
+            callbacks=[MetricsEvents(events)],
+        )
+        for warning in result.warnings:
+            events.emit(warning, level="warn")
+        training = result.manifest["training"]
+        trained_tokens = (training.get("trained_tokens_per_epoch") or 0) * (training.get("epochs_completed") or 0)
+        write_json_atomic(job_dir / RESULT, {"status": "succeeded", "trained_tokens": int(trained_tokens),
+                                "run_dir": str(result.run_dir)})
+        return 0
+    except Exception as exc:  # the job fails with the reason; the server stays up
+        events.emit(f"Training failed: {exc}", level="error")
+        with open(job_dir / TRAIN_LOG, "a") as log:
+            log.write(traceback.format_exc())
+        write_json_atomic(job_dir / RESULT, {"status": "failed", "error": {"code": "training_failed", "message": str(exc)}})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1])))
