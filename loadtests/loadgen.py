@@ -253,6 +253,11 @@ app = typer.Typer(help="quiver's load generator (OpenAI-compatible streaming tra
                   no_args_is_help=True, add_completion=False)
 
 
+@app.callback()
+def _main() -> None:
+    """Keeps `run` a subcommand (typer would otherwise fold a lone command into the program)."""
+
+
 def split_list(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 

@@ -147,8 +147,7 @@ def plot(results: list[dict], prefix: Path) -> list[Path]:
             values = [g for r in ok for g in r["itl_s"]] if key == "itl_s" else [r[key] for r in ok if r[key]]
             if not values:
                 continue
-            data = np.sort(np.asarray(values) * 1000)
-            ax.plot(data, np.arange(1, data.size + 1) / data.size, label=name)
+            ax.ecdf(np.asarray(values) * 1000, label=name, marker="." if len(values) < 20 else None)
         ax.set_title(f"{title} CDF")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests" if key != "itl_s" else "fraction of gaps")

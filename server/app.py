@@ -63,11 +63,16 @@ def create_app(settings: Settings) -> FastAPI:
         )
         state.files = FileService(settings.finetuning_dir / "files", settings.max_upload_bytes)
         state.jobs = JobService(settings.finetuning_dir / "jobs", state.files, registry, model_dir)
+        background: list[asyncio.Task] = []
         try:
             await engine.start()
             state.jobs.start()
+            if settings.store_poll_s:
+                background.append(asyncio.create_task(registry.watch_store(settings.store_poll_s)))
             yield
         finally:
+            for task in background:
+                task.cancel()
             await state.jobs.stop()
             await engine.stop()
 

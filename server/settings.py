@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # The adapter store (source of truth for the registry) and the engine's scratch space.
     store_dir: Path = Path("adapters")
     state_dir: Path = Field(default_factory=lambda: _cache_home() / "run")
+    # How often to re-read the store for changes made by other replicas sharing it (0: never).
+    store_poll_s: float = Field(2.0, ge=0)
     # Uploaded training files and fine-tuning jobs (persistent, like the store).
     finetuning_dir: Path = Path("finetuning")
 

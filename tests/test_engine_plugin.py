@@ -99,6 +99,8 @@ CASES = {
     "decode_mixed_sparse_slots": ([2, -1, 0, 2, 2, -1, 0, 0, -1, 2, 0, 2, -1, -1, 2, 0],
                                   "masked"),
     "decode_one_adapter_plus_base": ([1, -1] * 8, "grouped"),
+    # masked plan, but 2 of 4 slots present: runs the per-slot rows branch
+    "decode_two_adapters_plus_base": (random_slots(16, (0, 2), 0.3, 3), "masked"),
     "single_token_adapter": ([2], "uniform"),
     "prefill_contiguous": ([0] * 40 + [-1] * 30 + [2] * 50, "grouped"),
     "prefill_interleaved": (random_slots(200, (0, 1, 2), 0.2, 2), "grouped"),

@@ -95,6 +95,29 @@ class AdapterRegistry:
         self._update_gauge()
         log.info("registry: %d adapters from %s", len(self._adapters), self.store.root)
 
+    async def refresh(self) -> None:
+        """Adopt what other replicas sharing the store registered, promoted or deleted."""
+        async with self._write_lock:
+            scanned = await asyncio.to_thread(self.store.scan)
+            gone = [
+                engine_name(name, version)
+                for name, adapter in self._adapters.items()
+                for version in adapter.versions
+                if version not in (scanned[name].versions if name in scanned else {})
+            ]
+            self._adapters = scanned
+            for key in gone:
+                await self._retire(key)
+            self._update_gauge()
+
+    async def watch_store(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a half-copied folder on a network volume must not stop the watcher
+                log.exception("reading the adapter store failed; trying again")
+
     async def forget_engine_state(self) -> None:
         """A new engine process knows no adapters; they are loaded again on first use."""
         self._loaded.clear()
