@@ -1,4 +1,8 @@
-"""Two quiver servers sharing one adapter store, as replicas behind a load balancer would."""
+"""Two quiver servers sharing one adapter store, as replicas behind a load balancer would.
+
+The second replica runs vLLM's stock CPU LoRA path (QUIVER_CPU_LORA_PLUGIN=0), the first quiver's plugin,
+so the same requests on both also prove the plugin changes no output.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ POLL_BOUND_S = 15  # the store is re-read every 2 s; generous for a busy CI mach
 def second_replica(quiver_server: QuiverServer, model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("replica")
     server = QuiverServer(model_dir=model_dir, store_dir=quiver_server.store_dir, state_dir=root / "state",
-                          extra_env={"QUIVER_FINETUNING_DIR": str(root / "finetuning")})
+                          extra_env={"QUIVER_FINETUNING_DIR": str(root / "finetuning"),
+                                     "QUIVER_CPU_LORA_PLUGIN": "0"})
     try:
         yield server.start()
     finally:
@@ -63,3 +68,24 @@ def test_register_on_one_serve_on_the_other_delete_on_the_other(quiver_server, s
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+def test_the_engine_plugin_gives_exactly_the_stock_outputs(quiver_server, second_replica, lora_adapters):
+    names = {"parity-a": lora_adapters.random_a, "parity-b": lora_adapters.random_b}
+    for name, folder in names.items():
+        assert quiver_server.register(name, folder).status_code == 201
+    prompts = ["What is the capital of France?", "Write one sentence about the sea.", "List three fruits."]
+    for name in names:
+        eventually(lambda: ask(second_replica, name))
+
+    def answer(server: QuiverServer, model: str, prompt: str) -> str:
+        return server.openai().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=32,
+        ).choices[0].message.content
+
+    for model in [quiver_server.model_name, *names]:
+        for prompt in prompts:
+            assert answer(quiver_server, model, prompt) == answer(second_replica, model, prompt), (model, prompt)
+    stock_log = (second_replica.state_dir / "engine.log").read_text()
+    assert "quiver CPU LoRA plugin active" not in stock_log
+    assert "quiver CPU LoRA plugin active" in (quiver_server.state_dir / "engine.log").read_text()

@@ -24,6 +24,7 @@ class FileObject(BaseModel):
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
+    has_more: bool = False  # the official client pages on until this is false
 
 
 class FileDeleted(BaseModel):

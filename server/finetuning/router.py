@@ -45,8 +45,10 @@ async def upload_file(
 
 
 @router.get("/files")
-async def list_files(files: Files) -> FileList:
-    return FileList(data=files.list())
+async def list_files(files: Files, after: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=10000)] = 10000) -> FileList:
+    data, has_more = files.list(after, limit)
+    return FileList(data=data, has_more=has_more)
 
 
 @router.get("/files/{file_id}")

@@ -47,6 +47,14 @@ def file_not_found(file_id: str, param: str = "file_id") -> APIError:
     return APIError(404, f"no file with id `{file_id}`", code="file_not_found", param=param)
 
 
+def _page(items: list, after: str | None, limit: int) -> tuple[list, bool]:
+    """OpenAI's cursor paging: the items after the one with id `after`, at most `limit`, and whether more follow."""
+    if after:
+        ids = [item.id for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return items[:limit], len(items) > limit
+
+
 class FileService:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
@@ -91,9 +99,9 @@ class FileService:
             raise file_not_found(file_id, param)
         return FileObject.model_validate_json(path.read_text())
 
-    def list(self) -> list[FileObject]:
+    def list(self, after: str | None = None, limit: int = 10000) -> tuple[list[FileObject], bool]:
         records = [FileObject.model_validate_json(p.read_text()) for p in self.root.glob("file-*.json")]
-        return sorted(records, key=lambda record: record.created_at, reverse=True)
+        return _page(sorted(records, key=lambda r: (r.created_at, r.id), reverse=True), after, limit)
 
     def delete(self, file_id: str) -> None:
         self.get(file_id)
@@ -131,10 +139,7 @@ class JobService:
     def list(self, after: str | None = None, limit: int = 20) -> tuple[list[FineTuningJob], bool]:
         jobs = sorted((FineTuningJob.model_validate_json(p.read_text()) for p in self.root.glob("ftjob-*/job.json")),
                       key=lambda job: (job.created_at, job.id), reverse=True)
-        if after:
-            ids = [job.id for job in jobs]
-            jobs = jobs[ids.index(after) + 1:] if after in ids else []
-        return jobs[:limit], len(jobs) > limit
+        return _page(jobs, after, limit)
 
     def events(self, job_id: str, limit: int = 20) -> tuple[list[JobEvent], bool]:
         self.get(job_id)
