@@ -66,8 +66,8 @@ class QuiverServer:
             QUIVER_ADMIN_KEYS=ADMIN_KEY,
             QUIVER_API_KEYS=API_KEY,
             QUIVER_KV_CACHE_GIB="1",
-            **self.extra_env,
         )
+        env.update(self.extra_env)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,

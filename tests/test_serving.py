@@ -214,3 +214,53 @@ def test_admission_refusals_store_nothing(quiver_server: QuiverServer, lora_adap
     assert response.json()["error"]["code"] == code
     assert not (quiver_server.store_dir / form["name"]).exists()
     assert form["name"] not in {m.id for m in quiver_server.openai().models.list()}
+
+
+def test_bad_uploads_under_traffic_harm_no_request(quiver_server: QuiverServer, lora_adapters) -> None:
+    """A stream of normal requests runs while bad adapters are thrown at the registry: none of them fails."""
+    import threading
+
+    config = (lora_adapters.random_a / "adapter_config.json").read_text()
+    weights = (lora_adapters.random_a / "adapter_model.safetensors").read_bytes()
+    zoo = [
+        [("adapter_config.json", config), ("adapter_model.bin", b"\x80\x04.")],
+        [("adapter_config.json", config), ("adapter_model.safetensors", weights[:1000])],
+        [("adapter_config.json", "{broken"), ("adapter_model.safetensors", weights)],
+        [("adapter_config.json", json.dumps({**json.loads(config), "use_dora": True})),
+         ("adapter_model.safetensors", weights)],
+        [("adapter_config.json", json.dumps({**json.loads(config), "target_modules": ["c_attn"]})),
+         ("adapter_model.safetensors", weights)],
+    ]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            reply = httpx.post(f"{quiver_server.base_url}/v1/chat/completions", timeout=120,
+                               headers={"Authorization": f"Bearer {quiver_server.api_key}"},
+                               json={"model": "random-a", "max_tokens": 8,
+                                     "messages": [{"role": "user", "content": "hi"}]})
+            statuses.append(reply.status_code)
+
+    runner = threading.Thread(target=traffic)
+    runner.start()
+    try:
+        with quiver_server.admin() as admin:
+            for round_ in range(3):
+                for number, uploads in enumerate(zoo):
+                    refused = admin.post("/v1/adapters", data={"name": f"zoo-{number}"},
+                                         files=[("files", item) for item in uploads])
+                    assert 400 <= refused.status_code < 500, refused.text
+    finally:
+        stop.set()
+        runner.join()
+    assert statuses and set(statuses) == {200}, statuses
+    assert not any((quiver_server.store_dir / f"zoo-{n}").exists() for n in range(len(zoo)))
+
+
+def test_oversized_bodies_get_413(quiver_server: QuiverServer) -> None:
+    response = httpx.post(f"{quiver_server.base_url}/v1/chat/completions",
+                          headers={"Authorization": f"Bearer {quiver_server.api_key}"},
+                          content=b'{"model": "x", "messages": [], "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}')
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
