@@ -216,7 +216,7 @@ def test_admission_refusals_store_nothing(quiver_server: QuiverServer, lora_adap
     assert form["name"] not in {m.id for m in quiver_server.openai().models.list()}
 
 
-def test_bad_uploads_under_traffic_harm_no_request(quiver_server: QuiverServer, lora_adapters) -> None:
+def test_bad_uploads_under_traffic_harm_no_request(quiver_server: QuiverServer, lora_adapters, registered) -> None:
     """A stream of normal requests runs while bad adapters are thrown at the registry: none of them fails."""
     import threading
 
