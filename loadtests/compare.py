@@ -62,7 +62,8 @@ def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests:
                   summary={"started": report.machine_state()})
     if base_url:
         engine = engine_url or (engine_url_from_log(server_log) if server_log else None)
-        yield Target(base_url=base_url, api_key=api_key, admin_key=admin_key, engine_url=engine, pid=None,
+        yield Target(base_url=base_url, api_key=api_key, admin_key=admin_key, engine_url=engine,
+                     pid=listening_pid(base_url),
                      work=replace(work, base_url=base_url, api_key=api_key), **common)
         return
     server = QuiverProcess(root=scratch / f"server-{time.strftime('%Y%m%d-%H%M%S')}", port=port,
@@ -72,6 +73,19 @@ def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests:
         yield Target(base_url=server.base_url, api_key=API_KEY, admin_key=ADMIN_KEY, engine_url=server.engine_url,
                      pid=server.process.pid, work=replace(work, base_url=server.base_url, api_key=API_KEY),
                      **common)
+
+
+def listening_pid(base_url: str) -> int | None:
+    """The process serving `base_url` on this machine (for its memory), if we may see it."""
+    import psutil
+    from urllib.parse import urlparse
+
+    port = urlparse(base_url).port
+    try:
+        return next((c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid), None)
+    except psutil.Error:
+        return None
 
 
 def ensure_adapters(t: Target, count: int, prefix: str = "lt-") -> list[str]:
@@ -264,6 +278,20 @@ def do_scale(t: Target, count: int = 100) -> None:
         f"({figures['zipf_ttft_p99_ms']} vs {figures['uniform_ttft_p99_ms']} ms)"], figures)
 
 
+def write_summary_md(out: Path) -> None:
+    """summary.md from summary.json: every comparison's ratios, with when, how busy and with what settings."""
+    summary = json.loads((out / "summary.json").read_text())
+    started, finished = summary.get("started", {}), summary.get("finished", {})
+    lines = [f"# quiver load-test comparisons, {started.get('time_utc', '?')}", "",
+             f"Machine: {started.get('cpus')} CPUs; load average (1/5/15 min) {started.get('loadavg_1_5_15')} at "
+             f"the start, {finished.get('loadavg_1_5_15')} at the end (each run's own is in its table below).",
+             f"Settings: {json.dumps(summary.get('settings', {}))}", ""]
+    for name in COMPARISONS:
+        if name in summary:
+            lines += [f"## {name}", "", *summary[name]["lines"], "", f"Details: [{name}.md]({name}.md)", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 COMPARISONS = {"mixed": do_mixed, "gateway": do_gateway, "peft": do_peft, "hot": do_hot, "scale": do_scale}
@@ -305,6 +333,7 @@ def main(
         path = t.out / "summary.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **t.summary}, indent=1))
+        write_summary_md(t.out)
         typer.echo("\n# summary\n" + "\n".join(line for name in names if name in t.summary
                                                for line in t.summary[name]["lines"]))
 
