@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import statistics
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +39,15 @@ def _context_and_expected(example: Example) -> tuple[list[dict[str, Any]], str]:
 
 
 def score(expected: list[str], answers: list[Answer]) -> dict[str, Any]:
-    """Exact match; for JSON-object answers also valid-JSON rate and same-keys rate; mean answer length."""
+    """Exact match and similarity; for JSON-object answers also valid-JSON and same-keys rates; answer length."""
     metrics: dict[str, Any] = {
         "examples": len(expected),
         "exact_match": statistics.fmean(a.text.strip() == e.strip() for e, a in zip(expected, answers)),
+        # Credit for near misses, which exact match hides on free-text (style) tasks: 1.0 is identical text.
+        "similarity": statistics.fmean(
+            difflib.SequenceMatcher(None, e.strip(), a.text.strip(), autojunk=False).ratio()
+            for e, a in zip(expected, answers)
+        ),
         "mean_answer_tokens": statistics.fmean(a.tokens for a in answers),
     }
     json_pairs = [(_parse_json(e), a) for e, a in zip(expected, answers) if isinstance(_parse_json(e), dict)]

@@ -187,6 +187,7 @@ def train(
         gradient_checkpointing=config.gradient_checkpointing,
         report_to=[],
         disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is a CUDA feature; on CPU it only warns
     )
     peft_config = LoraConfig(
         r=config.rank,
