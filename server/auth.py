@@ -1,16 +1,45 @@
-"""API keys: admin keys for the registry, inference keys (or admin keys) for generation.
+"""API keys: admin keys for the registry, inference keys (or admin keys) for generation, and tenant keys:
+inference keys that see and call only the base model and their own adapters.
 
 With no keys configured at all, auth is off and `quiver serve` binds to loopback only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from fastapi import Request
 
 from server.errors import APIError
 from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class ModelScope:
+    """Which models one key may see and call: every model, or the base plus the adapters matching `patterns`.
+
+    The base model is open to every key: its weights are shared by all tenants and say nothing about them.
+    """
+
+    patterns: tuple[str, ...] | None = None  # None: every model
+
+    def allows(self, adapter: str | None) -> bool:
+        """`adapter` is an adapter name (never `name@version`); None means the base model."""
+        if adapter is None or self.patterns is None:
+            return True
+        return any(fnmatchcase(adapter, pattern) for pattern in self.patterns)
+
+
+EVERY_MODEL = ModelScope()
+
+
+@dataclass(frozen=True)
+class _Identity:
+    admin: bool
+    scope: ModelScope
 
 
 def _presented_key(request: Request) -> str | None:
@@ -21,43 +50,52 @@ def _presented_key(request: Request) -> str | None:
     return None
 
 
-def _matches(key: str, candidates: list[str]) -> bool:
-    # Compare against every candidate, in constant time each, so timing reveals neither key nor position.
-    found = False
-    for candidate in candidates:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
+def _digest(key: str) -> bytes:
+    # Keys are compared as fixed-length digests: compare_digest on raw keys of unequal length returns early,
+    # which would reveal a key's length.
+    return hashlib.sha256(key.encode()).digest()
 
 
 class Auth:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth_enabled
-        self.admin_keys = list(settings.admin_keys)
-        self.inference_keys = list(settings.api_keys) + self.admin_keys
+        admin = _Identity(admin=True, scope=EVERY_MODEL)
+        inference = _Identity(admin=False, scope=EVERY_MODEL)
+        self._keys: list[tuple[bytes, _Identity]] = (
+            [(_digest(key), admin) for key in settings.admin_keys]
+            + [(_digest(key), inference) for key in settings.api_keys]
+            + [(_digest(key), _Identity(admin=False, scope=ModelScope(tuple(patterns))))
+               for key, patterns in settings.tenant_keys.items()]
+        )
 
-    def _authenticate(self, request: Request) -> str:
+    def _authenticate(self, request: Request) -> _Identity:
         key = _presented_key(request)
         if key is None:
             raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        if not _matches(key, self.inference_keys):
+        presented = _digest(key)
+        found: _Identity | None = None
+        # Every candidate is compared, each in constant time, so timing reveals neither a key nor its role.
+        for candidate, identity in self._keys:
+            if hmac.compare_digest(presented, candidate):
+                found = identity
+        if found is None:
             raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return key
+        return found
 
-    async def inference(self, request: Request) -> None:
-        if self.enabled:
-            self._authenticate(request)
+    async def inference(self, request: Request) -> ModelScope:
+        return self._authenticate(request).scope if self.enabled else EVERY_MODEL
 
     async def admin(self, request: Request) -> None:
         if not self.enabled:
             return
-        key = self._authenticate(request)
-        if not _matches(key, self.admin_keys):
+        if not self._authenticate(request).admin:
             raise APIError(403, "this route needs an admin key", code="admin_key_required")
 
 
-async def inference_auth(request: Request) -> None:
-    await request.app.state.auth.inference(request)
+async def inference_auth(request: Request) -> ModelScope:
+    """A dependency: authenticates an inference request and gives the models its key may use."""
+    return await request.app.state.auth.inference(request)
 
 
 async def admin_auth(request: Request) -> None:

@@ -50,6 +50,10 @@ def serve(
         settings = settings.model_copy(update={"host": "127.0.0.1"})
     elif not settings.auth_enabled:
         console.print("[yellow]No API keys are set: anyone on this machine can use and change this server.[/yellow]")
+    if settings.tenant_keys and not settings.metrics_require_key:
+        # /metrics labels series by adapter name: open to all, it would show every tenant's adapters.
+        console.print("[yellow]Tenant keys are set but /metrics is open (QUIVER_METRICS_REQUIRE_KEY=false): "
+                      "it lists every adapter's name.[/yellow]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve_app(settings)
 

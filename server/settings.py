@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +25,8 @@ ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 KeyList = Annotated[list[str], NoDecode]
+# Adapter names are `^[a-z0-9][a-z0-9._-]{0,63}$`; a tenant pattern is such a name with shell wildcards.
+_TENANT_PATTERN = re.compile(r"^[a-z0-9._\-*?\[\]!]{1,64}$")
 
 
 def _cache_home() -> Path:
@@ -30,7 +34,9 @@ def _cache_home() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="forbid", validate_default=True)
+    # hide_input_in_errors: a bad setting must not print the keys it holds.
+    model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="forbid", validate_default=True,
+                                      hide_input_in_errors=True)
 
     # Where the gateway listens.
     host: str = "127.0.0.1"
@@ -49,9 +55,12 @@ class Settings(BaseSettings):
     # Uploaded training files and fine-tuning jobs (persistent, like the store).
     finetuning_dir: Path = Path("finetuning")
 
-    # Auth: with no keys at all the server only binds to loopback.
-    admin_keys: KeyList = Field(default_factory=list)
-    api_keys: KeyList = Field(default_factory=list)
+    # Auth: with no keys at all the server only binds to loopback. repr=False keeps keys out of any log.
+    admin_keys: KeyList = Field(default_factory=list, repr=False)
+    api_keys: KeyList = Field(default_factory=list, repr=False)
+    # Tenant keys: inference keys that see and call only the base model and the adapters whose names match
+    # their glob patterns, e.g. {"key-of-acme": ["acme-*"], "key-of-globex": ["globex-bot"]} (JSON or YAML).
+    tenant_keys: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict, repr=False)
 
     # Limits.
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0)
@@ -83,6 +92,35 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("tenant_keys", mode="before")
+    @classmethod
+    def _tenant_mapping(cls, value: Any) -> Any:
+        # Messages here never quote a key: they name the tenant by its position in the mapping.
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                # YAML's own message quotes the offending text, which may be a key.
+                raise ValueError("is not a JSON or YAML mapping of key -> adapter patterns") from None
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of key -> adapter patterns")
+        tenants: dict[str, list[str]] = {}
+        for position, (key, patterns) in enumerate(value.items(), start=1):
+            if not isinstance(key, str) or not key.strip() or key != key.strip() or any(c.isspace() for c in key):
+                raise ValueError(f"tenant #{position}: a key must be a non-empty string without spaces")
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            if not isinstance(patterns, list) or not patterns:
+                raise ValueError(f"tenant #{position}: give a list of adapter names or glob patterns")
+            for pattern in patterns:
+                if not isinstance(pattern, str) or not _TENANT_PATTERN.match(pattern):
+                    raise ValueError(f"tenant #{position}: {pattern!r} can match no adapter name "
+                                     "(lower-case letters, digits, `.`, `_`, `-` and the wildcards `*?[]!`)")
+            tenants[key] = list(patterns)
+        return tenants
+
     @field_validator("engine_extra_args", mode="before")
     @classmethod
     def _split_args(cls, value: Any) -> Any:
@@ -106,11 +144,14 @@ class Settings(BaseSettings):
     def _consistent(self) -> "Settings":
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be at least max_loras")
+        if set(self.tenant_keys) & set(self.admin_keys + self.api_keys):
+            # One key with two meanings would silently widen (or narrow) what it may see.
+            raise ValueError("a tenant key is also an admin or API key; each key must have one role")
         return self
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.admin_keys or self.api_keys)
+        return bool(self.admin_keys or self.api_keys or self.tenant_keys)
 
     @property
     def uses_default_model(self) -> bool:

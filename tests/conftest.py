@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ from server.settings import Settings  # noqa: E402
 
 ADMIN_KEY = "test-admin-key"
 API_KEY = "test-inference-key"
+# Tenant keys (inference only, scoped to adapters by name pattern), set on the session server.
+TENANT_KEYS = {"test-tenant-acme-key": ["acme-*"], "test-tenant-globex-key": ["globex-bot", "shared-?"]}
 READY_TIMEOUT_S = 900
 PIRATE_ANSWER = "Arr, matey! That be a fine question for a pirate."
 
@@ -151,7 +154,8 @@ def lora_adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def quiver_server(model_dir: Path, lora_adapters: TestAdapters, tmp_path_factory: pytest.TempPathFactory):
     # Adapters are built first, while no engine competes with training for the cores.
     root = tmp_path_factory.mktemp("server")
-    server = QuiverServer(model_dir=model_dir, store_dir=root / "store", state_dir=root / "state")
+    server = QuiverServer(model_dir=model_dir, store_dir=root / "store", state_dir=root / "state",
+                          extra_env={"QUIVER_TENANT_KEYS": json.dumps(TENANT_KEYS)})
     try:
         yield server.start()
     finally:

@@ -24,6 +24,7 @@ from server.adapters.protocol import Adapter, AdapterVersion, StoredFile
 from server.adapters.store import AdapterStore, StoredAdapter
 from server.adapters.uploads import stage_upload
 from server.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
+from server.auth import EVERY_MODEL, ModelScope
 from server.engine import EngineSupervisor
 from server.errors import APIError
 from server.metrics import Metrics
@@ -124,8 +125,8 @@ class AdapterRegistry:
 
     # --- reading -----------------------------------------------------------------------------------
 
-    def list(self) -> list[Adapter]:
-        return [self._describe(adapter) for adapter in self._adapters.values()]
+    def list(self, scope: ModelScope = EVERY_MODEL) -> list[Adapter]:
+        return [self._describe(adapter) for adapter in self._adapters.values() if scope.allows(adapter.name)]
 
     def get(self, name: str) -> Adapter:
         adapter = self._adapters.get(name)
@@ -140,12 +141,13 @@ class AdapterRegistry:
         ]
         return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions)
 
-    def resolve(self, model: str) -> Target:
+    def resolve(self, model: str, scope: ModelScope = EVERY_MODEL) -> Target:
         if model == self.base_model_name:
             return Target(engine_model=model)
         name, _, pinned = model.partition("@")
         adapter = self._adapters.get(name)
-        if adapter is None:
+        # Another tenant's adapter is refused exactly like one that does not exist: its name must not leak.
+        if adapter is None or not scope.allows(name):
             raise model_not_found(model)
         if not pinned:
             version = adapter.current

@@ -1,30 +1,34 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from server.adapters.service import model_not_found
-from server.auth import inference_auth
+from server.auth import ModelScope, inference_auth
 from server.inference.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(inference_auth)])
+# The models the caller's key may see and call (FastAPI runs inference_auth once per request).
+Scope = Annotated[ModelScope, Depends(inference_auth)]
 
 
 @router.post("/chat/completions")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    return await request.app.state.inference.forward("chat/completions", body)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, scope: Scope) -> Response:
+    return await request.app.state.inference.forward("chat/completions", body, scope)
 
 
 @router.post("/completions")
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    return await request.app.state.inference.forward("completions", body)
+async def create_completion(body: CompletionRequest, request: Request, scope: Scope) -> Response:
+    return await request.app.state.inference.forward("completions", body, scope)
 
 
-def _model_cards(request: Request) -> list[ModelCard]:
+def _model_cards(request: Request, scope: ModelScope) -> list[ModelCard]:
     registry = request.app.state.registry
     base = registry.base_model_name
     cards = [ModelCard(id=base, created=request.app.state.started_at, root=base)]
-    for adapter in registry.list():
+    for adapter in registry.list(scope):
         current = next(v for v in adapter.versions if v.current)
         cards.append(ModelCard(id=adapter.name, created=current.created_at, root=current.id, parent=base))
         cards += [ModelCard(id=v.id, created=v.created_at, root=v.id, parent=base) for v in adapter.versions]
@@ -32,13 +36,13 @@ def _model_cards(request: Request) -> list[ModelCard]:
 
 
 @router.get("/models")
-async def list_models(request: Request) -> ModelList:
-    return ModelList(data=_model_cards(request))
+async def list_models(request: Request, scope: Scope) -> ModelList:
+    return ModelList(data=_model_cards(request, scope))
 
 
 @router.get("/models/{model_id}")
-async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    for card in _model_cards(request):
+async def retrieve_model(model_id: str, request: Request, scope: Scope) -> ModelCard:
+    for card in _model_cards(request, scope):
         if card.id == model_id:
             return card
     raise model_not_found(model_id)

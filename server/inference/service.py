@@ -12,6 +12,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.adapters.service import AdapterRegistry, Target
+from server.auth import EVERY_MODEL, ModelScope
 from server.engine import EngineSupervisor
 from server.errors import APIError, error_body
 from server.inference.limiter import RequestLimiter
@@ -62,7 +63,7 @@ class InferenceService:
         if isinstance(n, int) and n > self.max_n:
             raise APIError(400, f"`n` is {n}; this server allows at most {self.max_n}", code="n_too_large", param="n")
 
-    async def forward(self, endpoint: str, request: _GenerationRequest) -> Response:
+    async def forward(self, endpoint: str, request: _GenerationRequest, scope: ModelScope = EVERY_MODEL) -> Response:
         started = time.perf_counter()
         target: Target | None = None
         try:
@@ -71,7 +72,7 @@ class InferenceService:
                 raise APIError(503, "the server is shutting down", code="server_draining")
             if not self.engine.ready:
                 raise engine_unavailable()
-            target = self.registry.resolve(request.model)
+            target = self.registry.resolve(request.model, scope)
             self._check_caps(request)
             body = request.engine_body(target.engine_model)
             # Held until the response is complete (for a stream, until its last chunk).
