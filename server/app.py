@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from server import __version__
 from server.adapters.router import router as adapters_router
 from server.adapters.service import AdapterRegistry
-from server.adapters.store import AdapterStore
+from server.adapters.store import open_store
 from server.adapters.validation import BaseModelSpec
 from server.auth import Auth, admin_auth
 from server.base_model import prepare_default_model
@@ -44,7 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         base = await asyncio.to_thread(BaseModelSpec.from_folder, model_dir)
         engine = EngineSupervisor(settings, model_dir)
         registry = AdapterRegistry(
-            store=AdapterStore(settings.store_dir),
+            store=open_store(settings),
             engine=engine,
             base=base,
             base_model_name=settings.base_model_name,

@@ -6,7 +6,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     # The adapter store (source of truth for the registry) and the engine's scratch space.
     store_dir: Path = Path("adapters")
     state_dir: Path = Field(default_factory=lambda: _cache_home() / "run")
+    # Instead of store_dir, an S3-compatible bucket shared by every replica: s3://bucket[/prefix].
+    # Credentials come from the standard AWS chain (AWS_* variables, shared config, pod/instance roles).
+    store_url: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="e.g. http://minio:9000; empty for AWS S3")
+    s3_addressing_style: Literal["path", "virtual"] | None = Field(
+        None, description="empty: path-style with s3_endpoint_url, the SDK's choice on AWS")
+    # With store_url: this replica's copies of the versions it serves (the engine loads local folders).
+    store_cache_dir: Path | None = Field(None, description="empty: <state_dir>/adapter-cache")
     # How often to re-read the store for changes made by other replicas sharing it (0: never).
     store_poll_s: float = Field(2.0, ge=0)
     # Uploaded training files and fine-tuning jobs (persistent, like the store).
@@ -133,6 +141,27 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {ENGINE_LORA_RANKS} (what vLLM accepts)")
         return value
 
+    @field_validator("store_url", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value.strip() or None if isinstance(value, str) else value
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from server.adapters.s3_store import parse_s3_url  # boto3 only loads when S3 is used
+
+            parse_s3_url(value)
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/@]+(/\S*)?", value):
+            raise ValueError("must be an http:// or https:// URL without credentials, e.g. http://minio:9000")
+        return value
+
     @field_validator("model")
     @classmethod
     def _model_folder(cls, value: Path | None) -> Path | None:
@@ -160,6 +189,10 @@ class Settings(BaseSettings):
     @property
     def model_dir(self) -> Path:
         return self.model if self.model is not None else self.model_cache_dir / DEFAULT_MODEL_NAME
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        return self.store_cache_dir if self.store_cache_dir is not None else self.state_dir / "adapter-cache"
 
     @property
     def base_model_name(self) -> str:

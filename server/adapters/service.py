@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, BinaryIO
@@ -94,7 +94,7 @@ class AdapterRegistry:
         self.store.prepare()
         self._adapters = self.store.scan()
         self._update_gauge()
-        log.info("registry: %d adapters from %s", len(self._adapters), self.store.root)
+        log.info("registry: %d adapters from %s", len(self._adapters), self.store.location)
 
     async def refresh(self) -> None:
         """Adopt what other replicas sharing the store registered, promoted or deleted."""
@@ -189,8 +189,10 @@ class AdapterRegistry:
 
     async def _load(self, name: str, version: int) -> None:
         key = engine_name(name, version)
+        # Off the event loop: a remote store may first have to download the version.
+        path = await asyncio.to_thread(self.store.local_path, name, version)
         try:
-            response = await self.engine.load_adapter(key, self.store.version_dir(name, version))
+            response = await self.engine.load_adapter(key, path)
         except httpx.HTTPError:
             raise APIError(503, "the engine is not reachable; try again shortly", code="engine_unavailable") from None
         already_there = response.status_code == 400 and "already been loaded" in response.text
@@ -246,7 +248,8 @@ class AdapterRegistry:
 
     async def _add_version(self, name, staging, spec, stored_files, make_current) -> AdapterVersion:
         adapter = self._adapters.get(name)
-        version = self.store.reserve_version(name)
+        # Store calls run in a thread: with a remote store they are network round trips and uploads.
+        version = await asyncio.to_thread(self.store.reserve_version, name)
         record = AdapterVersion(
             id=engine_name(name, version),
             name=name,
@@ -259,21 +262,23 @@ class AdapterRegistry:
             files=stored_files,
             size_bytes=sum(f.bytes for f in stored_files),
         )
-        self.store.place_version(staging, name, version)
+        await asyncio.to_thread(self.store.place_version, staging, name, version)
         try:
             # Loaded before it is committed: the engine has the last word on what it can serve.
             await self._load(name, version)
+            await asyncio.to_thread(self.store.commit_version, record)
         except APIError:
-            self.store.remove_version(name, version)
+            await self._unload(record.id)
+            with suppress(APIError):  # a store that failed the commit may fail this too; leftovers stay invisible
+                await asyncio.to_thread(self.store.remove_version, name, version)
             raise
-        self.store.commit_version(record)
         if adapter is None:
             adapter = StoredAdapter(name=name, current=version)
             self._adapters[name] = adapter
         adapter.versions[version] = record
         if make_current or adapter.current not in adapter.versions:
             adapter.current = version
-        self.store.set_current(name, adapter.current)
+        await asyncio.to_thread(self.store.set_current, name, adapter.current)
         self._update_gauge()
         log.info("registered %s (current: %s@%d)", record.id, name, adapter.current)
         return record.model_copy(update={"current": adapter.current == version})
@@ -286,8 +291,8 @@ class AdapterRegistry:
             if version not in adapter.versions:
                 raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
             await self._ensure_loaded(name, version)
+            await asyncio.to_thread(self.store.set_current, name, version)
             adapter.current = version
-            self.store.set_current(name, version)
             return self._describe(adapter)
 
     async def delete(self, name: str, version: int | None = None) -> None:
@@ -298,16 +303,17 @@ class AdapterRegistry:
             if version is not None and version not in adapter.versions:
                 raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
             doomed = [version] if version is not None else sorted(adapter.versions)
+            # The store first: if it fails, the registry still matches it.
             if len(doomed) == len(adapter.versions):
+                await asyncio.to_thread(self.store.remove_all_versions, name, doomed)
                 del self._adapters[name]
-                self.store.remove_all_versions(name, doomed)
             else:
                 for number in doomed:
+                    await asyncio.to_thread(self.store.remove_version, name, number)
                     del adapter.versions[number]
-                    self.store.remove_version(name, number)
                 if adapter.current not in adapter.versions:
                     adapter.current = max(adapter.versions)
-                self.store.set_current(name, adapter.current)
+                await asyncio.to_thread(self.store.set_current, name, adapter.current)
             for number in doomed:
                 await self._retire(engine_name(name, number))
             self._update_gauge()

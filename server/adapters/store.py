@@ -1,13 +1,17 @@
-"""The adapter store on disk, the registry's source of truth.
+"""The adapter store, the registry's source of truth, behind one interface with two backends.
+
+`LocalAdapterStore` (the default) keeps everything in plain files:
 
     <store>/<name>/index.json         {"current": N, "last_version": M}; outlives its versions, so a
                                       version number is never given out twice
     <store>/<name>/<version>/         adapter files + manifest.json
     <store>/.staging/                 uploads being checked
 
-A version exists once its manifest.json does: the manifest is written last, atomically, so a crash at
-any point leaves either a whole version or a folder that the next start sweeps away. Everything here is
-plain files, so the same layout works on a shared volume for many replicas.
+`server.adapters.s3_store.S3AdapterStore` keeps the same layout as objects in an S3-compatible bucket,
+with a local cache per replica (the engine can only load adapters from a local folder).
+
+For both, a version exists once its manifest.json does: the manifest is written last, atomically, so a
+crash at any point leaves either a whole version or leftovers that scans ignore. Versions are immutable.
 """
 
 from __future__ import annotations
@@ -17,10 +21,18 @@ import logging
 import os
 import shutil
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
 
 from server.adapters.protocol import AdapterVersion
+from server.errors import APIError
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +40,13 @@ MANIFEST = "manifest.json"
 INDEX = "index.json"
 _STAGING = ".staging"
 _TRASH = ".trash"
+
+
+class StoreUnavailable(APIError):
+    """The store could not be read or written (network, permissions, a corrupt object)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, code="store_unavailable")
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
@@ -39,6 +58,36 @@ def write_json_atomic(path: Path, payload: object) -> None:
     os.replace(tmp, path)
 
 
+def parse_manifest(raw: bytes, name: str, version: int) -> AdapterVersion | None:
+    """A version's record, or None when its manifest is unreadable or belongs elsewhere.
+
+    A bad manifest hides that one version (with a warning) instead of failing the whole scan, so one
+    damaged object cannot take every adapter offline on every replica.
+    """
+    try:
+        record = AdapterVersion.model_validate_json(raw)
+    except ValidationError as exc:
+        log.warning("ignoring %s@%d: its manifest is not valid (%s)", name, version, exc.errors()[0]["msg"])
+        return None
+    if (record.name, record.version) != (name, version):
+        log.warning("ignoring %s@%d: its manifest describes %s", name, version, record.id)
+        return None
+    return record
+
+
+def parse_index(raw: bytes) -> dict:
+    try:
+        index = json.loads(raw)
+    except ValueError:
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def recorded_last_version(index: dict) -> int:
+    value = index.get("last_version", 0)
+    return value if isinstance(value, int) else 0
+
+
 @dataclass
 class StoredAdapter:
     name: str
@@ -46,12 +95,76 @@ class StoredAdapter:
     versions: dict[int, AdapterVersion] = field(default_factory=dict)
 
 
-class AdapterStore:
+def assemble(name: str, versions: dict[int, AdapterVersion], index: dict) -> StoredAdapter | None:
+    if not versions:
+        return None
+    current = index.get("current")
+    if current not in versions:
+        current = max(versions)
+    return StoredAdapter(name, current, versions)
+
+
+class AdapterStore(ABC):
+    """What the registry needs from a store; it never knows which backend it has.
+
+    Blocking calls (the registry runs the slow ones in a thread). Registering is
+    `reserve_version` → `place_version` → `commit_version`; until the commit the version is invisible.
+    """
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the store is, for logs (never credentials)."""
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Check the store is usable and sweep what an interrupted run left behind."""
+
+    @abstractmethod
+    def new_staging_dir(self) -> Path:
+        """An empty local folder for an upload being checked."""
+
+    @abstractmethod
+    def scan(self) -> dict[str, StoredAdapter]:
+        """Every committed version; unreadable ones are left out."""
+
+    @abstractmethod
+    def reserve_version(self, name: str) -> int:
+        """A version number no other caller, in this process or any replica, is given."""
+
+    @abstractmethod
+    def place_version(self, staged: Path, name: str, version: int) -> Path:
+        """Store checked files as `version` (consumes `staged`); not registered until `commit_version`."""
+
+    @abstractmethod
+    def commit_version(self, record: AdapterVersion) -> None: ...
+
+    @abstractmethod
+    def local_path(self, name: str, version: int) -> Path:
+        """A local folder with the version's files, for the engine to load from."""
+
+    @abstractmethod
+    def set_current(self, name: str, current: int | None) -> None: ...
+
+    @abstractmethod
+    def remove_version(self, name: str, version: int) -> None:
+        """Un-commit (manifest first), then remove the files; the number is never given out again."""
+
+    def remove_all_versions(self, name: str, versions: list[int]) -> None:
+        for version in versions:
+            self.remove_version(name, version)
+        self.set_current(name, None)
+
+
+class LocalAdapterStore(AdapterStore):
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def prepare(self) -> None:
-        """Create the folders and sweep what an interrupted run left behind."""
         self.root.mkdir(parents=True, exist_ok=True)
         for leftovers in (self.root / _STAGING, self.root / _TRASH):
             shutil.rmtree(leftovers, ignore_errors=True)
@@ -64,6 +177,9 @@ class AdapterStore:
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
+
+    def local_path(self, name: str, version: int) -> Path:
+        return self.version_dir(name, version)
 
     def scan(self) -> dict[str, StoredAdapter]:
         adapters: dict[str, StoredAdapter] = {}
@@ -82,19 +198,15 @@ class AdapterStore:
                 continue
             manifest = version_dir / MANIFEST
             if manifest.is_file():
-                versions[int(version_dir.name)] = AdapterVersion.model_validate_json(manifest.read_bytes())
-        if not versions:
-            return None
-        current = self._read_index(adapter_dir.name).get("current")
-        if current not in versions:
-            current = max(versions)
-        return StoredAdapter(adapter_dir.name, current, versions)
+                record = parse_manifest(manifest.read_bytes(), adapter_dir.name, int(version_dir.name))
+                if record is not None:
+                    versions[record.version] = record
+        return assemble(adapter_dir.name, versions, self._read_index(adapter_dir.name))
 
     def _read_index(self, name: str) -> dict:
         try:
-            index = json.loads((self.root / name / INDEX).read_text())
-            return index if isinstance(index, dict) else {}
-        except (OSError, ValueError):
+            return parse_index((self.root / name / INDEX).read_bytes())
+        except OSError:
             return {}
 
     def _write_index(self, name: str, current: int | None, last_version: int) -> None:
@@ -106,19 +218,26 @@ class AdapterStore:
 
     def _last_version(self, name: str) -> int:
         on_disk = [int(p.name) for p in (self.root / name).glob("[0-9]*") if p.name.isdigit()]
-        recorded = self._read_index(name).get("last_version", 0)
-        return max([recorded if isinstance(recorded, int) else 0, *on_disk])
+        return max([recorded_last_version(self._read_index(name)), *on_disk])
 
     def reserve_version(self, name: str) -> int:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
         version = self._last_version(name) + 1
-        self._write_index(name, self._read_index(name).get("current"), version)
+        while True:
+            try:
+                # mkdir is atomic (on NFS too): of replicas racing for a number, exactly one creates it.
+                self.version_dir(name, version).mkdir()
+                break
+            except FileExistsError:
+                version += 1
+        index = self._read_index(name)
+        self._write_index(name, index.get("current"), max(version, recorded_last_version(index)))
         return version
 
     def place_version(self, staged: Path, name: str, version: int) -> Path:
-        """Move checked files into their version folder; not a registered version until `commit_version`."""
         target = self.version_dir(name, version)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)
+        os.replace(staged, target)  # onto the empty folder `reserve_version` made: one atomic rename
         return target
 
     def commit_version(self, record: AdapterVersion) -> None:
@@ -128,17 +247,24 @@ class AdapterStore:
         folder = self.version_dir(name, version)
         # Un-commit first, so a crash mid-delete cannot leave a half-present version.
         (folder / MANIFEST).unlink(missing_ok=True)
-        self._discard(folder)
+        discard(folder, self.root / _TRASH)
 
-    def remove_all_versions(self, name: str, versions: list[int]) -> None:
-        for version in versions:
-            self.remove_version(name, version)
-        self.set_current(name, None)
 
-    def _discard(self, folder: Path) -> None:
-        if not folder.exists():
-            return
-        trash = self.root / _TRASH / uuid.uuid4().hex
-        trash.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, trash)  # atomic: gone from the store in one step
-        shutil.rmtree(trash, ignore_errors=True)
+def discard(folder: Path, trash_root: Path) -> None:
+    """Remove a folder so that it is gone in one step, whatever happens to the slow part."""
+    if not folder.exists():
+        return
+    trash = trash_root / uuid.uuid4().hex
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, trash)  # atomic: gone from its place in one step
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def open_store(settings: Settings) -> AdapterStore:
+    """The store the settings name: an S3-compatible bucket with `store_url`, else the folder `store_dir`."""
+    if settings.store_url:
+        from server.adapters.s3_store import S3AdapterStore  # boto3 only loads when S3 is used
+
+        return S3AdapterStore(settings.store_url, settings.adapter_cache_dir,
+                              endpoint_url=settings.s3_endpoint_url, addressing_style=settings.s3_addressing_style)
+    return LocalAdapterStore(settings.store_dir)

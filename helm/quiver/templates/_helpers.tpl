@@ -57,6 +57,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.modelCache.persistence.existingClaim | default (printf "%s-model-cache" (include "quiver.fullname" .)) }}
 {{- end }}
 
+{{- define "quiver.adapterStoreURL" -}}
+{{- printf "s3://%s/%s" .Values.adapterStore.s3.bucket (trimAll "/" .Values.adapterStore.s3.prefix) | trimSuffix "/" }}
+{{- end }}
+
 {{- define "quiver.adapterStoreClaim" -}}
 {{- .Values.adapterStore.persistence.existingClaim | default (printf "%s-adapters" (include "quiver.fullname" .)) }}
 {{- end }}
@@ -89,10 +93,14 @@ Refuse settings that would deploy but not work: several replicas on a store only
 */}}
 {{- define "quiver.validate" -}}
 {{- $replicas := int (include "quiver.maxReplicas" .) }}
+{{- $s3 := eq .Values.adapterStore.backend "s3" }}
+{{- if and $s3 (not .Values.adapterStore.s3.bucket) }}
+{{- fail "adapterStore.backend s3 needs adapterStore.s3.bucket" }}
+{{- end }}
 {{- if gt $replicas 1 }}
 {{- $store := .Values.adapterStore.persistence }}
-{{- if and (not $store.existingClaim) (ne $store.accessMode "ReadWriteMany") }}
-{{- fail (printf "%d replicas share one adapter store: set adapterStore.persistence.accessMode=ReadWriteMany (or an RWX existingClaim)" $replicas) }}
+{{- if and (not $s3) (not $store.existingClaim) (ne $store.accessMode "ReadWriteMany") }}
+{{- fail (printf "%d replicas share one adapter store: set adapterStore.persistence.accessMode=ReadWriteMany (or an RWX existingClaim), or use adapterStore.backend=s3" $replicas) }}
 {{- end }}
 {{- $cache := .Values.modelCache.persistence }}
 {{- if and $cache.enabled (not $cache.existingClaim) (eq $cache.accessMode "ReadWriteOnce") }}
