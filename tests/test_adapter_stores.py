@@ -218,6 +218,26 @@ def test_s3_cache_is_downloaded_whole_once_and_kept(s3_backend: Backend) -> None
     assert calls == []
 
 
+def test_s3_cache_survives_restarts_but_not_a_change_of_bucket(moto_s3: MotoS3, tmp_path: Path) -> None:  # noqa: F811
+    def store(bucket: str, cache: str) -> S3AdapterStore:
+        opened = S3AdapterStore(f"s3://{bucket}", tmp_path / cache, endpoint_url=moto_s3.endpoint_url)
+        opened.prepare()
+        opened.scan()  # what the registry does at start, before serving anything
+        return opened
+
+    first_bucket, second_bucket = moto_s3.new_bucket(), moto_s3.new_bucket()
+    register(store(first_bucket, "cache"), "bot")
+    # Restarted on the same bucket, the cached copy is used as it is.
+    restarted = store(first_bucket, "cache")
+    calls: list[str] = []
+    restarted._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    assert contents(restarted.local_path("bot", 1)) == FILES and calls == []
+    # Pointed at another bucket that also has a bot@1, with other weights: that one is served.
+    other = {**FILES, "adapter_model.safetensors": b"\x02" * 1024}
+    register(store(second_bucket, "writer-cache"), "bot", other)
+    assert contents(store(second_bucket, "cache").local_path("bot", 1)) == other
+
+
 def test_s3_damaged_download_leaves_nothing_behind(s3_backend: Backend) -> None:
     first, second = s3_backend.replica(), s3_backend.replica()
     register(first, "bot")

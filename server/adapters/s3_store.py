@@ -14,19 +14,20 @@ both headers (AWS S3 and MinIO do); one that ignores them silently loses that gu
 
 The engine loads adapters from a local folder only, so each replica keeps a cache:
 
-    <cache>/<name>/<version>/      the version's files: placed there by the replica that registered
-                                   it, or downloaded (checked against the manifest's sha256) into
-                                   <cache>/.downloading/ and renamed into place on first use
+    <cache>/<name>/<version>/      the version's files and manifest: placed there by the replica that
+                                   registered it, or downloaded (checked against the manifest's sha256)
+                                   into <cache>/.downloading/ and renamed into place on first use
     <cache>/.staging/              uploads being checked
 
-Versions are immutable, so a cached folder never goes stale; folders of versions that are gone from the
-bucket are removed at the next scan. Credentials come from boto3's standard chain (environment,
+Versions are immutable, so a cached folder never goes stale. Each scan removes the folders of versions
+that are gone from the bucket, and those whose manifest is not the bucket's (a cache kept across a change
+of bucket, or a bucket emptied and refilled): the manifest holds every file's sha256, so an equal
+manifest means equal files. Credentials come from boto3's standard chain (environment,
 shared config, web identity, instance/pod roles), never from quiver's settings.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -54,9 +55,11 @@ from server.adapters.store import (
     StoreUnavailable,
     assemble,
     discard,
+    file_sha256,
     parse_index,
     parse_manifest,
     recorded_last_version,
+    write_json_atomic,
 )
 from server.errors import APIError
 
@@ -143,6 +146,7 @@ class S3AdapterStore(AdapterStore):
         self._lock = threading.Lock()  # scans and commits: a scan never prunes a version committed meanwhile
         self._pending: set[tuple[str, int]] = set()  # placed in the cache, not committed yet
         self._parsed: dict[str, tuple[str, object]] = {}  # key -> (ETag, parsed manifest or index)
+        self._verified: dict[tuple[str, int], AdapterVersion] = {}  # cached folders known to match the bucket
 
     @property
     def location(self) -> str:
@@ -259,19 +263,38 @@ class S3AdapterStore(AdapterStore):
             del self._parsed[key]
 
     def _prune_cache(self, adapters: dict[str, StoredAdapter]) -> None:
-        """Remove cached folders of versions deleted elsewhere (the registry has stopped serving them)."""
+        """Remove cached folders of versions deleted elsewhere (the registry has stopped serving them) and
+        of versions whose manifest differs from the bucket's."""
         for name_dir in self.cache_dir.iterdir():
             if name_dir.name.startswith(".") or not name_dir.is_dir():
                 continue
             kept = adapters[name_dir.name].versions if name_dir.name in adapters else {}
             for version_dir in name_dir.iterdir():
                 key = (name_dir.name, int(version_dir.name)) if version_dir.name.isdigit() else None
-                if key is None or (key[1] not in kept and key not in self._pending):
-                    discard(version_dir, self.cache_dir / _TRASH)
+                if key in self._pending or (key is not None and self._matches(version_dir, kept.get(key[1]))):
+                    continue
+                self._verified.pop(key, None)
+                discard(version_dir, self.cache_dir / _TRASH)
             try:
                 name_dir.rmdir()
             except OSError:
                 pass  # still holds versions
+
+    def _matches(self, folder: Path, record: AdapterVersion | None) -> bool:
+        if record is None:
+            return False
+        key = (record.name, record.version)
+        if self._verified.get(key) is record:  # the same parsed manifest (same ETag) as last time
+            return True
+        try:
+            cached = parse_manifest((folder / MANIFEST).read_bytes(), record.name, record.version)
+        except OSError:
+            return False
+        if cached != record:
+            log.warning("cached %s does not match the adapter store; dropping it", record.id)
+            return False
+        self._verified[key] = record
+        return True
 
     def _read_index(self, name: str) -> tuple[dict, str | None]:
         got = self._get(self._key(name, INDEX))
@@ -347,6 +370,10 @@ class S3AdapterStore(AdapterStore):
             self._client.put_object(Bucket=self.bucket, Key=self._key(record.name, record.version, MANIFEST),
                                     Body=json.dumps(record.model_dump(mode="json"), indent=2).encode(),
                                     ContentType="application/json")
+            cached = self.cache_path(record.name, record.version)
+            if cached.is_dir():
+                # The cached copy carries its manifest too: later scans check the copy against it.
+                write_json_atomic(cached / MANIFEST, record.model_dump(mode="json"))
             self._pending.discard((record.name, record.version))
 
     def local_path(self, name: str, version: int) -> Path:
@@ -368,9 +395,10 @@ class S3AdapterStore(AdapterStore):
                 for stored in record.files:
                     path = download / stored.name
                     self._client.download_file(self.bucket, self._key(name, version, stored.name), str(path))
-                    if path.stat().st_size != stored.bytes or _sha256(path) != stored.sha256:
+                    if path.stat().st_size != stored.bytes or file_sha256(path) != stored.sha256:
                         log.warning("%s@%d: %s differs from its manifest", name, version, stored.name)
                         raise StoreUnavailable(f"`{name}@{version}` in the adapter store is damaged")
+            (download / MANIFEST).write_bytes(got[0])
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(download, target)  # whole or not at all: the engine never sees a partial folder
@@ -401,8 +429,3 @@ class S3AdapterStore(AdapterStore):
 
 def _unsafe_file_name(name: str) -> bool:
     return name != PurePosixPath(name).name or name.startswith(".") or name in ("", MANIFEST)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()

@@ -8,7 +8,6 @@ once the requests using it have finished.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import shutil
 import time
@@ -21,7 +20,7 @@ from typing import AsyncIterator, BinaryIO
 import httpx
 
 from server.adapters.protocol import Adapter, AdapterVersion, StoredFile
-from server.adapters.store import AdapterStore, StoredAdapter
+from server.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from server.adapters.uploads import stage_upload
 from server.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
 from server.auth import EVERY_MODEL, ModelScope
@@ -53,14 +52,6 @@ class Target:
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found", param="model")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class AdapterRegistry:
@@ -242,7 +233,7 @@ class AdapterRegistry:
     @staticmethod
     def _describe_files(folder: Path) -> list[StoredFile]:
         return [
-            StoredFile(name=path.name, bytes=path.stat().st_size, sha256=_sha256(path))
+            StoredFile(name=path.name, bytes=path.stat().st_size, sha256=file_sha256(path))
             for path in sorted(folder.iterdir())
         ]
 

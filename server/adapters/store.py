@@ -16,6 +16,7 @@ crash at any point leaves either a whole version or leftovers that scans ignore.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,11 @@ def write_json_atomic(path: Path, payload: object) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def parse_manifest(raw: bytes, name: str, version: int) -> AdapterVersion | None:
