@@ -109,6 +109,17 @@ class QuiverServer:
             text += "\n--- engine ---\n" + engine_log.read_text(errors="replace")
         return text[-chars:]
 
+    def engine_models(self) -> set[str]:
+        """What the engine itself has loaded (base and `name@version`s), asked on its private port: the
+        gateway's own view could hide a leak."""
+        import psutil
+
+        assert self.process is not None
+        engine = next(p for p in psutil.Process(self.process.pid).children() if "vllm" in " ".join(p.cmdline()))
+        args = engine.cmdline()
+        port = args[args.index("--port") + 1]
+        return {model["id"] for model in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]}
+
     def openai(self, key: str | None = API_KEY, **kwargs):
         from openai import OpenAI
 

@@ -159,6 +159,11 @@ class AdapterRegistry:
         key = target.engine_model
         self._in_flight[key] += 1
         try:
+            # Since `resolve`, the request may have waited for a slot while its version was deleted: loading
+            # it now would put it back into the engine with nothing left to unload it.
+            adapter = self._adapters.get(target.adapter)
+            if adapter is None or target.version not in adapter.versions:
+                raise model_not_found(key)
             await self._ensure_loaded(target.adapter, target.version)  # type: ignore[arg-type]
             yield
         finally:

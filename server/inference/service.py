@@ -6,10 +6,12 @@ import asyncio
 import json
 import time
 from contextlib import AsyncExitStack
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
+import anyio
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.adapters.service import AdapterRegistry, Target
 from server.auth import EVERY_MODEL, ModelScope
@@ -94,8 +96,14 @@ class InferenceService:
                 await upstream.aclose()
                 await stack.aclose()
             return self._finish(request.model, target, endpoint, upstream.status_code, content, started)
-        return StreamingResponse(
-            self._relay(upstream, stack, request, target, endpoint, started),
+        def count(status: str) -> None:
+            self.metrics.requests.labels(request.model, target.label, endpoint, status).inc()
+            self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
+
+        release = _Release(upstream, stack, count)
+        return _RelayResponse(
+            self._relay(upstream, release, request, target, started),
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -122,10 +130,9 @@ class InferenceService:
     async def _relay(
         self,
         upstream: httpx.Response,
-        stack: AsyncExitStack,
+        release: "_Release",
         request: _GenerationRequest,
         target: Target,
-        endpoint: str,
         started: float,
     ) -> AsyncIterator[bytes]:
         status = "200"
@@ -154,10 +161,7 @@ class InferenceService:
             yield b"data: " + json.dumps(error_body(502, "the engine connection broke mid-stream",
                                                     "engine_unavailable")).encode() + b"\n\n"
         finally:
-            await upstream.aclose()
-            await stack.aclose()
-            self.metrics.requests.labels(request.model, target.label, endpoint, status).inc()
-            self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
+            await release(status)
 
     def _keep_event(self, event: bytes, request: _GenerationRequest, target: Target) -> bool:
         # Only the usage chunk is parsed; every other chunk passes through untouched.
@@ -179,6 +183,49 @@ class InferenceService:
             return
         self.metrics.prompt_tokens.labels(adapter=target.label).inc(usage.get("prompt_tokens") or 0)
         self.metrics.completion_tokens.labels(adapter=target.label).inc(usage.get("completion_tokens") or 0)
+
+
+class _Release:
+    """Gives back what one stream holds (the engine response, the slot, the adapter lease) exactly once,
+    from whichever path gets there first: the relay's own end, or the response's."""
+
+    def __init__(self, upstream: httpx.Response, stack: AsyncExitStack, count: Callable[[str], None]) -> None:
+        self._upstream = upstream
+        self._stack = stack
+        self._count = count
+        self._done = False
+
+    async def __call__(self, status: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        # Shielded: this often runs inside a cancelled scope (the client left), where any await would be
+        # cancelled again and skip the rest.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._upstream.aclose()  # before its last chunk, this makes the engine abort the request
+            finally:
+                await self._stack.aclose()
+                self._count(status)
+
+
+class _RelayResponse(StreamingResponse):
+    """A stream that releases its resources even when its body never starts: Starlette does not start the
+    body iterator at all when the client is gone before the response begins, so the relay's own `finally`
+    would never run and the slot, the lease and the engine request would leak."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: _Release, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                # A relay left suspended mid-stream ends now, not whenever it is garbage-collected.
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._release(_CLIENT_GONE)
 
 
 def _engine_error(status: int, content: bytes) -> JSONResponse:
