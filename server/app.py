@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from server import __version__
 from server.adapters.router import router as adapters_router
@@ -21,7 +21,7 @@ from server.adapters.validation import BaseModelSpec
 from server.auth import Auth, admin_auth
 from server.base_model import prepare_default_model
 from server.engine import EngineSupervisor
-from server.errors import error_response, install_error_handlers
+from server.errors import document_errors, error_response, error_responses, install_error_handlers
 from server.finetuning.router import router as finetuning_router
 from server.finetuning.service import FileService, JobService
 from server.inference.limiter import RequestLimiter
@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.started_at = int(time.time())
     install_error_handlers(app)
+    document_errors(app)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_request_bytes,
@@ -98,7 +99,9 @@ def create_app(settings: Settings) -> FastAPI:
         """Liveness: the gateway process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["operations"])
+    @app.get("/ready", tags=["operations"], responses={200: {"content": {"application/json": {"schema": {
+        "type": "object", "properties": {"status": {"const": "ready"}}, "required": ["status"]}}}},
+        **error_responses(503)})
     async def ready(request: Request) -> Response:
         """Readiness: the engine is up and the registry is loaded."""
         state = request.app.state
@@ -109,7 +112,9 @@ def create_app(settings: Settings) -> FastAPI:
             return error_response(503, "the server is shutting down", "server_draining")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["operations"], dependencies=[Depends(admin_auth)] if settings.metrics_require_key else [])
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+             dependencies=[Depends(admin_auth)] if settings.metrics_require_key else [],
+             responses=error_responses(401, 403) if settings.metrics_require_key else None)
     async def metrics(request: Request) -> Response:
         """quiver's per-adapter metrics, then the engine's own `vllm:*` metrics."""
         state = request.app.state

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,53 @@ _TYPE_BY_STATUS = {
     415: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error quiver answers with, whatever the route and status."""
+
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (including failed validation, which FastAPI would answer with 422)",
+    401: "Missing or incorrect API key",
+    403: "The key may not use this route (an admin key is needed)",
+    404: "No such model, adapter, file or job (or not visible to this key)",
+    409: "Conflicts with the current state",
+    413: "The request body or upload is too large",
+    429: "The server is at capacity; retry after `Retry-After` seconds",
+    503: "The engine or the store is not available, or the server is shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the errors a route can answer with, all in the envelope."""
+    return {status: {"model": ErrorEnvelope, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI schema tell the truth about errors: validation failures are 400s in the envelope
+    (see `_validation_error`), never FastAPI's 422 `HTTPValidationError`."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+                operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def error_type(status: int) -> str:

@@ -1,4 +1,5 @@
-"""A server of its own, small limits: restarts, an engine that dies, overload, disconnects and draining."""
+"""A server of its own, small limits: restarts (clean and kill -9), an engine that dies, overload, disconnects
+and leases, draining."""
 
 from __future__ import annotations
 

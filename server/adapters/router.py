@@ -7,9 +7,10 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from server.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
 from server.adapters.service import AdapterRegistry
 from server.auth import admin_auth
-from server.errors import APIError
+from server.errors import APIError, error_responses
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(admin_auth)])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(admin_auth)],
+                   responses=error_responses(401, 403, 503))
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -28,7 +29,7 @@ def _split_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=error_responses(400, 409, 413))
 async def register_adapter(
     registry: Registry,
     name: Annotated[str, Form(description="the adapter's name: requests use it as `model`")],
@@ -43,12 +44,12 @@ async def list_adapters(registry: Registry) -> AdapterList:
     return AdapterList(data=registry.list())
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=error_responses(404))
 async def get_adapter(name: str, registry: Registry) -> Adapter:
     return registry.get(name)
 
 
-@router.delete("/{ref}")
+@router.delete("/{ref}", responses=error_responses(400, 404))
 async def delete_adapter(ref: str, registry: Registry) -> Deleted:
     """`name` deletes every version; `name@version` deletes one."""
     name, version = _split_ref(ref)
@@ -56,6 +57,6 @@ async def delete_adapter(ref: str, registry: Registry) -> Deleted:
     return Deleted(id=ref, object="adapter" if version is None else "adapter.version")
 
 
-@router.post("/{name}/promote")
+@router.post("/{name}/promote", responses=error_responses(400, 404, 413))
 async def promote_adapter(name: str, body: PromoteRequest, registry: Registry) -> Adapter:
     return await registry.promote(name, body.version)

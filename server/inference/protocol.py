@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.base_model import DEFAULT_MODEL_NAME
 
 
 class StreamOptions(BaseModel):
@@ -32,11 +34,36 @@ class _GenerationRequest(BaseModel):
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8}]})
     messages: list[dict[str, Any]] = Field(min_length=1)
 
 
 class CompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": DEFAULT_MODEL_NAME, "prompt": "The sea is", "max_tokens": 8}]})
     prompt: str | list[str] | list[int] | list[list[int]]
+
+
+# What the engine answers, as far as the gateway vouches for it (the engine's other fields pass through).
+class ChatCompletion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="the engine's name for what served it: the base or `name@version`")
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str = Field(description="the engine's name for what served it: the base or `name@version`")
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):

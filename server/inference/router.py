@@ -7,19 +7,34 @@ from fastapi.responses import Response
 
 from server.adapters.service import model_not_found
 from server.auth import ModelScope, inference_auth
-from server.inference.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.errors import error_responses
+from server.inference.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 
-router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(inference_auth)])
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(inference_auth)],
+                   responses=error_responses(401))
+
+
+def _generation_responses(model: type) -> dict:
+    streamed = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events, as OpenAI's"}}}
+    return {200: {"model": model, "content": streamed, "description": "The completion, or with `stream` its chunks"},
+            **error_responses(400, 404, 413, 429, 503)}
 # The models the caller's key may see and call (FastAPI runs inference_auth once per request).
 Scope = Annotated[ModelScope, Depends(inference_auth)]
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, scope: Scope) -> Response:
     return await request.app.state.inference.forward("chat/completions", body, scope)
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=None, responses=_generation_responses(Completion))
 async def create_completion(body: CompletionRequest, request: Request, scope: Scope) -> Response:
     return await request.app.state.inference.forward("completions", body, scope)
 
@@ -40,7 +55,7 @@ async def list_models(request: Request, scope: Scope) -> ModelList:
     return ModelList(data=_model_cards(request, scope))
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id}", responses=error_responses(404))
 async def retrieve_model(model_id: str, request: Request, scope: Scope) -> ModelCard:
     for card in _model_cards(request, scope):
         if card.id == model_id:
