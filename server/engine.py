@@ -40,6 +40,7 @@ def free_loopback_port() -> int:
 
 def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     command = [
+        sys.executable, "-m", "server.engine_guard", str(os.getpid()),  # the engine stops if the gateway dies
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
         "--served-model-name", settings.base_model_name,
