@@ -455,6 +455,8 @@ def test_api_keys_only_from_secret_refs(variant: str) -> None:
     api = server_env["QUIVER_API_KEYS"]["valueFrom"]["secretKeyRef"]
     assert api["key"] == "api-keys"
     assert api["optional"] is bool(values.get("auth", {}).get("apiKeysOptional", False))
+    tenants = server_env["QUIVER_TENANT_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert tenants["key"] == "tenant-keys" and tenants["optional"] is True
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
