@@ -49,24 +49,28 @@ def eventually(check, timeout_s: float = POLL_BOUND_S):
 def test_register_on_one_serve_on_the_other_delete_on_the_other(quiver_server, second_replica, lora_adapters):
     assert quiver_server.register("shared-pirate", lora_adapters.pirate).status_code == 201
     assert eventually(lambda: ask(second_replica, "shared-pirate")) == PIRATE_ANSWER
-    ids = lambda server: {m.id for m in server.openai().models.list()}  # noqa: E731
-    eventually(lambda: _assert(ids(quiver_server) == ids(second_replica)))
+    eventually(lambda: require(model_ids(quiver_server) == model_ids(second_replica)))
 
     with second_replica.admin() as admin:
         assert admin.delete("/v1/adapters/shared-pirate").status_code == 200
 
-    def gone_on_first() -> None:
-        try:
-            ask(quiver_server, "shared-pirate")
-        except openai.NotFoundError:
-            return
-        raise AssertionError("the first replica still serves a deleted adapter")
-
-    eventually(gone_on_first)
-    eventually(lambda: _assert(ids(quiver_server) == ids(second_replica)))
+    eventually(lambda: stopped_serving(quiver_server, "shared-pirate"))
+    eventually(lambda: require(model_ids(quiver_server) == model_ids(second_replica)))
 
 
-def _assert(condition: bool) -> None:
+def model_ids(server: QuiverServer) -> set[str]:
+    return {m.id for m in server.openai().models.list()}
+
+
+def stopped_serving(server: QuiverServer, model: str) -> None:
+    try:
+        ask(server, model)
+    except openai.NotFoundError:
+        return
+    raise AssertionError(f"{server.base_url} still serves the deleted {model}")
+
+
+def require(condition: bool) -> None:
     assert condition
 
 

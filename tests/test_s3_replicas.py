@@ -6,12 +6,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pytest
 
 from conftest import PIRATE_ANSWER, QuiverServer
 from s3_fixtures import S3_ENV, MotoS3, moto_s3  # noqa: F401
-from test_replicas import ask, eventually
+from test_replicas import require, ask, eventually, model_ids, stopped_serving
 
 PREFIX = "prod/adapters"
 
@@ -63,27 +62,14 @@ def test_register_on_one_serve_and_delete_on_the_other(s3_replicas, s3_store, lo
     assert again.json()["id"] == "s3-pirate@2"
     eventually(lambda: ask(first, "s3-pirate@2"))
     assert ask(first, "s3-pirate") == PIRATE_ANSWER  # still current
-    ids = lambda server: {m.id for m in server.openai().models.list()}  # noqa: E731
-    eventually(lambda: _assert(ids(first) == ids(second)))
+    eventually(lambda: require(model_ids(first) == model_ids(second)))
 
     with second.admin() as admin:
         assert admin.delete("/v1/adapters/s3-pirate").status_code == 200
 
-    def gone_on_first() -> None:
-        try:
-            ask(first, "s3-pirate")
-        except openai.NotFoundError:
-            return
-        raise AssertionError("the first replica still serves a deleted adapter")
-
-    eventually(gone_on_first)
-    eventually(lambda: _assert(not cached(first, "s3-pirate", 1).exists() and not cached(first, "s3-pirate", 2).exists()))
+    eventually(lambda: stopped_serving(first, "s3-pirate"))
+    eventually(lambda: require(not cached(first, "s3-pirate", 1).exists() and not cached(first, "s3-pirate", 2).exists()))
     assert not cached(second, "s3-pirate", 1).exists()
     # Only the claims on the numbers (and the index) are left in the bucket.
     assert s3.keys(bucket, f"{PREFIX}/s3-pirate/") == [
         f"{PREFIX}/s3-pirate/1/.reserved", f"{PREFIX}/s3-pirate/2/.reserved", f"{PREFIX}/s3-pirate/index.json"]
-
-
-def _assert(condition: bool) -> None:
-    assert condition
-

@@ -46,24 +46,21 @@ class CompletionRequest(_GenerationRequest):
 
 
 # What the engine answers, as far as the gateway vouches for it (the engine's other fields pass through).
-class ChatCompletion(BaseModel):
+class _EngineAnswer(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
+    created: int
+    model: str = Field(description="the engine's name for what served it: the base or `name@version`")
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+class ChatCompletion(_EngineAnswer):
     object: Literal["chat.completion"]
-    created: int
-    model: str = Field(description="the engine's name for what served it: the base or `name@version`")
-    choices: list[dict[str, Any]]
-    usage: dict[str, Any] | None = None
 
 
-class Completion(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    id: str
+class Completion(_EngineAnswer):
     object: Literal["text_completion"]
-    created: int
-    model: str = Field(description="the engine's name for what served it: the base or `name@version`")
-    choices: list[dict[str, Any]]
-    usage: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):
