@@ -96,11 +96,8 @@ class InferenceService:
                 await upstream.aclose()
                 await stack.aclose()
             return self._finish(request.model, target, endpoint, upstream.status_code, content, started)
-        def count(status: str) -> None:
-            self.metrics.requests.labels(request.model, target.label, endpoint, status).inc()
-            self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
-
-        release = _Release(upstream, stack, count)
+        release = _Release(upstream, stack,
+                           lambda status: self._record(request.model, target, endpoint, status, started))
         return _RelayResponse(
             self._relay(upstream, release, request, target, started),
             release,
@@ -116,8 +113,7 @@ class InferenceService:
             raise engine_unavailable() from None
 
     def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float) -> Response:
-        self._count(model, target, endpoint, status)
-        self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
+        self._record(model, target, endpoint, status, started)
         if status != 200:
             return _engine_error(status, content)
         try:
@@ -173,6 +169,10 @@ class InferenceService:
             return True
         self._count_tokens(target, payload.get("usage"))
         return request.wants_usage or _EMPTY_CHOICES not in event
+
+    def _record(self, model: str, target: Target, endpoint: str, status: int | str, started: float) -> None:
+        self._count(model, target, endpoint, status)
+        self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
 
     def _count(self, model: str, target: Target | None, endpoint: str, status: int | str) -> None:
         # Unknown model names are not used as label values: they would let clients grow the series without bound.
