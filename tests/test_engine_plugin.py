@@ -98,8 +98,8 @@ CASES = {
     "decode_mixed": (random_slots(16, (0, 1, 2), 0.25, 1), "masked"),
     "decode_mixed_sparse_slots": ([2, -1, 0, 2, 2, -1, 0, 0, -1, 2, 0, 2, -1, -1, 2, 0],
                                   "masked"),
-    "decode_one_adapter_plus_base": ([1, -1] * 8, "grouped"),
-    # masked plan, but 2 of 4 slots present: runs the per-slot rows branch
+    "decode_one_adapter_plus_base": ([1, -1] * 8, "masked"),
+    "decode_one_adapter_run_plus_base": ([1] * 8 + [-1] * 8, "grouped"),
     "decode_two_adapters_plus_base": (random_slots(16, (0, 2), 0.3, 3), "masked"),
     "single_token_adapter": ([2], "uniform"),
     "prefill_contiguous": ([0] * 40 + [-1] * 30 + [2] * 50, "grouped"),
@@ -251,6 +251,19 @@ def test_build_plan_kinds_and_groups():
     assert isinstance(groups[0], torch.Tensor)  # 0..69 and every other from 76
     p = build_plan([0] * 70 + [1] * 10)
     assert all(isinstance(r, slice) for _, r in p.groups)
+
+
+@pytest.mark.parametrize("slots", [[3] * 16, [3, -1] * 8, [3, 0, -1, 3] * 4, [3] * 40 + [0] * 30],
+                         ids=["uniform", "with_base", "with_adapter", "prefill"])
+def test_slots_without_weights_for_the_layer_add_nothing(slots):
+    """Slot 3 is all zero in this layer (an adapter that does not train the module): skipped, its rows
+    untouched bit for bit, and the batch still matches stock."""
+    y0, y_stock, y_quiver, quiver = run_both(slots, LAYOUTS[0])
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+    rows = [t for t, s in enumerate(slots) if s == 3]
+    assert torch.equal(y_quiver[rows], y0[rows])
+    fused = next(iter(quiver._fused.values()), None)
+    assert fused is None or fused.in_use == [True, True, True, False]
 
 
 def test_masked_and_grouped_agree():
