@@ -70,6 +70,7 @@ def engine_environment(settings: Settings) -> dict[str, str]:
         VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
         VLLM_CONFIG_ROOT=str(scratch / "vllm-config"),
         VLLM_NO_USAGE_STATS="1",
+        QUIVER_ENGINE_NICE=str(settings.engine_nice),  # applied by server.engine_guard before it starts vLLM
         DO_NOT_TRACK="1",
     )
     if settings.cpu_threads_bind == "all":

@@ -41,3 +41,14 @@ def test_guard_refuses_to_start_for_a_gateway_that_is_already_gone():
     result = subprocess.run([sys.executable, "-m", "server.engine_guard", "1", sys.executable, "-c", "print('ran')"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "ran" not in result.stdout and "is gone" in result.stderr
+
+
+def test_guard_lowers_the_engines_cpu_priority_for_everything_it_starts():
+    env = dict(os.environ, QUIVER_ENGINE_NICE="5")
+    script = "import os, subprocess, sys; print(os.nice(0)); sys.stdout.flush(); " \
+             "subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'])"
+    result = subprocess.run([sys.executable, "-m", "server.engine_guard", str(os.getpid()), sys.executable, "-c",
+                             script], capture_output=True, text=True, timeout=30, env=env)
+    expected = str(min(os.nice(0) + 5, 19))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [expected, expected]  # the engine and the processes it starts
