@@ -192,25 +192,35 @@ def do_peft(t: Target) -> None:
     typer.echo("== quiver vs transformers + PEFT (same adapters, fp32, same threads, concurrency 16)")
     adapters = ensure_adapters(t, 4)
     warm(t, [BASE_NAME, *adapters])
-    mix = replace(t.work, shape="uniform", adapters=adapters, include_base=True, label="quiver mixed")
-    if t.pid:
-        with PeakRss(t.pid) as rss:
-            rss.peak = rss.sample()
-            runs = {"quiver": [run(mix)]}
-        quiver_rss = rss.peak_gib
-    else:
-        runs, quiver_rss = {"quiver": [run(mix)]}, None
+    mix = replace(t.work, shape="uniform", adapters=adapters, include_base=True)
     folders = ",".join(str(t.adapters_dir / a.split("@")[0]) for a in adapters)
     command = [sys.executable, "-m", "loadtests.peft_baseline", "--adapters", folders, "--mode", "both",
                "--requests", str(t.work.requests), "--concurrency", str(t.work.concurrency),
                "--prompt-tokens", str(t.work.prompt_tokens), "--max-tokens", str(t.work.max_tokens)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout
-    swap, batched = [json.loads(line) for line in out.strip().splitlines()[-2:]]
-    for p in (swap, batched):
-        typer.echo(f"  peft {p['mode']:<19} {p['output_tok_s']:>7} tok/s  peak RSS {p['peak_rss_gib']} GiB  "
-                   f"load {p['loadavg_1_5_15']}")
-    q = runs["quiver"][0]["overall"]["output_tok_s"]
+    runs: dict[str, list[dict]] = {"quiver": []}
+    swaps, batches, rss_peaks = [], [], []
+    for r in range(t.rounds):  # quiver, then PEFT (each mode in a fresh process), round after round
+        if t.pid:
+            with PeakRss(t.pid) as rss:
+                rss.peak = rss.sample()
+                runs["quiver"].append(run(replace(mix, label=f"quiver mixed #{r + 1}", seed=r)))
+            rss_peaks.append(rss.peak_gib)
+        else:
+            runs["quiver"].append(run(replace(mix, label=f"quiver mixed #{r + 1}", seed=r)))
+        out = subprocess.run([*command, "--seed", str(r)], check=True, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout
+        swap, batched = [json.loads(line) for line in out.strip().splitlines()[-2:]]
+        swaps.append(swap)
+        batches.append(batched)
+        for p in (swap, batched):
+            typer.echo(f"  peft {p['mode']:<5} #{r + 1}{'':<12} {p['output_tok_s']:>7} tok/s  peak RSS "
+                       f"{p['peak_rss_gib']} GiB  load {p['loadavg_1_5_15']}")
+    quiver_rss = max(rss_peaks) if rss_peaks else None
+    swap = {"output_tok_s": statistics.median(p["output_tok_s"] for p in swaps),
+            "peak_rss_gib": max(p["peak_rss_gib"] for p in swaps)}
+    batched = {"output_tok_s": statistics.median(p["output_tok_s"] for p in batches),
+               "peak_rss_gib": max(p["peak_rss_gib"] for p in batches)}
+    q = median(runs["quiver"], "output_tok_s")
     kv = None
     if t.engine_url:  # what the KV cache buys: how many tokens (and so concurrent sequences) it holds
         text = httpx.get(f"{t.engine_url}/metrics", timeout=10).text
@@ -218,9 +228,10 @@ def do_peft(t: Target) -> None:
     figures = {"quiver_tok_s": q, "peft_swap_tok_s": swap["output_tok_s"], "peft_mixed_tok_s": batched["output_tok_s"],
                "vs_swap": round(q / swap["output_tok_s"], 2), "vs_mixed": round(q / batched["output_tok_s"], 2),
                "quiver_peak_rss_gib": quiver_rss, "peft_swap_peak_rss_gib": swap["peak_rss_gib"],
-               "peft_mixed_peak_rss_gib": batched["peak_rss_gib"], "peft": [swap, batched], "kv_cache_info": kv}
+               "peft_mixed_peak_rss_gib": batched["peak_rss_gib"], "peft": swaps + batches, "kv_cache_info": kv}
     save(t, "peft", runs, [
-        f"- quiver (4 adapters + base, concurrency {t.work.concurrency}): {q} tok/s, peak RSS {quiver_rss} GiB "
+        f"- medians over {t.rounds} alternating rounds; quiver (4 adapters + base, concurrency "
+        f"{t.work.concurrency}): {q} tok/s, peak RSS {quiver_rss} GiB "
         "(gateway + engine processes)",
         f"- PEFT (a) set_adapter per request: {swap['output_tok_s']} tok/s, peak RSS {swap['peak_rss_gib']} GiB "
         f"-> **quiver {figures['vs_swap']}x** (target >= 10x)",
