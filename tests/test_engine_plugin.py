@@ -279,6 +279,59 @@ def test_masked_and_grouped_agree():
     torch.testing.assert_close(y_m, y_g, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["uniform", "decode_mixed", "decode_one_adapter_run_plus_base",
+                                  "prefill_interleaved"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[n for n, _ in LAYOUTS])
+def test_low_rank_adapters_use_only_their_ranks(case, layout):
+    """Slots are padded to RANK (16); with every adapter of rank <= 8 the fused weights keep 8 ranks,
+    and the results are those of stock and of the per-token definition."""
+    slots, _ = CASES[case]
+    _, out_slices = layout
+    kw = dict(occupied=(0, 1, 2), ranks=(8, 4, 8))
+    y0, y_stock, y_quiver, quiver = run_both(slots, layout, **kw)
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+    a, b = make_layer(out_slices, **kw)
+    g = torch.Generator().manual_seed(len(slots))
+    x = torch.randn(len(slots), D_IN, generator=g)
+    torch.testing.assert_close(y_quiver.double(), reference(y0, x, a, b, slots, out_slices),
+                               rtol=1e-5, atol=1e-5)
+    assert [f.rank for f in quiver._fused.values()] == [8]
+
+
+def test_used_rank():
+    a, b = make_layer((96,), occupied=(1, 2), ranks=(4, 12))
+    assert grouped_ops.used_rank(a, b) == 12
+    empty_a, empty_b = make_layer((96,), occupied=(), ranks=())
+    assert grouped_ops.used_rank(empty_a, empty_b) == 1
+
+
+EMBED_HIDDEN = 64
+
+
+@pytest.mark.parametrize("slots", [[1, -1, 2, 2, -1, 1, 0, 3], [2] * 8, [-1] * 8],
+                         ids=["mixed_with_base", "uniform", "base_only"])
+@pytest.mark.parametrize("occupied", [(), (1, 2)], ids=["no_embedding_weights", "embedding_weights"])
+def test_embedding_lora(slots, occupied):
+    """The embedding's LoRA expand: zero slots add nothing (bit for bit), slots with weights add
+    x @ B^T per token, and no-adapter tokens are untouched even with every slot in use."""
+    g = torch.Generator().manual_seed(7)
+    b = torch.zeros(MAX_LORAS, 1, EMBED_HIDDEN, RANK)
+    for slot in occupied:
+        b[slot, 0, :, :8] = torch.randn(EMBED_HIDDEN, 8, generator=g)
+    x = torch.randn(len(slots), RANK, generator=g)
+    y0 = torch.randn(len(slots), EMBED_HIDDEN, generator=g)
+    _, quiver = wrappers(slots)
+    y = y0.clone()
+    quiver.add_lora_embedding(y, x, b, add_input=True)
+    expected = y0.clone().double()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            expected[t] += x[t].double() @ b[s, 0].double().t()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    untouched = [t for t, s in enumerate(slots) if s < 0 or s not in occupied]
+    assert torch.equal(y[untouched], y0[untouched])
+
+
 # ------------------------------------------------------------------ registration
 
 

@@ -130,16 +130,19 @@ class FusedLoRA:
         self.expand_dtype = expand_dtype
         self.output_slices = tuple(output_slices)
         n = len(lora_a_stacked)
-        S, _, rank, d_in = lora_a_stacked[0].shape
+        S, _, _, d_in = lora_a_stacked[0].shape
+        # Slots are padded to --max-lora-rank with zeros; adapters of a lower rank (the usual case) would
+        # spend most of these matmuls on zero columns, so keep only the ranks some slot uses.
+        rank = used_rank(lora_a_stacked, lora_b_stacked)
         self.rank, self.k = rank, n * rank
         self.total_out = sum(self.output_slices)
-        a = torch.stack([w[:, 0] for w in lora_a_stacked], dim=1)  # (S, n, rank, in)
+        a = torch.stack([w[:, 0, :rank] for w in lora_a_stacked], dim=1)  # (S, n, rank, in)
         self.a_t = a.reshape(S * self.k, d_in).to(SHRINK_DTYPE).t().contiguous()
         b_t = torch.zeros(S, n, rank, self.total_out, dtype=expand_dtype)
         off = 0
         for i, (w, size) in enumerate(zip(lora_b_stacked, self.output_slices)):
-            # w: (S, 1, out_i(+pad), rank); stock writes only the first `size` columns
-            b_t[:, i, :, off:off + size] = w[:, 0, :size, :].transpose(1, 2).to(expand_dtype)
+            # w: (S, 1, out_i(+pad), max_rank); stock writes only the first `size` columns
+            b_t[:, i, :, off:off + size] = w[:, 0, :size, :rank].transpose(1, 2).to(expand_dtype)
             off += size
         self.b_t = b_t.reshape(S * self.k, self.total_out).contiguous()
         self.num_slots = S
@@ -153,7 +156,7 @@ class FusedLoRA:
         off = 0
         for i, (w, size) in enumerate(zip(lora_b_stacked, self.output_slices)):
             rows = slice(i * S * rank, (i + 1) * S * rank)
-            self.b_sm[rows, off:off + size] = w[:, 0, :size, :].transpose(1, 2).reshape(S * rank, size)
+            self.b_sm[rows, off:off + size] = w[:, 0, :size, :rank].transpose(1, 2).reshape(S * rank, size)
             off += size
 
     @staticmethod
@@ -171,6 +174,18 @@ class FusedLoRA:
             and all(a is b for a, b in zip(src[na:], lora_b_stacked))
             and self._versions(src) == self.versions
         )
+
+
+def used_rank(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor]) -> int:
+    """The highest rank any slot uses: rows of A or columns of B past it are zero in every slot and slice,
+    so dropping them leaves every product unchanged. At least 1, so that empty layers keep their shapes."""
+    used = torch.zeros(lora_a_stacked[0].shape[2], dtype=torch.bool)
+    for a in lora_a_stacked:  # (S, 1, max_rank, in)
+        used |= a.ne(0).any(-1).flatten(0, 1).any(0)
+    for b in lora_b_stacked:  # (S, 1, out, max_rank)
+        used |= b.ne(0).any(-2).flatten(0, 1).any(0)
+    nonzero = torch.nonzero(used).reshape(-1)
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 1
 
 
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
@@ -206,21 +221,42 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
 
 
 class SlotsInUse:
-    """Which slots of a stacked (A, B) pair hold non-zero weights.
+    """Which slots of stacked LoRA weights (A and B, or the embedding's B alone) are non-zero in all of them.
 
-    vLLM always wraps the lm_head in a LoRA layer and runs its (vocab-wide)
-    LoRA every step, although most adapters do not train lm_head and their
-    slots stay zero. Adding an all-zero delta changes nothing, so such slots
-    can be skipped. Cached by the tensors' version counters like FusedLoRA.
+    vLLM always wraps the lm_head and the embedding in LoRA layers and runs their (vocab-wide) LoRA every
+    step, although most adapters train neither and their slots stay zero. Adding an all-zero delta changes
+    nothing, so such slots can be skipped. Cached by the tensors' version counters like FusedLoRA.
     """
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        self.a, self.b = a, b
-        self.versions = (a._version, b._version)
-        self.nonzero = (a.flatten(1).ne(0).any(1) & b.flatten(1).ne(0).any(1)).tolist()
+    def __init__(self, *stacked: torch.Tensor):
+        self.stacked = stacked
+        self.versions = tuple(t._version for t in stacked)
+        nonzero = stacked[0].flatten(1).ne(0).any(1)
+        for t in stacked[1:]:
+            nonzero &= t.flatten(1).ne(0).any(1)
+        self.nonzero = nonzero.tolist()
 
-    def is_current(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        return a is self.a and b is self.b and (a._version, b._version) == self.versions
+    def is_current(self, *stacked: torch.Tensor) -> bool:
+        return (len(stacked) == len(self.stacked) and all(a is b for a, b in zip(stacked, self.stacked))
+                and tuple(t._version for t in stacked) == self.versions)
+
+
+def add_lora_embedding(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan, lora_b: torch.Tensor,
+                       in_use: SlotsInUse) -> None:
+    """y[t, :H] += x[t] @ B[s]^T per token t with slot s: the embedding LoRA's expand (its shrink, A, is a
+    row lookup vLLM has already done into x). lora_b: (S, 1, H, rank). Rows with slot -1 and all-zero
+    slots are skipped."""
+    if plan.kind == "none" or not any(in_use.nonzero[s] for s in plan.present):
+        return
+    common = min(y.shape[1], lora_b.shape[2])
+    for slot, rows in plan.groups:
+        if not in_use.nonzero[slot]:
+            continue
+        delta = torch.mm(x[rows].to(y.dtype), lora_b[slot, 0, :common].to(y.dtype).t())
+        if isinstance(rows, slice):
+            y[rows, :common].add_(delta)
+        else:
+            y[:, :common].index_add_(0, rows, delta)
 
 
 def add_lora_logits(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,

@@ -16,6 +16,8 @@ stock), and adds:
   request every step (~50 MB for a 49k vocab, 16 requests), even for base-only
   batches and for adapters without lm_head weights (all-zero slots). Here it
   skips zero slots and no-adapter rows, and does one matmul pair per slot.
+* `add_lora_embedding`: the same for the embedding's LoRA (stock gathers a
+  B per token every step): zero slots and no-adapter rows are skipped.
 * `add_lora_linear`: uses the plan and per-layer fused weights (rebuilt only
   when an adapter is loaded into a slot) to do 2-3 matmuls per layer instead
   of 4-12 gathers+einsums; returns at once when no token has an adapter.
@@ -35,6 +37,7 @@ from .grouped_ops import (
     FusedLoRA,
     LoRAPlan,
     SlotsInUse,
+    add_lora_embedding,
     add_lora_linear,
     add_lora_logits,
     build_plan,
@@ -51,6 +54,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         self._fused: dict[int, FusedLoRA] = {}
         self._sampler_plan: LoRAPlan | None = None
         self._logits_in_use: SlotsInUse | None = None
+        self._embedding_in_use: SlotsInUse | None = None
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -111,4 +115,16 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         if in_use is None or not in_use.is_current(lora_a_stacked, lora_b_stacked):
             in_use = self._logits_in_use = SlotsInUse(lora_a_stacked, lora_b_stacked)
         add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
+        return None
+
+    def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+                           add_inputs: bool = True, **kwargs: Any) -> None:
+        plan = self._plan
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        if plan is None or not add_inputs or x2.shape[0] != plan.num_tokens or lora_b_stacked.dim() != 4:
+            return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
+        in_use = self._embedding_in_use
+        if in_use is None or not in_use.is_current(lora_b_stacked):
+            in_use = self._embedding_in_use = SlotsInUse(lora_b_stacked)
+        add_lora_embedding(y2, x2, plan, lora_b_stacked, in_use)
         return None

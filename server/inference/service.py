@@ -8,8 +8,8 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator, Callable
 
+import aiohttp
 import anyio
-import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -25,6 +25,8 @@ _USAGE_MARK = b'"usage":{'
 _EMPTY_CHOICES = b'"choices":[]'
 _DONE = b"data: [DONE]"
 _CLIENT_GONE = "499"
+# The engine connection failed or broke (a refused connect, a reset, a connect timeout).
+_ENGINE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 def engine_unavailable() -> APIError:
@@ -89,13 +91,16 @@ class InferenceService:
         except APIError as exc:
             self._count(request.model if target else "", target, endpoint, exc.status)
             raise
-        if upstream.status_code != 200 or not request.stream:
+        if upstream.status != 200 or not request.stream:
             try:
-                content = await upstream.aread()
+                content = await upstream.read()
+            except _ENGINE_ERRORS:
+                self._count(request.model, target, endpoint, 503)
+                raise engine_unavailable() from None
             finally:
-                await upstream.aclose()
+                upstream.release()
                 await stack.aclose()
-            return self._finish(request.model, target, endpoint, upstream.status_code, content, started)
+            return self._finish(request.model, target, endpoint, upstream.status, content, started)
         release = _Release(upstream, stack,
                            lambda status: self._record(request.model, target, endpoint, status, started))
         return _RelayResponse(
@@ -105,11 +110,10 @@ class InferenceService:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _send(self, endpoint: str, body: dict[str, Any]) -> httpx.Response:
-        client = self.engine.client
+    async def _send(self, endpoint: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         try:
-            return await client.send(client.build_request("POST", f"/v1/{endpoint}", json=body), stream=True)
-        except httpx.HTTPError:
+            return await self.engine.generation.post(f"/v1/{endpoint}", json=body)
+        except _ENGINE_ERRORS:
             raise engine_unavailable() from None
 
     def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float) -> Response:
@@ -125,7 +129,7 @@ class InferenceService:
 
     async def _relay(
         self,
-        upstream: httpx.Response,
+        upstream: aiohttp.ClientResponse,
         release: "_Release",
         request: _GenerationRequest,
         target: Target,
@@ -136,7 +140,7 @@ class InferenceService:
         first = True
         done = False
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.content.iter_any():
                 if first:
                     self.metrics.time_to_first_token.labels(adapter=target.label).observe(time.perf_counter() - started)
                     first = False
@@ -152,7 +156,7 @@ class InferenceService:
             # Clients may hang up right after [DONE]; before it, closing upstream makes the engine abort.
             status = "200" if done else _CLIENT_GONE
             raise
-        except httpx.HTTPError:
+        except _ENGINE_ERRORS:
             status = "502"
             yield b"data: " + json.dumps(error_body(502, "the engine connection broke mid-stream",
                                                     "engine_unavailable")).encode() + b"\n\n"
@@ -189,7 +193,7 @@ class _Release:
     """Gives back what one stream holds (the engine response, the slot, the adapter lease) exactly once,
     from whichever path gets there first: the relay's own end, or the response's."""
 
-    def __init__(self, upstream: httpx.Response, stack: AsyncExitStack, count: Callable[[str], None]) -> None:
+    def __init__(self, upstream: aiohttp.ClientResponse, stack: AsyncExitStack, count: Callable[[str], None]) -> None:
         self._upstream = upstream
         self._stack = stack
         self._count = count
@@ -203,7 +207,10 @@ class _Release:
         # cancelled again and skip the rest.
         with anyio.CancelScope(shield=True):
             try:
-                await self._upstream.aclose()  # before its last chunk, this makes the engine abort the request
+                if self._upstream.content.at_eof():
+                    self._upstream.release()  # read to the end: the connection goes back to the pool
+                else:
+                    self._upstream.close()  # before its last chunk, closing makes the engine abort the request
             finally:
                 await self._stack.aclose()
                 self._count(status)
