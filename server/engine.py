@@ -28,6 +28,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 ENGINE_HOST = "127.0.0.1"
+ENGINE_KEEPALIVE_S = 2.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s)
 _LOG_TAIL_BYTES = 4000
 
 
@@ -96,11 +97,12 @@ class EngineSupervisor:
         self.port = settings.engine_port or free_loopback_port()
         self.base_url = f"http://{ENGINE_HOST}:{self.port}"
         self.log_path = settings.state_dir / "engine.log"
-        # Generation can take minutes; only connecting is bounded.
+        # Control calls (health, LoRA load/unload, metrics); generation goes through `generation`.
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(None, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                                keepalive_expiry=ENGINE_KEEPALIVE_S),
         )
         self._generation: aiohttp.ClientSession | None = None
         self.ready = False
@@ -119,7 +121,9 @@ class EngineSupervisor:
         if self._generation is None or self._generation.closed:
             self._generation = aiohttp.ClientSession(
                 base_url=self.base_url,
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                # Idle connections are dropped before the engine's own keep-alive (5 s) closes them, so a
+                # request never goes out on a connection the engine is closing.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
                 # Generation can take minutes; only connecting is bounded.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
                 auto_decompress=False,
