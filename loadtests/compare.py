@@ -28,7 +28,7 @@ import httpx
 import typer
 
 from loadtests import report
-from loadtests.loadgen import Workload, run_workload, send_one
+from loadtests.loadgen import Workload, new_session, run_workload, send_one
 from loadtests.servers import (ADMIN_KEY, API_KEY, DEFAULT_MODEL_DIR, PeakRss, QuiverProcess, engine_url_from_log,
                                make_adapters, register)
 
@@ -250,8 +250,7 @@ def first_token_s(t: Target, model: str) -> float:
 
 
 async def _one(work: Workload):
-    async with httpx.AsyncClient(base_url=work.base_url, timeout=120,
-                                 headers={"Authorization": f"Bearer {work.api_key}"}) as client:
+    async with new_session(work.base_url, {"Authorization": f"Bearer {work.api_key}"}, 120) as client:
         return await send_one(client, work, work.adapters[0], "Say hi.", time.perf_counter())
 
 
