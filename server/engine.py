@@ -2,9 +2,9 @@
 
 The gateway talks to it only through vLLM's documented HTTP API (OpenAI routes, LoRA load/unload,
 /metrics, /health): control calls with one pooled httpx client, generation (the hot path, one chunk a
-token) with one pooled aiohttp session, which measured 2.5x less CPU per streamed chunk than httpx here
-(17 vs 43 ms for a 64-token stream), CPU that the engine shares on a small machine. If the engine dies, the supervisor restarts it and
-tells its listeners (the registry reloads adapters lazily after that).
+token) with one pooled aiohttp session, which spent 2.5x less CPU per streamed chunk than httpx here
+(17 vs 43 ms for a 64-token stream), CPU that the engine shares on a small machine. If the engine dies,
+the supervisor restarts it and tells its listeners (the registry reloads adapters lazily after that).
 """
 
 from __future__ import annotations
