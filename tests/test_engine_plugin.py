@@ -310,10 +310,12 @@ EMBED_HIDDEN = 64
 
 @pytest.mark.parametrize("slots", [[1, -1, 2, 2, -1, 1, 0, 3], [2] * 8, [-1] * 8],
                          ids=["mixed_with_base", "uniform", "base_only"])
-@pytest.mark.parametrize("occupied", [(), (1, 2)], ids=["no_embedding_weights", "embedding_weights"])
+@pytest.mark.parametrize("occupied", [(), (1, 2), (0, 1, 2, 3)],
+                         ids=["no_embedding_weights", "embedding_weights", "every_slot_with_weights"])
 def test_embedding_lora(slots, occupied):
     """The embedding's LoRA expand: zero slots add nothing (bit for bit), slots with weights add
-    x @ B^T per token, and no-adapter tokens are untouched even with every slot in use."""
+    x @ B^T per token, and no-adapter tokens are untouched, also when every slot (the last one
+    included, which stock applies to them) has weights."""
     g = torch.Generator().manual_seed(7)
     b = torch.zeros(MAX_LORAS, 1, EMBED_HIDDEN, RANK)
     for slot in occupied:

@@ -240,23 +240,31 @@ class SlotsInUse:
         return (len(stacked) == len(self.stacked) and all(a is b for a, b in zip(stacked, self.stacked))
                 and tuple(t._version for t in stacked) == self.versions)
 
+    def used_by(self, plan: LoRAPlan) -> bool:
+        """Whether any slot the plan's tokens use has weights here (if not, the whole delta is zero)."""
+        return plan.kind != "none" and any(self.nonzero[s] for s in plan.present)
+
+
+def _add_to_rows(y: torch.Tensor, rows: slice | torch.Tensor, delta: torch.Tensor) -> None:
+    """y[rows, :width of delta] += delta, for a contiguous slice of rows (a view) or an index tensor."""
+    cols = delta.shape[1]
+    if isinstance(rows, slice):
+        y[rows, :cols].add_(delta)
+    else:
+        y[:, :cols].index_add_(0, rows, delta)
+
 
 def add_lora_embedding(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan, lora_b: torch.Tensor,
                        in_use: SlotsInUse) -> None:
     """y[t, :H] += x[t] @ B[s]^T per token t with slot s: the embedding LoRA's expand (its shrink, A, is a
     row lookup vLLM has already done into x). lora_b: (S, 1, H, rank). Rows with slot -1 and all-zero
     slots are skipped."""
-    if plan.kind == "none" or not any(in_use.nonzero[s] for s in plan.present):
+    if not in_use.used_by(plan):
         return
     common = min(y.shape[1], lora_b.shape[2])
     for slot, rows in plan.groups:
-        if not in_use.nonzero[slot]:
-            continue
-        delta = torch.mm(x[rows].to(y.dtype), lora_b[slot, 0, :common].to(y.dtype).t())
-        if isinstance(rows, slice):
-            y[rows, :common].add_(delta)
-        else:
-            y[:, :common].index_add_(0, rows, delta)
+        if in_use.nonzero[slot]:
+            _add_to_rows(y, rows, torch.mm(x[rows].to(y.dtype), lora_b[slot, 0, :common].to(y.dtype).t()))
 
 
 def add_lora_logits(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
@@ -267,19 +275,14 @@ def add_lora_logits(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
     lora_a: (S, 1, rank, hidden), lora_b: (S, 1, V, rank). Rows with slot -1
     and slots whose weights are all zero are skipped (their delta is zero).
     """
-    if plan.kind == "none" or not any(in_use.nonzero[s] for s in plan.present):
+    if not in_use.used_by(plan):
         return
-    groups = plan.groups
     common = min(y.shape[1], lora_b.shape[2])
-    for slot, rows in groups:
+    for slot, rows in plan.groups:
         if not in_use.nonzero[slot]:
             continue
         buf = torch.mm(x[rows].to(SHRINK_DTYPE), lora_a[slot, 0].to(SHRINK_DTYPE).t())
         if scale != 1.0:
             buf.mul_(scale)
-        delta = torch.mm(buf.to(y.dtype), lora_b[slot, 0, :common].to(y.dtype).t())
-        if isinstance(rows, slice):
-            y[rows, :common].add_(delta)
-        else:
-            y[:, :common].index_add_(0, rows, delta)
+        _add_to_rows(y, rows, torch.mm(buf.to(y.dtype), lora_b[slot, 0, :common].to(y.dtype).t()))
 
