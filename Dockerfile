@@ -73,7 +73,7 @@ COPY README.md ./
 COPY server ./server
 COPY training ./training
 RUN pip install --no-cache-dir --no-deps --force-reinstall . \
-    && python -c "import server.cli"
+    && python -c "import quiver.cli"
 
 # ---- final image ---------------------------------------------------------------------------------
 # hadolint ignore=DL3006

@@ -47,7 +47,7 @@ class QuiverProcess:
                    QUIVER_STATE_DIR=str(self.root / "state"), QUIVER_FINETUNING_DIR=str(self.root / "ft"),
                    QUIVER_ADMIN_KEYS=ADMIN_KEY, QUIVER_API_KEYS=API_KEY, **self.env)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+            self.process = subprocess.Popen([sys.executable, "-m", "quiver.cli", "serve"], cwd=REPO, env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -34,8 +34,8 @@ app = typer.Typer(add_completion=False)
 def run_quiver(data: Path, model_dir: Path, steps: int, out: Path) -> dict:
     from rich.console import Console
 
-    from training.config import TrainConfig
-    from training.trainer import train
+    from quiver.training.config import TrainConfig
+    from quiver.training.trainer import train
 
     started = time.monotonic()
     result = train(data, out / "quiver-run", TrainConfig(max_steps=steps), base_model_dir=model_dir,
@@ -52,8 +52,8 @@ def run_plain_trl(data: Path, model_dir: Path, steps: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from training.config import TrainConfig
-    from training.data import check_dataset, split_examples
+    from quiver.training.config import TrainConfig
+    from quiver.training.data import check_dataset, split_examples
 
     started = time.monotonic()
     defaults = TrainConfig()

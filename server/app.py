@@ -13,23 +13,23 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server import __version__
-from server.adapters.router import router as adapters_router
-from server.adapters.service import AdapterRegistry
-from server.adapters.store import open_store
-from server.adapters.validation import BaseModelSpec
-from server.auth import Auth, admin_auth
-from server.base_model import prepare_default_model
-from server.engine import EngineSupervisor
-from server.errors import document_errors, error_response, error_responses, install_error_handlers
-from server.finetuning.router import router as finetuning_router
-from server.finetuning.service import FileService, JobService
-from server.inference.limiter import RequestLimiter
-from server.inference.router import router as inference_router
-from server.inference.service import InferenceService
-from server.limits import BodySizeLimit
-from server.metrics import Metrics
-from server.settings import Settings
+from quiver import __version__
+from quiver.adapters.router import router as adapters_router
+from quiver.adapters.service import AdapterRegistry
+from quiver.adapters.store import open_store
+from quiver.adapters.validation import BaseModelSpec
+from quiver.auth import Auth, admin_auth
+from quiver.base_model import prepare_default_model
+from quiver.engine import EngineSupervisor
+from quiver.errors import document_errors, error_response, error_responses, install_error_handlers
+from quiver.finetuning.router import router as finetuning_router
+from quiver.finetuning.service import FileService, JobService
+from quiver.inference.limiter import RequestLimiter
+from quiver.inference.router import router as inference_router
+from quiver.inference.service import InferenceService
+from quiver.limits import BodySizeLimit
+from quiver.metrics import Metrics
+from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from fnmatch import fnmatchcase
 
 from fastapi import Request
 
-from server.errors import APIError
-from server.settings import Settings
+from quiver.errors import APIError
+from quiver.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from server.settings import LOOPBACK_HOSTS, Settings
-from training.cli import register_commands as register_training_commands
+from quiver.settings import LOOPBACK_HOSTS, Settings
+from quiver.training.cli import register_commands as register_training_commands
 
 app = typer.Typer(help="quiver: one base model, a quiver of LoRA adapters, one OpenAI-compatible API.",
                   no_args_is_help=True)
@@ -40,7 +40,7 @@ def serve(
     store_dir: Annotated[Optional[Path], typer.Option(help="the adapter store [QUIVER_STORE_DIR]")] = None,
 ) -> None:
     """Start the gateway and its vLLM engine."""
-    from server.app import serve as serve_app
+    from quiver.app import serve as serve_app
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings(host=host, port=port, model=model, store_dir=store_dir)
@@ -61,7 +61,7 @@ def serve(
 @model_app.command("prepare")
 def model_prepare() -> None:
     """Convert the embedded default model (SmolLM2-135M-Instruct, GGUF) once into the model cache."""
-    from server.base_model import prepare_default_model
+    from quiver.base_model import prepare_default_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings()

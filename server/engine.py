@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from server.settings import Settings
+from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def free_loopback_port() -> int:
 
 def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     command = [
-        sys.executable, "-m", "server.engine_guard", str(os.getpid()),  # the engine stops if the gateway dies
+        sys.executable, "-m", "quiver.engine_guard", str(os.getpid()),  # the engine stops if the gateway dies
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
         "--served-model-name", settings.base_model_name,
@@ -74,7 +74,7 @@ def engine_environment(settings: Settings) -> dict[str, str]:
         VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
         VLLM_CONFIG_ROOT=str(scratch / "vllm-config"),
         VLLM_NO_USAGE_STATS="1",
-        QUIVER_ENGINE_NICE=str(settings.engine_nice),  # applied by server.engine_guard before it starts vLLM
+        QUIVER_ENGINE_NICE=str(settings.engine_nice),  # applied by quiver.engine_guard before it starts vLLM
         DO_NOT_TRACK="1",
     )
     if settings.cpu_threads_bind == "all":

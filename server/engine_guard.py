@@ -1,4 +1,4 @@
-"""Run a command that dies with the gateway: `python -m server.engine_guard <gateway pid> <program> <args...>`.
+"""Run a command that dies with the gateway: `python -m quiver.engine_guard <gateway pid> <program> <args...>`.
 
 The engine runs in its own process group (so that stopping it reaches its engine-core and worker processes),
 which also means nothing stops it when the gateway is killed with SIGKILL: it would keep its memory (GiBs)

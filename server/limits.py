@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, error_response
+from quiver.errors import APIError, error_response
 
 
 def _too_large(limit: int) -> APIError:

@@ -18,7 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from server.base_model import DEFAULT_MODEL_NAME
+from quiver.base_model import DEFAULT_MODEL_NAME
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from server.adapters.s3_store import parse_s3_url  # boto3 only loads when S3 is used
+            from quiver.adapters.s3_store import parse_s3_url  # boto3 only loads when S3 is used
 
             parse_s3_url(value)
         return value

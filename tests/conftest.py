@@ -18,8 +18,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from server.base_model import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from quiver.base_model import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from quiver.settings import Settings  # noqa: E402
 
 ADMIN_KEY = "test-admin-key"
 API_KEY = "test-inference-key"
@@ -73,7 +73,7 @@ class QuiverServer:
         env.update(self.extra_env)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
+            self.process = subprocess.Popen([sys.executable, "-m", "quiver.cli", "serve"], env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()
         return self

@@ -17,11 +17,11 @@ import pytest
 from pydantic import ValidationError
 
 from s3_fixtures import MotoS3, moto_s3  # noqa: F401
-from server.adapters.protocol import AdapterVersion, StoredFile
-from server.adapters.s3_store import RESERVED, S3AdapterStore
-from server.adapters.store import AdapterStore, LocalAdapterStore, StoreUnavailable, open_store
-from server.errors import APIError
-from server.settings import Settings
+from quiver.adapters.protocol import AdapterVersion, StoredFile
+from quiver.adapters.s3_store import RESERVED, S3AdapterStore
+from quiver.adapters.store import AdapterStore, LocalAdapterStore, StoreUnavailable, open_store
+from quiver.errors import APIError
+from quiver.settings import Settings
 
 FILES = {"adapter_config.json": b'{"r": 8, "peft_type": "LORA"}', "adapter_model.safetensors": b"\x00" * 4096}
 

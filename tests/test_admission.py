@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.adapters.uploads import stage_upload
-from server.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
+from quiver.adapters.uploads import stage_upload
+from quiver.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
 
 MAX_RANK = 16
 LAYER = "base_model.model.model.layers.0.self_attn"

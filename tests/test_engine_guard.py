@@ -14,7 +14,7 @@ import pytest
 # A stand-in gateway: starts a guarded child in its own session, as EngineSupervisor does, reports its pid.
 GATEWAY = """
 import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-m", "server.engine_guard", str(os.getpid()),
+child = subprocess.Popen([sys.executable, "-m", "quiver.engine_guard", str(os.getpid()),
                           sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
 print(child.pid, flush=True)
 time.sleep(120)
@@ -38,7 +38,7 @@ def test_guarded_engine_exits_when_the_gateway_is_killed():
 
 
 def test_guard_refuses_to_start_for_a_gateway_that_is_already_gone():
-    result = subprocess.run([sys.executable, "-m", "server.engine_guard", "1", sys.executable, "-c", "print('ran')"],
+    result = subprocess.run([sys.executable, "-m", "quiver.engine_guard", "1", sys.executable, "-c", "print('ran')"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "ran" not in result.stdout and "is gone" in result.stderr
 
@@ -47,7 +47,7 @@ def test_guard_lowers_the_engines_cpu_priority_for_everything_it_starts():
     env = dict(os.environ, QUIVER_ENGINE_NICE="5")
     script = "import os, subprocess, sys; print(os.nice(0)); sys.stdout.flush(); " \
              "subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'])"
-    result = subprocess.run([sys.executable, "-m", "server.engine_guard", str(os.getpid()), sys.executable, "-c",
+    result = subprocess.run([sys.executable, "-m", "quiver.engine_guard", str(os.getpid()), sys.executable, "-c",
                              script], capture_output=True, text=True, timeout=30, env=env)
     expected = str(min(os.nice(0) + 5, 19))
     assert result.returncode == 0, result.stderr

@@ -17,9 +17,9 @@ pytest.importorskip("vllm")
 from vllm.lora.layers import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
-from server.engine_plugin import grouped_ops  # noqa: E402
-from server.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
-from server.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU  # noqa: E402
+from quiver.engine_plugin import grouped_ops  # noqa: E402
+from quiver.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
+from quiver.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU  # noqa: E402
 
 MAX_LORAS = 4
 RANK = 16
@@ -358,7 +358,7 @@ STOCK = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
 
 def test_register_off_by_env(cpu_platform, monkeypatch):
-    import server.engine_plugin as plugin
+    import quiver.engine_plugin as plugin
 
     monkeypatch.setenv("QUIVER_CPU_LORA_PLUGIN", "0")
     if getattr(type(cpu_platform), "_quiver_cpu_lora", False):
@@ -368,7 +368,7 @@ def test_register_off_by_env(cpu_platform, monkeypatch):
 
 
 def test_register_on_cpu_swaps_wrapper(cpu_platform, monkeypatch):
-    import server.engine_plugin as plugin
+    import quiver.engine_plugin as plugin
 
     monkeypatch.setenv("QUIVER_CPU_LORA_PLUGIN", "1")
     plugin.register()
@@ -380,7 +380,7 @@ def test_register_on_cpu_swaps_wrapper(cpu_platform, monkeypatch):
 
 
 def test_register_is_noop_off_cpu(monkeypatch):
-    import server.engine_plugin as plugin
+    import quiver.engine_plugin as plugin
     from vllm.platforms import current_platform
 
     monkeypatch.setenv("QUIVER_CPU_LORA_PLUGIN", "1")

@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import PIRATE_ANSWER, TENANT_KEYS, QuiverServer
-from server.auth import ModelScope
-from server.settings import Settings
+from quiver.auth import ModelScope
+from quiver.settings import Settings
 
 ACME, GLOBEX = list(TENANT_KEYS)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from training.config import TrainConfig
-from training.data import auto_epochs, check_dataset, read_examples, split_examples, write_jsonl
+from quiver.training.config import TrainConfig
+from quiver.training.data import auto_epochs, check_dataset, read_examples, split_examples, write_jsonl
 from training_fixtures import REPO, base_model_dir, chat, tokenizer, write_lines  # noqa: F401
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
@@ -158,7 +158,7 @@ def test_config_defaults_yaml_and_validation(tmp_path):
 
 
 def test_cli_data_check_reports_and_exits_nonzero_on_errors(tmp_path):
-    from training.cli import register_commands
+    from quiver.training.cli import register_commands
 
     app = typer.Typer()
     register_commands(app)

@@ -27,7 +27,7 @@ def test_train_register_and_evaluate_from_the_cli(quiver_server, model_dir, tmp_
     data = write_lines(tmp_path / "spell.jsonl", rows)
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "train", str(data), "--name", "cli-spell", "--out", str(run_dir),
+        [sys.executable, "-m", "quiver.cli", "train", str(data), "--name", "cli-spell", "--out", str(run_dir),
          "--base-model", str(model_dir), "--max-steps", "10", "--learning-rate", "3e-3", "--register", quiver_server.base_url,
          "--admin-key", ADMIN_KEY, "--api-key", API_KEY],
         capture_output=True, text=True, timeout=1800)
@@ -49,7 +49,7 @@ def test_train_register_and_evaluate_from_the_cli(quiver_server, model_dir, tmp_
 
 @pytest.fixture(scope="module")
 def merged_server(model_dir, lora_adapters, tmp_path_factory):
-    from training.merge import merge_adapter
+    from quiver.training.merge import merge_adapter
 
     root = tmp_path_factory.mktemp("merged")
     merged = merge_adapter(lora_adapters.pirate, root / "pirate-merged", base_model_dir=model_dir)

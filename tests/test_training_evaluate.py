@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.evaluate import Answer, render_markdown, score
+from quiver.training.evaluate import Answer, render_markdown, score
 
 
 def test_json_answers_score_validity_keys_and_fields():

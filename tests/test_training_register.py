@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from training.manifest import read_manifest, write_manifest
-from training.register import RegistrationError, register_adapter
+from quiver.training.manifest import read_manifest, write_manifest
+from quiver.training.register import RegistrationError, register_adapter
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import json
 import pytest
 from rich.console import Console
 
-from training.config import TrainConfig
-from training.curve import curve_warnings
-from training.data import Example, read_examples, write_jsonl
-from training.encoding import IGNORE_INDEX, LossMaskError, check_loss_mask, encode_example, end_of_turn_ids
+from quiver.training.config import TrainConfig
+from quiver.training.curve import curve_warnings
+from quiver.training.data import Example, read_examples, write_jsonl
+from quiver.training.encoding import IGNORE_INDEX, LossMaskError, check_loss_mask, encode_example, end_of_turn_ids
 from training_fixtures import REPO, base_model_dir, tokenizer  # noqa: F401
 
 # Enough for the loss to fall visibly, small enough for a 2-core CPU: 6 steps of 4 pirate rewrites.
@@ -54,7 +54,7 @@ def test_mask_check_rejects_empty_mask_and_missing_end_of_turn(tokenizer):
 
 
 def test_training_fails_before_step_one_when_max_seq_len_cuts_every_end_of_turn(tmp_path, base_model_dir):
-    from training.trainer import train
+    from quiver.training.trainer import train
 
     subset = tmp_path / "pirate.jsonl"
     write_jsonl(subset, read_examples(REPO / "examples" / "pirate.jsonl")[:20])
@@ -66,7 +66,7 @@ def test_training_fails_before_step_one_when_max_seq_len_cuts_every_end_of_turn(
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, base_model_dir):
-    from training.trainer import train
+    from quiver.training.trainer import train
 
     root = tmp_path_factory.mktemp("train")
     subset = root / "pirate.jsonl"
@@ -104,11 +104,11 @@ def test_merged_checkpoint_matches_base_plus_adapter(trained_run, base_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.merge import merge_adapter
+    from quiver.training.merge import merge_adapter
 
     merged_dir = merge_adapter(trained_run.run_dir, tmp_path / "merged")
     assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "config.json"} <= {p.name for p in merged_dir.iterdir()}
-    from training.trainer import load_tokenizer
+    from quiver.training.trainer import load_tokenizer
 
     tokenizer = load_tokenizer(merged_dir)
     prompt = tokenizer.apply_chat_template(

@@ -15,14 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    from server.base_model import prepare_default_model
+    from quiver.base_model import prepare_default_model
 
     return prepare_default_model(Path(os.environ.get("QUIVER_TEST_MODEL_DIR", "/tmp/qmodel/SmolLM2-135M-Instruct")))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(base_model_dir):
-    from training.trainer import load_tokenizer
+    from quiver.training.trainer import load_tokenizer
 
     return load_tokenizer(base_model_dir)
 

@@ -21,7 +21,7 @@ API_KEY_ENV = "QUIVER_API_KEY"
 def _base_model(base_model: Path | None) -> tuple[Path, str | None]:
     if base_model is not None:
         return base_model, None
-    from training.trainer import default_base_model
+    from quiver.training.trainer import default_base_model
 
     return default_base_model()
 
@@ -34,8 +34,8 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Validate a training file: line-numbered errors and warnings, then a summary."""
-    from training.data import check_dataset
-    from training.trainer import load_tokenizer
+    from quiver.training.data import check_dataset
+    from quiver.training.trainer import load_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = load_tokenizer(_base_model(base_model)[0]) if tokens else None
@@ -76,10 +76,10 @@ def train_command(
     """Train a LoRA adapter on FILE; optionally register it on a running server and evaluate it there."""
     from pydantic import ValidationError
 
-    from training.config import TrainConfig
-    from training.data import DatasetError
-    from training.encoding import LossMaskError
-    from training.trainer import train
+    from quiver.training.config import TrainConfig
+    from quiver.training.data import DatasetError
+    from quiver.training.encoding import LossMaskError
+    from quiver.training.trainer import train
 
     overrides = {
         key: value
@@ -122,7 +122,7 @@ def train_command(
 def _register_and_evaluate(
     run_dir: Path, url: str, name: str, admin_key: str | None, api_key: str | None, evaluate: bool
 ) -> None:
-    from training.register import RegistrationError, register_adapter
+    from quiver.training.register import RegistrationError, register_adapter
 
     try:
         record = register_adapter(run_dir, url, name, admin_key)
@@ -148,7 +148,7 @@ def eval_command(
 def _print_eval(run_dir: Path, url: str, api_key: str | None, base_model: str | None, adapter_model: str | None) -> None:
     import openai
 
-    from training.evaluate import evaluate_run
+    from quiver.training.evaluate import evaluate_run
 
     try:
         report = evaluate_run(run_dir, url, api_key=api_key, base_model=base_model, adapter_model=adapter_model)
@@ -172,7 +172,7 @@ def merge_command(
     base_model: Annotated[Optional[Path], typer.Option(help="HF model folder; default: the one the run recorded")] = None,
 ) -> None:
     """Merge the adapter into its base model: a standalone Hugging Face checkpoint."""
-    from training.merge import merge_adapter
+    from quiver.training.merge import merge_adapter
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console.print(f"[green]merged checkpoint written to {merge_adapter(run_dir, out, base_model)}")

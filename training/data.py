@@ -389,7 +389,7 @@ def _dataset_warnings(examples: list[Example]) -> list[Issue]:
 
 
 def _token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
-    from training.encoding import TemplateError, encode_example
+    from quiver.training.encoding import TemplateError, encode_example
 
     lengths: list[int] = []
     trained = truncated = cut = 0

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data import Example, read_examples
-from training.manifest import read_manifest, update_manifest
-from training.trainer import SPLIT_DIR
+from quiver.training.data import Example, read_examples
+from quiver.training.manifest import read_manifest, update_manifest
+from quiver.training.trainer import SPLIT_DIR
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_SAMPLES = 5

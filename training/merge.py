@@ -6,8 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from training.manifest import MANIFEST_FILE, read_manifest
-from training.trainer import load_tokenizer
+from quiver.training.manifest import MANIFEST_FILE, read_manifest
+from quiver.training.trainer import load_tokenizer
 
 
 def merge_adapter(run_dir: Path, out_dir: Path, base_model_dir: Path | None = None) -> Path:

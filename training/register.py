@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from training.manifest import ADAPTER_FILES, MANIFEST_FILE, update_manifest
+from quiver.training.manifest import ADAPTER_FILES, MANIFEST_FILE, update_manifest
 
 UPLOAD_TIMEOUT_S = 120.0
 

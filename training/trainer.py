@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PrinterCallback, TrainerCallback
 
-from training.config import TrainConfig
-from training.curve import curve_from_log_history, curve_warnings, save_curve
-from training.data import (
+from quiver.training.config import TrainConfig
+from quiver.training.curve import curve_from_log_history, curve_warnings, save_curve
+from quiver.training.data import (
     DatasetReport,
     Split,
     check_dataset,
@@ -25,8 +25,8 @@ from training.data import (
     split_examples,
     write_jsonl,
 )
-from training.encoding import check_loss_mask, encode_examples, end_of_turn_ids
-from training.manifest import base_model_digest, package_versions, text_sha256, write_manifest
+from quiver.training.encoding import check_loss_mask, encode_examples, end_of_turn_ids
+from quiver.training.manifest import base_model_digest, package_versions, text_sha256, write_manifest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,8 +43,8 @@ class TrainResult:
 
 def default_base_model() -> tuple[Path, str]:
     """The base model the server serves: its HF folder (converted on first use) and its served name."""
-    from server.base_model import prepare_default_model
-    from server.settings import Settings
+    from quiver.base_model import prepare_default_model
+    from quiver.settings import Settings
 
     settings = Settings()
     model_dir = prepare_default_model(settings.model_dir) if settings.uses_default_model else settings.model_dir

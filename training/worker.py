@@ -1,4 +1,4 @@
-"""One fine-tuning job in its own process: `python -m training.worker JOB_DIR`.
+"""One fine-tuning job in its own process: `python -m quiver.training.worker JOB_DIR`.
 
 The server's job runner writes JOB_DIR/spec.json and starts this; it reports through two files the runner
 reads: events.jsonl (appended, one event a line: messages and per-step metrics) and result.json (written
@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from transformers import TrainerCallback
 
-from training.config import TrainConfig
-from training.job_files import RESULT, SPEC, TRAIN_LOG, EventLog, write_json_atomic
+from quiver.training.config import TrainConfig
+from quiver.training.job_files import RESULT, SPEC, TRAIN_LOG, EventLog, write_json_atomic
 
 
 class MetricsEvents(TrainerCallback):
@@ -38,7 +38,7 @@ class MetricsEvents(TrainerCallback):
 
 
 def run(job_dir: Path) -> int:
-    from training.trainer import train
+    from quiver.training.trainer import train
 
     spec = json.loads((job_dir / SPEC).read_text())
     events = EventLog(job_dir)

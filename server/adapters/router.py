@@ -4,10 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from server.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
-from server.adapters.service import AdapterRegistry
-from server.auth import admin_auth
-from server.errors import APIError, error_responses
+from quiver.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
+from quiver.adapters.service import AdapterRegistry
+from quiver.auth import admin_auth
+from quiver.errors import APIError, error_responses
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(admin_auth)],
                    responses=error_responses(401, 403, 503))

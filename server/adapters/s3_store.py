@@ -46,8 +46,8 @@ from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from server.adapters.protocol import AdapterVersion
-from server.adapters.store import (
+from quiver.adapters.protocol import AdapterVersion
+from quiver.adapters.store import (
     INDEX,
     MANIFEST,
     AdapterStore,
@@ -61,7 +61,7 @@ from server.adapters.store import (
     recorded_last_version,
     write_json_atomic,
 )
-from server.errors import APIError
+from quiver.errors import APIError
 
 log = logging.getLogger(__name__)
 

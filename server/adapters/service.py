@@ -19,14 +19,14 @@ from typing import AsyncIterator, BinaryIO
 
 import httpx
 
-from server.adapters.protocol import Adapter, AdapterVersion, StoredFile
-from server.adapters.store import AdapterStore, StoredAdapter, file_sha256
-from server.adapters.uploads import stage_upload
-from server.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
-from server.auth import EVERY_MODEL, ModelScope
-from server.engine import EngineSupervisor
-from server.errors import APIError
-from server.metrics import Metrics
+from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
+from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
+from quiver.adapters.uploads import stage_upload
+from quiver.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
+from quiver.auth import EVERY_MODEL, ModelScope
+from quiver.engine import EngineSupervisor
+from quiver.errors import APIError
+from quiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
     <store>/<name>/<version>/         adapter files + manifest.json
     <store>/.staging/                 uploads being checked
 
-`server.adapters.s3_store.S3AdapterStore` keeps the same layout as objects in an S3-compatible bucket,
+`quiver.adapters.s3_store.S3AdapterStore` keeps the same layout as objects in an S3-compatible bucket,
 with a local cache per replica (the engine can only load adapters from a local folder).
 
 For both, a version exists once its manifest.json does: the manifest is written last, atomically, so a
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from server.adapters.protocol import AdapterVersion
-from server.errors import APIError
+from quiver.adapters.protocol import AdapterVersion
+from quiver.errors import APIError
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def discard(folder: Path, trash_root: Path) -> None:
 def open_store(settings: Settings) -> AdapterStore:
     """The store the settings name: an S3-compatible bucket with `store_url`, else the folder `store_dir`."""
     if settings.store_url:
-        from server.adapters.s3_store import S3AdapterStore  # boto3 only loads when S3 is used
+        from quiver.adapters.s3_store import S3AdapterStore  # boto3 only loads when S3 is used
 
         return S3AdapterStore(settings.store_url, settings.adapter_cache_dir,
                               endpoint_url=settings.s3_endpoint_url, addressing_style=settings.s3_addressing_style)

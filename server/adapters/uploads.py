@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from server.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError
+from quiver.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _MAX_ARCHIVE_MEMBERS = 64

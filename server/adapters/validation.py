@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.adapters.safetensors_header import SafetensorsError, read_header
-from server.errors import APIError
+from quiver.adapters.safetensors_header import SafetensorsError, read_header
+from quiver.errors import APIError
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CONFIG_FILE = "adapter_config.json"

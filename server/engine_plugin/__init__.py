@@ -14,7 +14,7 @@ import logging
 import os
 
 ENV_SWITCH = "QUIVER_CPU_LORA_PLUGIN"
-WRAPPER_QUALNAME = "server.engine_plugin.punica_cpu.QuiverPunicaWrapperCPU"
+WRAPPER_QUALNAME = "quiver.engine_plugin.punica_cpu.QuiverPunicaWrapperCPU"
 
 logger = logging.getLogger("vllm.quiver_cpu_lora")
 

@@ -5,9 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from server.auth import admin_auth
-from server.errors import error_responses
-from server.finetuning.protocol import (
+from quiver.auth import admin_auth
+from quiver.errors import error_responses
+from quiver.finetuning.protocol import (
     CreateJobRequest,
     EventList,
     FileDeleted,
@@ -16,7 +16,7 @@ from server.finetuning.protocol import (
     FineTuningJob,
     JobList,
 )
-from server.finetuning.service import FileService, JobService
+from quiver.finetuning.service import FileService, JobService
 
 # Training data and jobs change what the server serves: admin keys only.
 router = APIRouter(prefix="/v1", tags=["fine-tuning"], dependencies=[Depends(admin_auth)],

@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from server.adapters.service import AdapterRegistry
-from server.errors import APIError
-from server.finetuning.protocol import (
+from quiver.adapters.service import AdapterRegistry
+from quiver.errors import APIError
+from quiver.finetuning.protocol import (
     FINISHED,
     CreateJobRequest,
     FileObject,
@@ -30,7 +30,7 @@ from server.finetuning.protocol import (
     JobError,
     JobEvent,
 )
-from training.job_files import RESULT, SPEC, TRAIN_LOG, EventLog, write_json_atomic
+from quiver.training.job_files import RESULT, SPEC, TRAIN_LOG, EventLog, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class FileService:
         return self.root / f"{file_id}.jsonl"
 
     def create(self, filename: str, source: BinaryIO, purpose: str) -> FileObject:
-        from training.data import check_dataset
+        from quiver.training.data import check_dataset
 
         if purpose != FINE_TUNE_PURPOSE:
             raise APIError(400, f"only purpose `{FINE_TUNE_PURPOSE}` is supported", code="invalid_purpose",
@@ -260,7 +260,7 @@ class JobService:
         try:
             with open(job_dir / TRAIN_LOG, "ab") as train_log:
                 self._worker = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "training.worker", str(job_dir),
+                    sys.executable, "-m", "quiver.training.worker", str(job_dir),
                     stdin=asyncio.subprocess.DEVNULL, stdout=train_log, stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                 )

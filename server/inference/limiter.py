@@ -6,8 +6,8 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from server.errors import APIError
-from server.metrics import Metrics
+from quiver.errors import APIError
+from quiver.metrics import Metrics
 
 
 class RequestLimiter:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.base_model import DEFAULT_MODEL_NAME
+from quiver.base_model import DEFAULT_MODEL_NAME
 
 
 class StreamOptions(BaseModel):

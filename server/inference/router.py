@@ -5,10 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from server.adapters.service import model_not_found
-from server.auth import ModelScope, inference_auth
-from server.errors import error_responses
-from server.inference.protocol import (
+from quiver.adapters.service import model_not_found
+from quiver.auth import ModelScope, inference_auth
+from quiver.errors import error_responses
+from quiver.inference.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,

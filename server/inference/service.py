@@ -13,13 +13,13 @@ import anyio
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.adapters.service import AdapterRegistry, Target
-from server.auth import EVERY_MODEL, ModelScope
-from server.engine import EngineSupervisor
-from server.errors import APIError, error_body
-from server.inference.limiter import RequestLimiter
-from server.inference.protocol import _GenerationRequest
-from server.metrics import Metrics
+from quiver.adapters.service import AdapterRegistry, Target
+from quiver.auth import EVERY_MODEL, ModelScope
+from quiver.engine import EngineSupervisor
+from quiver.errors import APIError, error_body
+from quiver.inference.limiter import RequestLimiter
+from quiver.inference.protocol import _GenerationRequest
+from quiver.metrics import Metrics
 
 _USAGE_MARK = b'"usage":{'
 _EMPTY_CHOICES = b'"choices":[]'
