@@ -55,6 +55,7 @@ class _FakeResponse:
         self._body = body
         self._finished = events is None
         self._closed = False
+        self._counted = status == 200  # only answers that reached generation count as running
 
     async def read(self) -> bytes:
         if self._events is None:
@@ -77,6 +78,8 @@ class _FakeResponse:
         if self._closed:
             return
         self._closed = True
+        if not self._counted:
+            return
         if not self._finished:
             self._engine.aborted += 1
         self._engine.running -= 1
@@ -104,6 +107,28 @@ class FakeEngine:
         self.completed = 0
         self._listeners: list[RestartListener] = []
         self._heal = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gateway's, once started
+
+    def threadsafe(self, function, *args):
+        """Run `function(*args)` (or await it, if it is a coroutine function) on the gateway's event loop from
+        another thread (a test's) and return its result: the fake's state belongs to that loop."""
+        assert self.loop is not None, "the fake engine has not been started"
+
+        async def call():
+            result = function(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout=60)
+
+    def hold(self) -> None:
+        """From now on generations wait before their first token until `release()`."""
+        self.threadsafe(self._set_gate, asyncio.Event)
+
+    def release(self) -> None:
+        self.threadsafe(lambda: self.gate.set() if self.gate else None)
+
+    def _set_gate(self, make) -> None:
+        self.gate = make()
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -111,6 +136,7 @@ class FakeEngine:
         self._listeners.append(listener)
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.ready = True
 
     async def stop(self) -> None:
