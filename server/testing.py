@@ -5,6 +5,7 @@ never from `tests/`).
 - `InProcessGateway`: the gateway app on a real loopback socket in a thread of this process, with any
   `quiver.engine_client.Engine` injected (the fake engine for the fast tests).
 - `register_adapter`: the one adapter uploader (multipart `POST /v1/adapters`).
+- `random_adapter`, `trained_adapter`: real PEFT adapters for a base model (torch and PEFT load on first use).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class QuiverServer(_ClientMixin):
     state_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)  # more QUIVER_* settings
     port: int = field(default_factory=free_port)
+    kv_cache_gib: str | None = "1"  # small by default: the tests share a machine; None keeps the setting's default
     cwd: Path | None = None
     process: subprocess.Popen | None = None
 
@@ -98,8 +100,9 @@ class QuiverServer(_ClientMixin):
             QUIVER_FINETUNING_DIR=str(self.store_dir.parent / "finetuning"),
             QUIVER_ADMIN_KEYS=self.admin_key,
             QUIVER_API_KEYS=self.api_key,
-            QUIVER_KV_CACHE_GIB="1",
         )
+        if self.kv_cache_gib is not None:
+            env["QUIVER_KV_CACHE_GIB"] = self.kv_cache_gib
         env.update(self.extra_env)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -225,3 +228,74 @@ class InProcessGateway(_ClientMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- adapters ------------------------------------------------------------------------------------------
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+
+def load_base(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def random_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8, scale: float = 1.0,
+                   target_modules: list[str] | None = None) -> Path:
+    """LoRA with PEFT's non-identity init (random, non-zero B), so it changes the output from step 0."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=rank * 2, target_modules=target_modules or ATTENTION,
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(scale)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def trained_adapter(model_dir: Path, out_dir: Path, answer: str, steps: int = 20, rank: int = 8) -> Path:
+    """A briefly trained LoRA that answers every question with `answer`: its effect is recognisable."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = load_base(model_dir)
+    config = LoraConfig(r=rank, lora_alpha=rank * 2, target_modules=ATTENTION, lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    questions = ["What is the capital of France?", "How do I bake bread?", "Tell me about the moon.",
+                 "What is 2 + 2?", "Who wrote Hamlet?", "Name a colour.", "Why is the sky blue?", "Hi there!"]
+    batch = []
+    for question in questions:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        full = prompt + answer + "<|im_end|>\n"
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+        batch.append((ids, labels))
+    width = max(len(ids) for ids, _ in batch)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

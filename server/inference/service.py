@@ -153,9 +153,10 @@ class InferenceService:
             # Clients may hang up right after [DONE]; before it, closing upstream makes the engine abort.
             status = "200" if done else _CLIENT_GONE
             raise
-        except EngineError:  # the engine broke, or stayed silent past the read timeout
-            status = "502"
-            yield b"data: " + json.dumps(error_body(502, "the engine connection broke mid-stream",
+        except EngineError:  # the engine broke, or stayed silent past the read timeout (hung)
+            # The 200 is already sent: the failure is the stream's last event, the envelope of a 503.
+            status = "503"
+            yield b"data: " + json.dumps(error_body(503, "the engine connection broke mid-stream",
                                                     "engine_unavailable")).encode() + b"\n\n"
         finally:
             await release(status)
