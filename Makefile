@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3.11
 STAMP := $(VENV)/.quiver-installed
 
-.PHONY: install serve test
+.PHONY: install serve test test-fast
 
 install: $(STAMP)
 
@@ -20,5 +20,10 @@ $(STAMP): pyproject.toml
 serve: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/quiver serve
 
+# Everything: the real-engine group and the fast group.
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
+
+# Only the fast group: no real vLLM engine (gateway logic runs on the in-process fake engine).
+test-fast: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not engine"

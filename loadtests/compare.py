@@ -29,8 +29,8 @@ import typer
 
 from loadtests import report
 from loadtests.loadgen import Workload, new_session, run_workload, send_one
-from loadtests.servers import (ADMIN_KEY, API_KEY, DEFAULT_MODEL_DIR, PeakRss, QuiverProcess, engine_url_from_log,
-                               make_adapters, register)
+from loadtests.servers import (ADMIN_KEY, API_KEY, DEFAULT_MODEL_DIR, PeakRss, engine_url_from_log, make_adapters,
+                               quiver_server, register)
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 BASE_NAME = "SmolLM2-135M-Instruct"
@@ -43,6 +43,7 @@ class Target:
     api_key: str
     admin_key: str
     engine_url: str | None
+    engine_key: str | None  # the engine is sealed: its per-start key, for the straight-to-the-engine side
     pid: int | None  # the gateway's pid, for memory (its children are the engine processes)
     out: Path
     adapters_dir: Path
@@ -55,7 +56,8 @@ class Target:
 @contextmanager
 def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests: int, concurrency: int,
            max_tokens: int, prompt_tokens: int, max_loras: int, api_key: str, admin_key: str,
-           engine_url: Optional[str], server_log: Optional[Path], scratch: Path) -> Iterator[Target]:
+           engine_url: Optional[str], engine_key: Optional[str], server_log: Optional[Path],
+           scratch: Path) -> Iterator[Target]:
     out.mkdir(parents=True, exist_ok=True)
     work = Workload(base_url="", model=BASE_NAME, requests=requests, concurrency=concurrency,
                     max_tokens=max_tokens, prompt_tokens=prompt_tokens)
@@ -64,15 +66,15 @@ def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests:
     if base_url:
         engine = engine_url or (engine_url_from_log(server_log) if server_log else None)
         yield Target(base_url=base_url, api_key=api_key, admin_key=admin_key, engine_url=engine,
-                     pid=listening_pid(base_url),
+                     engine_key=engine_key, pid=listening_pid(base_url),
                      work=replace(work, base_url=base_url, api_key=api_key), **common)
         return
-    server = QuiverProcess(root=scratch / f"server-{time.strftime('%Y%m%d-%H%M%S')}", port=port,
+    server = quiver_server(scratch / f"server-{time.strftime('%Y%m%d-%H%M%S')}", port,
                            env={"QUIVER_MAX_LORAS": str(max_loras)})
     typer.echo(f"starting quiver on {server.base_url} (max_loras={max_loras}; log {server.log_path})")
     with server:
         yield Target(base_url=server.base_url, api_key=API_KEY, admin_key=ADMIN_KEY, engine_url=server.engine_url,
-                     pid=server.process.pid, work=replace(work, base_url=server.base_url, api_key=API_KEY),
+                     engine_key=server.engine_key, pid=server.process.pid, work=replace(work, base_url=server.base_url, api_key=API_KEY),
                      **common)
 
 
@@ -161,13 +163,13 @@ def do_gateway(t: Target) -> None:
     adapters = ensure_adapters(t, 4)  # pinned names (name@version) are the engine's own model names
     warm(t, [BASE_NAME, *adapters])
     mix = replace(t.work, shape="uniform", adapters=adapters, include_base=True)
-    runs = alternate(t, {"gateway": mix, "direct": replace(mix, base_url=t.engine_url, api_key=None)})
+    runs = alternate(t, {"gateway": mix, "direct": replace(mix, base_url=t.engine_url, api_key=t.engine_key)})
     gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
     ttft_gw, ttft_direct = median(runs["gateway"], "ttft_ms", "p50"), median(runs["direct"], "ttft_ms", "p50")
     # At concurrency 16 a request's TTFT is mostly queueing for its batch's prefill, which swings by
     # tens of ms from run to run. One request at a time isolates what the gateway itself adds.
     probe = replace(mix, concurrency=1, requests=PROBE_REQUESTS, max_tokens=4)
-    probes = alternate(t, {"gateway-c1": probe, "direct-c1": replace(probe, base_url=t.engine_url, api_key=None)})
+    probes = alternate(t, {"gateway-c1": probe, "direct-c1": replace(probe, base_url=t.engine_url, api_key=t.engine_key)})
     runs.update(probes)
     gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
     ttft_gw, ttft_direct = median(runs["gateway"], "ttft_ms", "p50"), median(runs["direct"], "ttft_ms", "p50")
@@ -223,7 +225,8 @@ def do_peft(t: Target) -> None:
     q = median(runs["quiver"], "output_tok_s")
     kv = None
     if t.engine_url:  # what the KV cache buys: how many tokens (and so concurrent sequences) it holds
-        text = httpx.get(f"{t.engine_url}/metrics", timeout=10).text
+        text = httpx.get(f"{t.engine_url}/metrics", timeout=10,
+                         headers={"Authorization": f"Bearer {t.engine_key}"} if t.engine_key else {}).text
         kv = next((line for line in text.splitlines() if line.startswith("vllm:cache_config_info")), None)
     figures = {"quiver_tok_s": q, "peft_swap_tok_s": swap["output_tok_s"], "peft_mixed_tok_s": batched["output_tok_s"],
                "vs_swap": round(q / swap["output_tok_s"], 2), "vs_mixed": round(q / batched["output_tok_s"], 2),
@@ -329,6 +332,8 @@ def main(
     api_key: Annotated[str, typer.Option()] = API_KEY,
     admin_key: Annotated[str, typer.Option()] = ADMIN_KEY,
     engine_url: Annotated[Optional[str], typer.Option(help="with --base-url: its engine, for `gateway`")] = None,
+    engine_key: Annotated[Optional[str], typer.Option(
+        envvar="QUIVER_LOAD_ENGINE_KEY", help="with --engine-url: the sealed engine's key (its VLLM_API_KEY)")] = None,
     server_log: Annotated[Optional[Path], typer.Option(help="with --base-url: its log, to find the engine")] = None,
     port: Annotated[int, typer.Option(help="port for a started server")] = 18390,
     max_loras: Annotated[int, typer.Option(help="engine LoRA slots of a started server")] = 4,
@@ -347,7 +352,7 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown comparisons {sorted(unknown)}")
     with target(base_url, port, out, rounds, requests, concurrency, max_tokens, prompt_tokens, max_loras, api_key,
-                admin_key, engine_url, server_log, scratch) as t:
+                admin_key, engine_url, engine_key, server_log, scratch) as t:
         for name in names:
             COMPARISONS[name](t, scale_adapters) if name == "scale" else COMPARISONS[name](t)
         t.summary["finished"] = report.machine_state()

@@ -1,4 +1,5 @@
-"""The app factory: `create_app(settings)`; its lifespan prepares the model and owns the engine."""
+"""The app factory: `create_app(settings, engine=None)`; its lifespan prepares the model and owns the engine
+(a supervised vLLM process unless another `quiver.engine_client.Engine` is given, e.g. the fake engine)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -21,6 +21,7 @@ from quiver.adapters.validation import BaseModelSpec
 from quiver.auth import Auth, admin_auth
 from quiver.base_model import prepare_default_model
 from quiver.engine import EngineSupervisor
+from quiver.engine_client import Engine, EngineError
 from quiver.errors import document_errors, error_response, error_responses, install_error_handlers
 from quiver.finetuning.router import router as finetuning_router
 from quiver.finetuning.service import FileService, JobService
@@ -34,7 +35,9 @@ from quiver.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    injected = engine
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
@@ -42,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.uses_default_model:
             await asyncio.to_thread(prepare_default_model, model_dir)
         base = await asyncio.to_thread(BaseModelSpec.from_folder, model_dir)
-        engine = EngineSupervisor(settings, model_dir)
+        engine: Engine = injected if injected is not None else EngineSupervisor(settings, model_dir)
         registry = AdapterRegistry(
             store=open_store(settings),
             engine=engine,
@@ -124,7 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
         if engine is not None and engine.ready:
             try:
                 text += (await engine.metrics_text()).encode()
-            except httpx.HTTPError:
+            except EngineError:
                 log.warning("the engine's metrics could not be read")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

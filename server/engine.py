@@ -1,10 +1,17 @@
-"""The vLLM engine as a supervised child process on a private loopback port.
+"""The vLLM engine as a supervised, sealed child process on a private loopback port.
 
-The gateway talks to it only through vLLM's documented HTTP API (OpenAI routes, LoRA load/unload,
-/metrics, /health): control calls with one pooled httpx client, generation (the hot path, one chunk a
-token) with one pooled aiohttp session, which spent 2.5x less CPU per streamed chunk than httpx here
-(17 vs 43 ms for a 64-token stream), CPU that the engine shares on a small machine. If the engine dies,
-the supervisor restarts it and tells its listeners (the registry reloads adapters lazily after that).
+Every call to it goes through `quiver.engine_client.HttpEngineClient` (the supervisor's health probe too).
+
+Sealed: each start makes a random API key that only the gateway holds. It reaches the engine in its
+environment (`VLLM_API_KEY`; a command-line `--api-key` would be readable by every user in
+/proc/<pid>/cmdline), where vLLM's own middleware checks it on `/v1/*` (the LoRA load/unload routes
+included) and `quiver.engine_seal` on every other route (`/invocations`, `/pooling`, `/tokenize`, ... are
+not under vLLM's guarded prefixes). The engine's environment is built from an allow-list: none of the
+gateway's keys, S3 credentials or tokens reach it.
+
+Healing: the supervisor probes `/health` with a deadline; after `engine_health_failures` misses in a row,
+or when the process exits, it kills the whole process group (in-flight requests fail at once with a 503),
+starts a new engine and tells its listeners (the registry forgets what was loaded and reloads on use).
 """
 
 from __future__ import annotations
@@ -13,27 +20,45 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-import aiohttp
-import httpx
-
+from quiver.engine_client import (
+    EngineError,
+    EngineResponse,
+    EngineUnavailable,
+    HttpEngineClient,
+    RestartListener,
+    Timeouts,
+)
 from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ENGINE_HOST = "127.0.0.1"
-ENGINE_KEEPALIVE_S = 2.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s)
+ENGINE_KEY_ENV = "VLLM_API_KEY"  # vLLM reads it itself; quiver.engine_seal reads the same
+SEAL_MIDDLEWARE = "quiver.engine_seal.SealMiddleware"
 _LOG_TAIL_BYTES = 4000
 
-
-class EngineUnavailable(RuntimeError):
-    pass
+# The engine's environment: only these names and prefixes are passed on from the gateway's.
+_ENV_NAMES = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "PWD",
+    "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE", "TOKENIZERS_PARALLELISM",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "QUIVER_CPU_LORA_PLUGIN",  # the engine plugin's switch (not a secret)
+}
+_ENV_PREFIXES = ("VLLM_", "LC_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "CUDA_", "NVIDIA_", "NCCL_",
+                 "ROCM_", "HIP_")
+# Belt and braces: even an allowed prefix does not pass a name that looks like a secret.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
 def free_loopback_port() -> int:
@@ -50,6 +75,7 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--served-model-name", settings.base_model_name,
         "--host", ENGINE_HOST,
         "--port", str(port),
+        "--middleware", SEAL_MIDDLEWARE,
         "--dtype", settings.dtype,
         "--max-model-len", str(settings.max_model_len),
         "--enable-lora",
@@ -62,12 +88,16 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     return command + list(settings.engine_extra_args)
 
 
-def engine_environment(settings: Settings) -> dict[str, str]:
+def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] | None = None) -> dict[str, str]:
+    parent = dict(os.environ) if parent is None else parent
     scratch = settings.state_dir.resolve()
-    env = dict(os.environ)
+    env = {
+        name: value for name, value in parent.items()
+        if (name in _ENV_NAMES or name.startswith(_ENV_PREFIXES)) and not _SECRET_NAME.search(name)
+    }
     env.update(
-        HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
-        # Adapters are loaded and unloaded at run time through the HTTP API; only the gateway can reach it.
+        HF_HUB_OFFLINE=parent.get("HF_HUB_OFFLINE", "1"),
+        # Adapters are loaded and unloaded at run time through the HTTP API; only the gateway holds its key.
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_CPU_KVCACHE_SPACE=f"{settings.kv_cache_gib:g}",
         TMPDIR=str(scratch / "tmp"),
@@ -77,6 +107,7 @@ def engine_environment(settings: Settings) -> dict[str, str]:
         QUIVER_ENGINE_NICE=str(settings.engine_nice),  # applied by quiver.engine_guard before it starts vLLM
         DO_NOT_TRACK="1",
     )
+    env[ENGINE_KEY_ENV] = api_key
     if settings.cpu_threads_bind == "all":
         # By default vLLM keeps a core for its scheduler; binding every core was 25-35 % faster here.
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
@@ -87,26 +118,25 @@ def engine_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-RestartListener = Callable[[], Awaitable[None]]
+def engine_timeouts(settings: Settings) -> Timeouts:
+    return Timeouts(connect_s=settings.engine_connect_timeout_s, read_s=settings.engine_read_timeout_s,
+                    health_s=settings.engine_health_timeout_s)
 
 
 class EngineSupervisor:
+    """Starts, probes, kills and restarts the engine process; implements `quiver.engine_client.Engine` by
+    handing every call to its `HttpEngineClient`."""
+
     def __init__(self, settings: Settings, model_dir: Path) -> None:
         self.settings = settings
         self.model_dir = model_dir
         self.port = settings.engine_port or free_loopback_port()
         self.base_url = f"http://{ENGINE_HOST}:{self.port}"
         self.log_path = settings.state_dir / "engine.log"
-        # Control calls (health, LoRA load/unload, metrics); generation goes through `generation`.
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(None, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                                keepalive_expiry=ENGINE_KEEPALIVE_S),
-        )
-        self._generation: aiohttp.ClientSession | None = None
+        self.client = HttpEngineClient(self.base_url, None, engine_timeouts(settings))
         self.ready = False
-        self.restarts = 0
+        self.restarts = 0  # every restart since the gateway started
+        self.restart_streak = 0  # restarts without a healthy period between them: sets the back-off
         self._process: asyncio.subprocess.Process | None = None
         self._watch_task: asyncio.Task | None = None
         self._stopping = False
@@ -116,23 +146,33 @@ class EngineSupervisor:
         self._listeners.append(listener)
 
     @property
-    def generation(self) -> aiohttp.ClientSession:
-        """The pooled session for generation requests (made on first use: it binds to the running loop)."""
-        if self._generation is None or self._generation.closed:
-            self._generation = aiohttp.ClientSession(
-                base_url=self.base_url,
-                # Idle connections are dropped before the engine's own keep-alive (5 s) closes them, so a
-                # request never goes out on a connection the engine is closing.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
-                # Generation can take minutes; only connecting is bounded.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
-                auto_decompress=False,
-            )
-        return self._generation
-
-    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    # --- the calls (all through the one client) -----------------------------------------------------
+
+    async def generate(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        return await self.client.generate(endpoint, body)
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        await self.client.load_adapter(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.client.unload_adapter(name)
+
+    async def health(self) -> None:
+        await self.client.health()
+
+    async def metrics_text(self) -> str:
+        return await self.client.metrics_text()
+
+    async def loaded_models(self) -> set[str]:
+        return await self.client.loaded_models()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # --- the process --------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._spawn_and_wait()
@@ -141,6 +181,10 @@ class EngineSupervisor:
     async def _spawn_and_wait(self) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         command = engine_command(self.settings, self.model_dir, self.port)
+        # A new key for every start: a key seen by an earlier engine process is worth nothing.
+        api_key = secrets.token_urlsafe(32)
+        old_client, self.client = self.client, HttpEngineClient(self.base_url, api_key, engine_timeouts(self.settings))
+        await old_client.aclose()
         log.info("starting the vLLM engine on %s (log: %s)", self.base_url, self.log_path)
         with open(self.log_path, "ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
@@ -148,7 +192,7 @@ class EngineSupervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
-                env=engine_environment(self.settings),
+                env=engine_environment(self.settings, api_key),
                 # Its own process group, so stopping it also stops the engine-core and worker processes.
                 start_new_session=True,
             )
@@ -161,36 +205,76 @@ class EngineSupervisor:
         while time.monotonic() < deadline:
             if self._process is None or self._process.returncode is not None:
                 raise EngineUnavailable(f"the vLLM engine exited while starting:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await self.client.get("/health", timeout=2.0)).status_code == 200:
-                    return
+            with contextlib.suppress(EngineError):
+                await self.client.health()
+                return
             await asyncio.sleep(0.5)
         await self._terminate()
         raise EngineUnavailable(
             f"the vLLM engine was not healthy after {self.settings.engine_start_timeout_s:g}s:\n{self.log_tail()}"
         )
 
+    async def _until_unhealthy(self) -> str:
+        """Returns why the engine must be replaced: it exited, or it stopped answering its health probe."""
+        assert self._process is not None
+        exited = asyncio.ensure_future(self._process.wait())
+        healthy_since = time.monotonic()
+        misses = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=self.settings.engine_health_interval_s)
+                if done:
+                    return f"the vLLM engine exited with {exited.result()}"
+                try:
+                    await self.client.health()
+                except EngineError as exc:
+                    misses += 1
+                    log.warning("the vLLM engine's health probe failed (%d/%d): %s",
+                                misses, self.settings.engine_health_failures, exc)
+                    if misses >= self.settings.engine_health_failures:
+                        return f"the vLLM engine stopped answering its health probe ({exc})"
+                    continue
+                misses = 0
+                if self.restart_streak and time.monotonic() - healthy_since >= self.settings.engine_healthy_reset_s:
+                    log.info("the vLLM engine has been healthy for %gs; restart back-off reset",
+                             self.settings.engine_healthy_reset_s)
+                    self.restart_streak = 0
+        finally:
+            exited.cancel()
+
     async def _watch(self) -> None:
         while not self._stopping:
-            assert self._process is not None
-            code = await self._process.wait()
-            if self._stopping:
-                return
-            self.ready = False
-            log.error("the vLLM engine exited with %s:\n%s", code, self.log_tail())
-            if not self.settings.engine_restart:
-                return
-            await self._terminate()  # leftovers of the group
-            delay = min(30.0, 2.0 ** min(self.restarts, 5))
-            self.restarts += 1
-            await asyncio.sleep(delay)
             try:
+                if self.ready:
+                    reason = await self._until_unhealthy()
+                    if self._stopping:
+                        return
+                    self.ready = False
+                    log.error("%s; restarting it:\n%s", reason, self.log_tail())
+                    if not self.settings.engine_restart:
+                        await self._terminate(grace_s=0)
+                        return
+                    # A hung engine cannot shut down gracefully: the whole group is killed at once, which
+                    # also breaks every in-flight connection (those requests get a 503 now, not later).
+                    await self._terminate(grace_s=0)
+                    await asyncio.sleep(min(30.0, 2.0 ** min(self.restart_streak, 5)) if self.restart_streak else 0.5)
+                    self.restarts += 1
+                    self.restart_streak += 1
                 await self._spawn_and_wait()
-            except EngineUnavailable:
-                log.exception("restarting the vLLM engine failed; trying again")
-                continue
-            for listener in self._listeners:
-                await listener()
+                for listener in self._listeners:
+                    try:
+                        await listener()
+                    except Exception:
+                        log.exception("an engine-restart listener failed")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The supervisor must not die silently: log, wait, try again.
+                log.exception("supervising the vLLM engine failed; trying again")
+                self.ready = False
+                await self._terminate(grace_s=0)
+                await asyncio.sleep(min(30.0, 2.0 ** min(self.restart_streak, 5)))
+                self.restart_streak += 1
 
     async def stop(self) -> None:
         self._stopping = True
@@ -201,19 +285,18 @@ class EngineSupervisor:
                 await self._watch_task
         await self._terminate()
         await self.client.aclose()
-        if self._generation is not None:
-            await self._generation.close()
 
     async def _terminate(self, grace_s: float = 20.0) -> None:
         process = self._process
         if process is None:
             return
-        self._signal_group(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), grace_s)
-        except asyncio.TimeoutError:
-            log.warning("the vLLM engine did not stop in %gs; killing it", grace_s)
-        # Whatever is left of the group (engine core, workers) goes too.
+        if grace_s > 0 and process.returncode is None:
+            self._signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("the vLLM engine did not stop in %gs; killing it", grace_s)
+        # Whatever is left of the group (engine core, workers; stopped ones too) goes.
         self._signal_group(process.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(process.wait(), 5.0)
@@ -231,18 +314,3 @@ class EngineSupervisor:
                 return log_file.read().decode(errors="replace")
         except OSError:
             return "(no engine log)"
-
-    # --- vLLM's documented LoRA routes -------------------------------------------------------------
-
-    async def load_adapter(self, engine_name: str, path: Path) -> httpx.Response:
-        return await self.client.post(
-            "/v1/load_lora_adapter", json={"lora_name": engine_name, "lora_path": str(path.resolve())}
-        )
-
-    async def unload_adapter(self, engine_name: str) -> httpx.Response:
-        return await self.client.post("/v1/unload_lora_adapter", json={"lora_name": engine_name})
-
-    async def metrics_text(self) -> str:
-        response = await self.client.get("/metrics", timeout=5.0)
-        response.raise_for_status()
-        return response.text

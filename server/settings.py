@@ -97,6 +97,16 @@ class Settings(BaseSettings):
     engine_extra_args: KeyList = Field(default_factory=list)
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_restart: bool = True
+    # A hung engine must never hold a request forever, nor stay in place (see quiver.engine).
+    engine_connect_timeout_s: float = Field(5.0, gt=0)
+    engine_read_timeout_s: float = Field(
+        300.0, gt=0, description="longest silence from the engine: between stream chunks, or before a whole "
+                                 "non-streamed answer")
+    engine_health_interval_s: float = Field(5.0, gt=0, description="how often the engine's /health is probed")
+    engine_health_timeout_s: float = Field(10.0, gt=0, description="deadline of one health probe")
+    engine_health_failures: int = Field(3, ge=1, description="missed probes in a row before the engine is restarted")
+    engine_healthy_reset_s: float = Field(
+        300.0, gt=0, description="after this long healthy, the restart back-off starts from zero again")
 
     @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, BinaryIO
 
-import httpx
-
 from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
 from quiver.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
 from quiver.auth import EVERY_MODEL, ModelScope
-from quiver.engine import EngineSupervisor
+from quiver.engine_client import AdapterAlreadyLoaded, AdapterNotFound, EngineClient, EngineRejected, EngineUnavailable
 from quiver.errors import APIError
 from quiver.metrics import Metrics
 
@@ -58,7 +56,7 @@ class AdapterRegistry:
     def __init__(
         self,
         store: AdapterStore,
-        engine: EngineSupervisor,
+        engine: EngineClient,
         base: BaseModelSpec,
         base_model_name: str,
         max_rank: int,
@@ -188,17 +186,15 @@ class AdapterRegistry:
         # Off the event loop: a remote store may first have to download the version.
         path = await asyncio.to_thread(self.store.local_path, name, version)
         try:
-            response = await self.engine.load_adapter(key, path)
-        except httpx.HTTPError:
+            await self.engine.load_adapter(key, path)
+        except AdapterAlreadyLoaded:
+            pass  # loaded before a gateway-side restart of our bookkeeping: the same immutable files
+        except EngineUnavailable:
             raise APIError(503, "the engine is not reachable; try again shortly", code="engine_unavailable") from None
-        already_there = response.status_code == 400 and "already been loaded" in response.text
-        if response.status_code != 200 and not already_there:
-            raise APIError(
-                400 if response.status_code < 500 else 503,
-                f"the engine refused adapter {key}: {_engine_message(response)}",
-                code="engine_rejected",
-                param="files",
-            )
+        except (AdapterNotFound, EngineRejected) as exc:
+            status = exc.status if isinstance(exc, EngineRejected) else 404
+            raise APIError(400 if status < 500 else 503, f"the engine refused adapter {key}: {exc}",
+                           code="engine_rejected", param="files") from None
         self._loaded.add(key)
         self.metrics.adapter_loads.labels(adapter=name).inc()
 
@@ -210,7 +206,9 @@ class AdapterRegistry:
         self._loaded.discard(key)
         try:
             await self.engine.unload_adapter(key)
-        except httpx.HTTPError:
+        except AdapterNotFound:
+            pass  # a restarted engine never had it
+        except (EngineUnavailable, EngineRejected):
             log.warning("could not unload %s from the engine (it may be restarting)", key)
 
     async def _retire(self, key: str) -> None:
@@ -317,9 +315,3 @@ class AdapterRegistry:
     def _update_gauge(self) -> None:
         self.metrics.adapters_registered.set(len(self._adapters))
 
-
-def _engine_message(response: httpx.Response) -> str:
-    try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:500]

@@ -8,14 +8,13 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator, Callable
 
-import aiohttp
 import anyio
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from quiver.adapters.service import AdapterRegistry, Target
 from quiver.auth import EVERY_MODEL, ModelScope
-from quiver.engine import EngineSupervisor
+from quiver.engine_client import Engine, EngineError, EngineResponse, parse_engine_error
 from quiver.errors import APIError, error_body
 from quiver.inference.limiter import RequestLimiter
 from quiver.inference.protocol import _GenerationRequest
@@ -25,8 +24,6 @@ _USAGE_MARK = b'"usage":{'
 _EMPTY_CHOICES = b'"choices":[]'
 _DONE = b"data: [DONE]"
 _CLIENT_GONE = "499"
-# The engine connection failed or broke (a refused connect, a reset, a connect timeout).
-_ENGINE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 def engine_unavailable() -> APIError:
@@ -35,7 +32,7 @@ def engine_unavailable() -> APIError:
 
 
 class InferenceService:
-    def __init__(self, engine: EngineSupervisor, registry: AdapterRegistry, metrics: Metrics,
+    def __init__(self, engine: Engine, registry: AdapterRegistry, metrics: Metrics,
                  limiter: RequestLimiter, max_completion_tokens: int, max_n: int) -> None:
         self.engine = engine
         self.registry = registry
@@ -94,11 +91,11 @@ class InferenceService:
         if upstream.status != 200 or not request.stream:
             try:
                 content = await upstream.read()
-            except _ENGINE_ERRORS:
+            except EngineError:  # unreachable, broken, or silent past the read timeout (hung)
                 self._count(request.model, target, endpoint, 503)
                 raise engine_unavailable() from None
             finally:
-                upstream.release()
+                upstream.close()
                 await stack.aclose()
             return self._finish(request.model, target, endpoint, upstream.status, content, started)
         release = _Release(upstream, stack,
@@ -110,10 +107,10 @@ class InferenceService:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _send(self, endpoint: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _send(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         try:
-            return await self.engine.generation.post(f"/v1/{endpoint}", json=body)
-        except _ENGINE_ERRORS:
+            return await self.engine.generate(endpoint, body)
+        except EngineError:
             raise engine_unavailable() from None
 
     def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float) -> Response:
@@ -129,7 +126,7 @@ class InferenceService:
 
     async def _relay(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineResponse,
         release: "_Release",
         request: _GenerationRequest,
         target: Target,
@@ -140,7 +137,7 @@ class InferenceService:
         first = True
         done = False
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 if first:
                     self.metrics.time_to_first_token.labels(adapter=target.label).observe(time.perf_counter() - started)
                     first = False
@@ -156,9 +153,10 @@ class InferenceService:
             # Clients may hang up right after [DONE]; before it, closing upstream makes the engine abort.
             status = "200" if done else _CLIENT_GONE
             raise
-        except _ENGINE_ERRORS:
-            status = "502"
-            yield b"data: " + json.dumps(error_body(502, "the engine connection broke mid-stream",
+        except EngineError:  # the engine broke, or stayed silent past the read timeout (hung)
+            # The 200 is already sent: the failure is the stream's last event, the envelope of a 503.
+            status = "503"
+            yield b"data: " + json.dumps(error_body(503, "the engine connection broke mid-stream",
                                                     "engine_unavailable")).encode() + b"\n\n"
         finally:
             await release(status)
@@ -193,7 +191,7 @@ class _Release:
     """Gives back what one stream holds (the engine response, the slot, the adapter lease) exactly once,
     from whichever path gets there first: the relay's own end, or the response's."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, stack: AsyncExitStack, count: Callable[[str], None]) -> None:
+    def __init__(self, upstream: EngineResponse, stack: AsyncExitStack, count: Callable[[str], None]) -> None:
         self._upstream = upstream
         self._stack = stack
         self._count = count
@@ -207,10 +205,7 @@ class _Release:
         # cancelled again and skip the rest.
         with anyio.CancelScope(shield=True):
             try:
-                if self._upstream.content.at_eof():
-                    self._upstream.release()  # read to the end: the connection goes back to the pool
-                else:
-                    self._upstream.close()  # before its last chunk, closing makes the engine abort the request
+                self._upstream.close()  # before its last chunk, closing makes the engine abort the request
             finally:
                 await self._stack.aclose()
                 self._count(status)
@@ -237,11 +232,6 @@ class _RelayResponse(StreamingResponse):
 
 def _engine_error(status: int, content: bytes) -> JSONResponse:
     """The engine's error, re-wrapped in the envelope quiver uses everywhere."""
-    message, param = "the engine could not serve this request", None
-    try:
-        error = json.loads(content)["error"]
-        message, param = str(error.get("message") or message), error.get("param")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
+    error = parse_engine_error(status, content)
     code = "engine_error" if status >= 500 else None
-    return JSONResponse(error_body(status, message, code, param if isinstance(param, str) else None), status_code=status)
+    return JSONResponse(error_body(status, error.message, code, error.param), status_code=status)

@@ -1,0 +1,74 @@
+"""Sealed engine: nothing but the gateway can talk to the engine, and the engine's environment holds none of
+the gateway's secrets. Tried on the real engine the way another process on the machine would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import TENANT_KEYS
+from quiver.settings import Settings
+
+ADMIN_AND_API_KEYS = ("test-admin-key", "test-inference-key")
+
+
+def engine_processes(server) -> list[psutil.Process]:
+    """The engine's API server and everything it started (engine core, workers)."""
+    api_server = server.engine_process()
+    return [api_server, *api_server.children(recursive=True)]
+
+
+def test_the_engine_port_refuses_callers_without_the_gateways_key(quiver_server, fake_adapter: Path) -> None:
+    url = quiver_server.engine_url
+    outsider = httpx.Client(base_url=url, timeout=30)
+    wrong_key = httpx.Client(base_url=url, timeout=30, headers={"Authorization": "Bearer guessed"})
+    for client in (outsider, wrong_key):
+        load = client.post("/v1/load_lora_adapter", json={"lora_name": "intruder", "lora_path": str(fake_adapter)})
+        assert load.status_code == 401
+        chat = client.post("/v1/chat/completions", json={"model": quiver_server.model_name,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 401
+        # routes outside vLLM's own guarded prefixes are sealed too
+        for method, path, body in (("POST", "/invocations", {"model": quiver_server.model_name, "prompt": "hi"}),
+                                   ("POST", "/tokenize", {"model": quiver_server.model_name, "prompt": "hi"}),
+                                   ("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/health", None)):
+            assert client.request(method, path, json=body).status_code == 401, path
+    # the refusals are the seal's, not a wrong port: with the key the same engine answers, and nothing was loaded
+    assert "intruder" not in quiver_server.engine_models()
+    assert quiver_server.openai().models.list().data  # and the gateway still serves
+
+
+def test_the_engine_key_is_not_on_any_command_line(quiver_server) -> None:
+    key = quiver_server.engine_key
+    assert len(key) >= 32
+    for process in engine_processes(quiver_server):
+        assert key not in " ".join(process.cmdline())
+
+
+def test_the_engine_environment_holds_no_gateway_secrets(quiver_server) -> None:
+    secrets = [*ADMIN_AND_API_KEYS, *TENANT_KEYS]
+    for process in engine_processes(quiver_server):
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes().decode(errors="replace")
+        names = {entry.partition("=")[0] for entry in environ.split("\0") if entry}
+        assert not {name for name in names if name.startswith("QUIVER_")} - {"QUIVER_ENGINE_NICE",
+                                                                            "QUIVER_CPU_LORA_PLUGIN"}
+        assert not {name for name in names if name.startswith("AWS_")}
+        for secret in secrets:
+            assert secret not in environ
+
+
+@pytest.mark.parametrize("name", ["QUIVER_ADMIN_KEYS", "QUIVER_API_KEYS", "QUIVER_TENANT_KEYS", "AWS_ACCESS_KEY_ID",
+                                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "OPENAI_API_KEY",
+                                  "VLLM_API_KEY", "QUIVER_STORE_URL", "SOME_UNRELATED_VARIABLE"])
+def test_the_engine_environment_is_an_allow_list(name: str, tmp_path: Path) -> None:
+    from quiver.engine import engine_environment
+
+    parent = {"PATH": "/usr/bin", "HOME": "/root", name: "secret-value-123", "VLLM_LOGGING_LEVEL": "INFO"}
+    env = engine_environment(Settings(state_dir=tmp_path), api_key="per-start-key", parent=parent)
+    assert "secret-value-123" not in env.values()
+    assert env["VLLM_API_KEY"] == "per-start-key"  # only the key made for this start
+    assert env["PATH"] == "/usr/bin" and env["VLLM_LOGGING_LEVEL"] == "INFO"
+

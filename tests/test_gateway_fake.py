@@ -1,0 +1,243 @@
+"""The gateway's own logic (routing, leases, limits, caps, metrics, drain, engine failures, stream aborts),
+in-process on the fake engine with the official `openai` client: seconds, not minutes. What crosses a real
+engine is tested against vLLM in the `engine` group."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from quiver.fake_engine import FakeEngine, fake_text
+from quiver.settings import Settings
+from quiver.testing import ADMIN_KEY, API_KEY, InProcessGateway
+
+BASE = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def wait_for(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Waits for an event (generous timeout so a broken build fails instead of hanging)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def make_gateway(model_dir: Path, tmp_path: Path):
+    started: list[InProcessGateway] = []
+
+    def make(engine: FakeEngine | None = None, **overrides) -> InProcessGateway:
+        settings = Settings(
+            model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / "state",
+            finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY], store_poll_s=0,
+            **overrides,
+        )
+        gateway = InProcessGateway(settings, engine or FakeEngine(BASE)).start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.engine.threadsafe(gateway.engine.fail, None)
+        if gateway.engine.gate is not None:
+            gateway.engine.release()
+        gateway.stop()
+
+
+def chat(gateway, model: str, **kwargs):
+    return gateway.openai().chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, **kwargs)
+
+
+def in_background(function, *args, **kwargs) -> dict:
+    """Runs a blocking call in a thread; the dict gets `result` or `error` when it ends."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    outcome["thread"] = thread
+    return outcome
+
+
+def test_routing_base_name_and_pinned_versions(make_gateway, fake_adapter: Path):
+    gateway = make_gateway()
+    assert chat(gateway, BASE).choices[0].message.content == fake_text(BASE, 3)
+    assert gateway.register("bot", fake_adapter).status_code == 201
+    assert chat(gateway, "bot").choices[0].message.content == fake_text("bot@1", 3)
+    assert gateway.register("bot", fake_adapter).status_code == 201
+    # the bare name follows the current version; a pin keeps its own weights
+    assert chat(gateway, "bot").choices[0].message.content == fake_text("bot@2", 3)
+    assert chat(gateway, "bot@1").choices[0].message.content == fake_text("bot@1", 3)
+    completion = gateway.openai().completions.create(model="bot@2", prompt="x", max_tokens=2)
+    assert completion.choices[0].text == fake_text("bot@2", 2)
+    with pytest.raises(openai.NotFoundError) as missing:
+        chat(gateway, "bot@3")
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        chat(gateway, "nobody")
+    # what reached the engine: engine names only
+    assert [body["model"] for body in gateway.engine.requests] == [BASE, "bot@1", "bot@2", "bot@1", "bot@2"]
+
+
+def test_a_deleted_version_is_unloaded_only_after_its_last_request(make_gateway, fake_adapter: Path):
+    gateway = make_gateway()
+    engine = gateway.engine
+    assert gateway.register("bot", fake_adapter).status_code == 201
+    engine.hold()
+    running = in_background(chat, gateway, "bot")
+    wait_for(lambda: engine.running == 1, what="the request to reach the engine")
+    with gateway.admin() as admin:
+        assert admin.delete("/v1/adapters/bot").status_code in (200, 204)
+    # deleted, but its request still holds it: not unloaded yet, and new requests no longer find it
+    assert engine.unload_calls == []
+    with pytest.raises(openai.NotFoundError):
+        chat(gateway, "bot")
+    engine.release()
+    running["thread"].join(30)
+    assert running["result"].choices[0].message.content == fake_text("bot@1", 3)
+    wait_for(lambda: engine.unload_calls == ["bot@1"], what="the unload after the last request")
+    assert "bot@1" not in engine.loaded
+
+
+def test_limiter_429_with_retry_after_and_slots_come_back(make_gateway):
+    gateway = make_gateway(max_running_requests=1, max_waiting_requests=0)
+    engine = gateway.engine
+    engine.hold()
+    first = in_background(chat, gateway, BASE)
+    wait_for(lambda: engine.running == 1, what="the first request to hold the slot")
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(gateway, BASE)
+    assert refused.value.response.headers["Retry-After"] == "1"
+    assert refused.value.body["code"] == "server_overloaded"
+    engine.release()
+    first["thread"].join(30)
+    assert "result" in first
+    assert chat(gateway, BASE).choices[0].message.content == fake_text(BASE, 3)
+    assert gateway.state.inference.limiter.running == 0
+
+
+def test_caps_on_max_tokens_and_n(make_gateway):
+    gateway = make_gateway(max_completion_tokens=16, max_n=2)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        chat(gateway, BASE, max_completion_tokens=17)
+    assert too_long.value.body["code"] == "max_tokens_too_large"
+    with pytest.raises(openai.BadRequestError) as too_many:
+        chat(gateway, BASE, n=3)
+    assert too_many.value.body["code"] == "n_too_large"
+    assert gateway.engine.requests == []  # refused before the engine
+    assert len(chat(gateway, BASE, n=2).choices) == 2
+
+
+def test_metrics_labels_come_from_the_registry(make_gateway, fake_adapter: Path):
+    gateway = make_gateway()
+    assert gateway.register("bot", fake_adapter).status_code == 201
+    chat(gateway, "bot")
+    with pytest.raises(openai.NotFoundError):
+        chat(gateway, "who-knows@1")
+    text = httpx.get(f"{gateway.base_url}/metrics").text
+    assert 'quiver_requests_total{adapter="bot",endpoint="chat/completions",model="bot",status="200"} 1.0' in text
+    assert 'quiver_requests_total{adapter="",endpoint="chat/completions",model="",status="404"} 1.0' in text
+    assert "who-knows" not in text
+    assert 'quiver_completion_tokens_total{adapter="bot"} 3.0' in text
+    assert "vllm:fake_requests_total 1" in text  # the engine's own metrics follow quiver's
+    assert "quiver_engine_up 1.0" in text
+
+
+def test_drain_refuses_new_requests_and_lets_running_ones_finish(make_gateway):
+    gateway = make_gateway()
+    engine = gateway.engine
+    engine.hold()
+    running = in_background(chat, gateway, BASE)
+    wait_for(lambda: engine.running == 1, what="the request to reach the engine")
+    draining = in_background(engine.threadsafe, gateway.state.inference.drain, 60)
+    wait_for(lambda: gateway.state.inference.draining, what="draining to start")
+    with pytest.raises(openai.InternalServerError) as refused:
+        chat(gateway, BASE)
+    assert refused.value.status_code == 503 and refused.value.body["code"] == "server_draining"
+    assert httpx.get(f"{gateway.base_url}/ready").json()["error"]["code"] == "server_draining"
+    assert draining["thread"].is_alive()  # still waiting for the request in flight
+    engine.release()
+    running["thread"].join(30)
+    draining["thread"].join(30)
+    assert running["result"].choices[0].message.content == fake_text(BASE, 3)
+    assert not draining["thread"].is_alive() and "error" not in draining
+
+
+def test_engine_down_is_a_503_envelope(make_gateway):
+    gateway = make_gateway()
+    gateway.engine.threadsafe(gateway.engine.fail, "unavailable")
+    response = httpx.post(f"{gateway.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": BASE, "messages": MESSAGES})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert response.json()["error"]["code"] == "engine_unavailable"
+    assert gateway.state.inference.limiter.running == 0
+
+
+def test_a_hung_engine_is_a_503_in_bounded_time_and_frees_the_slot(make_gateway, fake_adapter: Path):
+    engine = FakeEngine(BASE, read_timeout_s=0.5)
+    gateway = make_gateway(engine)
+    assert gateway.register("bot", fake_adapter).status_code == 201
+    engine.threadsafe(engine.fail, "hang")
+    with pytest.raises(openai.InternalServerError) as hung:
+        gateway.openai(timeout=60).chat.completions.create(model="bot", messages=MESSAGES, max_tokens=3)
+    assert hung.value.status_code == 503 and hung.value.body["code"] == "engine_unavailable"
+    assert gateway.state.inference.limiter.running == 0
+    assert gateway.state.registry._in_flight == {}  # the lease is given back
+    # an engine restart heals: adapters are loaded again on first use
+    engine.threadsafe(engine.restart)
+    assert chat(gateway, "bot").choices[0].message.content == fake_text("bot@1", 3)
+    assert engine.load_calls == ["bot@1", "bot@1"]
+
+
+def test_a_stream_that_hangs_midway_ends_with_an_error_event(make_gateway):
+    engine = FakeEngine(BASE, read_timeout_s=0.5, token_delay_s=0.05)
+    gateway = make_gateway(engine)
+    stream = gateway.openai(timeout=60).chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=50,
+                                                                stream=True)
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.content == f"{BASE}#0 "
+    engine.threadsafe(engine.fail, "hang")
+    with pytest.raises(openai.APIError) as broken:
+        for _ in chunks:
+            pass
+    assert "mid-stream" in str(broken.value)
+    wait_for(lambda: gateway.state.inference.limiter.running == 0, what="the slot to come back")
+
+
+def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(make_gateway):
+    engine = FakeEngine(BASE, token_delay_s=0.05)
+    gateway = make_gateway(engine)
+    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": BASE, "messages": MESSAGES, "max_tokens": 200, "stream": True}) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())
+    wait_for(lambda: engine.aborted == 1, what="the engine request to be aborted")
+    wait_for(lambda: engine.running == 0 and gateway.state.inference.limiter.running == 0, what="slots back")
+    text = httpx.get(f"{gateway.base_url}/metrics").text
+    assert 'status="499"' in text
+
+
+def test_a_refused_load_registers_nothing(make_gateway, fake_adapter: Path):
+    gateway = make_gateway()
+    gateway.engine.refuse_loads = True
+    response = gateway.register("bot", fake_adapter)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "engine_rejected"
+    with gateway.admin() as admin:
+        assert admin.get("/v1/adapters/bot").status_code == 404
+    gateway.engine.refuse_loads = False
+    assert gateway.register("bot", fake_adapter).status_code == 201
