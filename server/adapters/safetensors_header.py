@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from quiver.limits import loads_bounded
 
 # A header beyond this is not a LoRA adapter's (and would be a cheap way to exhaust memory).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -35,8 +36,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise SafetensorsError("the header length is larger than the file")
         raw = file.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_bounded(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsError(f"the header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise SafetensorsError("the header is not a JSON object")

@@ -19,6 +19,7 @@ from typing import AsyncIterator, BinaryIO
 
 import httpx
 
+from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
@@ -42,11 +43,19 @@ class Target:
     engine_model: str  # the name the engine knows: the base's served name or `name@version`
     adapter: str | None = None
     version: int | None = None
+    pinned: bool = False  # asked for as `name@N` (not the bare name)
 
     @property
     def label(self) -> str:
         """The `adapter` metrics label; the base model's name for base traffic (adapters can't take it)."""
         return self.adapter or self.engine_model
+
+    @property
+    def model_label(self) -> str:
+        """The `model` metrics label: what was asked for, as the registry spells it (`name` or `name@N`)."""
+        if self.adapter is None:
+            return self.engine_model
+        return self.engine_model if self.pinned else self.adapter
 
 
 def model_not_found(model: str) -> APIError:
@@ -133,20 +142,19 @@ class AdapterRegistry:
         return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions)
 
     def resolve(self, model: str, scope: ModelScope = EVERY_MODEL) -> Target:
-        if model == self.base_model_name:
-            return Target(engine_model=model)
-        name, _, pinned = model.partition("@")
-        adapter = self._adapters.get(name)
+        ref = parse_model_id(model, self.base_model_name)
+        if ref.is_base:
+            return Target(engine_model=ref.name)
+        adapter = self._adapters.get(ref.name)
         # Another tenant's adapter is refused exactly like one that does not exist: its name must not leak.
-        if adapter is None or not scope.allows(name):
+        if adapter is None or not scope.allows(ref.name):
             raise model_not_found(model)
-        if not pinned:
-            version = adapter.current
-        elif pinned.isdigit() and int(pinned) in adapter.versions:
-            version = int(pinned)
-        else:
+        # A bare name without a current version (it was deleted, or none was ever made current) serves nothing.
+        version = adapter.current if ref.version is None else ref.version
+        if version is None or version not in adapter.versions:
             raise model_not_found(model)
-        return Target(engine_model=engine_name(name, version), adapter=name, version=version)
+        return Target(engine_model=engine_name(ref.name, version), adapter=ref.name, version=version,
+                      pinned=ref.version is not None)
 
     # --- serving -----------------------------------------------------------------------------------
 
@@ -269,14 +277,16 @@ class AdapterRegistry:
                 await asyncio.to_thread(self.store.remove_version, name, version)
             raise
         if adapter is None:
-            adapter = StoredAdapter(name=name, current=version)
+            adapter = StoredAdapter(name=name, current=None)
             self._adapters[name] = adapter
         adapter.versions[version] = record
-        if make_current or adapter.current not in adapter.versions:
+        # Only an explicit make_current moves the name: a version registered with make_current=false is
+        # never served under the bare name unless promoted (not even as the first version).
+        if make_current:
             adapter.current = version
         await asyncio.to_thread(self.store.set_current, name, adapter.current)
         self._update_gauge()
-        log.info("registered %s (current: %s@%d)", record.id, name, adapter.current)
+        log.info("registered %s (current: %s@%s)", record.id, name, adapter.current)
         return record.model_copy(update={"current": adapter.current == version})
 
     async def promote(self, name: str, version: int) -> Adapter:
@@ -308,7 +318,9 @@ class AdapterRegistry:
                     await asyncio.to_thread(self.store.remove_version, name, number)
                     del adapter.versions[number]
                 if adapter.current not in adapter.versions:
-                    adapter.current = max(adapter.versions)
+                    # Versions mean what they say: no other version is made current behind the admin's back;
+                    # the bare name is a 404 until an explicit promote (`name@N` still serves).
+                    adapter.current = None
                 await asyncio.to_thread(self.store.set_current, name, adapter.current)
             for number in doomed:
                 await self._retire(engine_name(name, number))

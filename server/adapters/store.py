@@ -97,17 +97,19 @@ def recorded_last_version(index: dict) -> int:
 @dataclass
 class StoredAdapter:
     name: str
-    current: int
+    current: int | None  # None: the bare name serves nothing until a version is promoted
     versions: dict[int, AdapterVersion] = field(default_factory=dict)
 
 
 def assemble(name: str, versions: dict[int, AdapterVersion], index: dict) -> StoredAdapter | None:
     if not versions:
         return None
-    current = index.get("current")
-    if current not in versions:
-        current = max(versions)
-    return StoredAdapter(name, current, versions)
+    if "current" not in index:
+        # No readable index at all (written by hand, or lost): the newest version, as before indexes existed.
+        return StoredAdapter(name, max(versions), versions)
+    current = index["current"]
+    # The index says which version is current, or that none is: a gone or missing one is never replaced.
+    return StoredAdapter(name, current if current in versions else None, versions)
 
 
 class AdapterStore(ABC):

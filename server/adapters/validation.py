@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re2
+
 from quiver.adapters.safetensors_header import SafetensorsError, read_header
 from quiver.errors import APIError
+from quiver.limits import loads_bounded
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CONFIG_FILE = "adapter_config.json"
@@ -20,6 +23,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _WEIGHT_DTYPES = {"F32", "F16", "BF16"}
 _MAX_CONFIG_BYTES = 1024 * 1024
+# Caller regexes (`target_modules` as a string, `rank_pattern`/`alpha_pattern` keys) are matched with RE2:
+# linear time in pattern x text whatever the pattern, so no upload can stall a core (and with it the GIL,
+# which Python's own `re` holds while backtracking: a thread would not save the event loop). RE2 refuses
+# backreferences and look-around, which no module-name pattern needs; such a pattern is a clear 400.
+_MAX_PATTERN_CHARS = 1024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the caller's error, not a log line
+_RE2_OPTIONS.max_mem = 8 * 1024 * 1024  # bounds the compiled automaton (e.g. `(a{1000}){1000}`)
 
 
 class AdmissionError(APIError):
@@ -65,12 +76,26 @@ class BaseModelSpec:
     def modules_matching(self, target: str | list[str]) -> set[str]:
         """PEFT's rule: a list names module-name suffixes, a string is a regex over the full name."""
         if isinstance(target, str):
-            pattern = re.compile(target)
+            pattern = compile_caller_pattern(target, "target_modules")
             return {name for name in self.linear_shapes if pattern.fullmatch(name)}
         return {
             name for name in self.linear_shapes
             if any(name == suffix or name.endswith("." + suffix) for suffix in target)
         }
+
+
+def compile_caller_pattern(pattern: str, field_name: str) -> Any:
+    """A caller's regular expression, compiled for linear-time matching (RE2), or a 400."""
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise AdmissionError("invalid_adapter_config",
+                             f"a `{field_name}` pattern is longer than {_MAX_PATTERN_CHARS} characters", param="files")
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error:
+        raise AdmissionError(
+            "invalid_adapter_config",
+            f"a `{field_name}` pattern is not a regular expression this server accepts "
+            "(RE2 syntax: no backreferences or look-around)", param="files") from None
 
 
 @dataclass(frozen=True)
@@ -89,9 +114,10 @@ def _load_config(path: Path) -> dict[str, Any]:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
         raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is implausibly large", param="files")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not valid JSON", param="files") from None
+        config = loads_bounded(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not valid JSON ({exc})"[:300],
+                             param="files") from None
     if not isinstance(config, dict):
         raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not a JSON object", param="files")
     return config
@@ -106,7 +132,16 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec, max_rank: int) ->
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise refuse("invalid_adapter_config", "adapter_config.json needs a positive integer `r`")
-    ranks = [rank, *(config.get("rank_pattern") or {}).values()]
+    patterns = {field_name: config.get(field_name) or {} for field_name in ("rank_pattern", "alpha_pattern")}
+    for field_name, mapping in patterns.items():
+        if not isinstance(mapping, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in mapping.values()):
+            raise refuse("invalid_adapter_config", f"`{field_name}` must map module patterns to positive numbers")
+        for key in mapping:
+            compile_caller_pattern(key, field_name)
+    if not all(isinstance(v, int) for v in patterns["rank_pattern"].values()):
+        raise refuse("invalid_adapter_config", "`rank_pattern` ranks must be integers")
+    ranks = [rank, *patterns["rank_pattern"].values()]
     if max(ranks) > max_rank:
         raise refuse("rank_too_large", f"rank {max(ranks)} is above this server's maximum LoRA rank of {max_rank}")
     if config.get("use_dora"):
@@ -131,10 +166,7 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec, max_rank: int) ->
                 f"the base model ({base.architecture}) has no linear layer named {', '.join(missing)}",
             )
     else:
-        try:
-            matched = base.modules_matching(targets)
-        except re.error:
-            raise refuse("invalid_adapter_config", "`target_modules` is not a valid regular expression") from None
+        matched = base.modules_matching(targets)
         if not matched:
             raise refuse("unknown_target_module", f"`target_modules` matches no linear layer of {base.architecture}")
     return rank, targets
@@ -152,7 +184,7 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
         raise refuse("invalid_safetensors", f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
     if not tensors:
         raise refuse("empty_adapter", f"{WEIGHTS_FILE} holds no tensors")
-    rank_pattern = config.get("rank_pattern") or {}
+    rank_pattern = [(compile_caller_pattern(key, "rank_pattern"), r) for key, r in (config.get("rank_pattern") or {}).items()]
     parts: dict[str, set[str]] = {}
     for name, info in tensors.items():
         match = _LORA_KEY.match(name)
@@ -164,7 +196,7 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
         if info.dtype not in _WEIGHT_DTYPES:
             raise refuse("invalid_tensor_dtype", f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
         out_features, in_features = base.linear_shapes[module]
-        module_rank = next((r for key, r in rank_pattern.items() if re.search(key, module)), rank)
+        module_rank = next((r for pattern, r in rank_pattern if pattern.search(module)), rank)
         expected = (module_rank, in_features) if part == "A" else (out_features, module_rank)
         if info.shape != expected:
             raise refuse(
