@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ from quiver.adapters.store import (
     INDEX,
     MANIFEST,
     AdapterStore,
+    UNCOMMITTED_GRACE_S,
     StoredAdapter,
     StoreUnavailable,
     assemble,
@@ -69,6 +71,7 @@ RESERVED = ".reserved"
 _STAGING = ".staging"
 _DOWNLOADING = ".downloading"
 _TRASH = ".trash"
+_CORRUPT = ".corrupt"  # <prefix>/.corrupt/<name>@<version>/<files>: unreadable versions, moved aside at start
 _S3_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 # Conflicts are between a handful of replicas, each retrying at once: these bounds are never reached
 # unless the endpoint answers every conditional write with a conflict.
@@ -211,6 +214,53 @@ class S3AdapterStore(AdapterStore):
             (self.cache_dir / leftovers).mkdir()
         with self._reaching(f"opening bucket {self.bucket}"):
             self._client.head_bucket(Bucket=self.bucket)
+        with self._reaching("sweeping the store"):
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """As the local store's: versions never committed (files but no manifest, older than the grace
+        period) are deleted; versions whose manifest is unreadable are moved under .corrupt/; each with a log
+        line. `.reserved` stays, so the number is never given out again."""
+        now = time.time()
+        folders: dict[tuple[str, int], list[dict]] = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._base):
+            for item in page.get("Contents", ()):
+                parts = item["Key"][len(self._base):].split("/")
+                if len(parts) == 3 and parts[0] and not parts[0].startswith(".") and parts[1].isdigit():
+                    folders.setdefault((parts[0], int(parts[1])), []).append(item)
+        for (name, version), items in sorted(folders.items()):
+            files = [item for item in items if not item["Key"].endswith("/" + RESERVED)]
+            manifest = next((item for item in files if item["Key"].endswith("/" + MANIFEST)), None)
+            if not files:
+                continue
+            if manifest is None:
+                if max(item["LastModified"].timestamp() for item in files) > now - UNCOMMITTED_GRACE_S:
+                    continue
+                self._keep_number(name, version)
+                log.warning("store: removing %s@%d, staged by a registration that never finished", name, version)
+                self._delete([item["Key"] for item in files])
+                continue
+            got = self._get(manifest["Key"])
+            if got is None or parse_manifest(got[0], name, version) is not None:
+                continue
+            self._keep_number(name, version)
+            aside = f"{self._base}{_CORRUPT}/{name}@{version}.{uuid.uuid4().hex[:8]}/"
+            for item in files:
+                self._client.copy_object(Bucket=self.bucket, Key=aside + item["Key"].rsplit("/", 1)[1],
+                                         CopySource={"Bucket": self.bucket, "Key": item["Key"]})
+            # The manifest first: the version is un-committed before its files go.
+            self._client.delete_object(Bucket=self.bucket, Key=manifest["Key"])
+            self._delete([item["Key"] for item in files if item is not manifest])
+            log.warning("store: %s@%d has an unreadable manifest; moved aside to s3://%s/%s",
+                        name, version, self.bucket, aside)
+
+    def _keep_number(self, name: str, version: int) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(name, version, RESERVED), Body=b"",
+                                    IfNoneMatch="*")
+        except ClientError as exc:
+            if not _conflict(exc):
+                raise
 
     def new_staging_dir(self) -> Path:
         path = self.cache_dir / _STAGING / uuid.uuid4().hex

@@ -6,6 +6,7 @@
                                       version number is never given out twice
     <store>/<name>/<version>/         adapter files + manifest.json
     <store>/.staging/                 uploads being checked
+    <store>/.corrupt/                 version folders whose manifest could not be read, moved aside at start
 
 `quiver.adapters.s3_store.S3AdapterStore` keeps the same layout as objects in an S3-compatible bucket,
 with a local cache per replica (the engine can only load adapters from a local folder).
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from pydantic import ValidationError
 
 from quiver.adapters.protocol import AdapterVersion
 from quiver.errors import APIError
+from quiver.limits import loads_bounded
 
 if TYPE_CHECKING:
     from quiver.settings import Settings
@@ -41,6 +44,10 @@ MANIFEST = "manifest.json"
 INDEX = "index.json"
 _STAGING = ".staging"
 _TRASH = ".trash"
+_CORRUPT = ".corrupt"
+# A version folder without a manifest older than this was staged by a registration that never finished (a
+# crash, a kill): swept at start. Younger ones may be a registration in progress on another replica.
+UNCOMMITTED_GRACE_S = 15 * 60
 
 
 class StoreUnavailable(APIError):
@@ -83,7 +90,7 @@ def parse_manifest(raw: bytes, name: str, version: int) -> AdapterVersion | None
 
 def parse_index(raw: bytes) -> dict:
     try:
-        index = json.loads(raw)
+        index = loads_bounded(raw)
     except ValueError:
         return {}
     return index if isinstance(index, dict) else {}
@@ -177,6 +184,38 @@ class LocalAdapterStore(AdapterStore):
         for leftovers in (self.root / _STAGING, self.root / _TRASH):
             shutil.rmtree(leftovers, ignore_errors=True)
             leftovers.mkdir()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """At start: version folders never committed (older than the grace period) are removed, those whose
+        manifest is unreadable are moved to .corrupt/ for an operator to look at; each with a log line.
+        Either way the number stays used (index.json's last_version), so it is never given out again."""
+        for adapter_dir in sorted(self.root.iterdir()):
+            if adapter_dir.name.startswith(".") or not adapter_dir.is_dir():
+                continue
+            name = adapter_dir.name
+            for version_dir in sorted(adapter_dir.iterdir()):
+                if not (version_dir.is_dir() and version_dir.name.isdigit()):
+                    continue
+                version = int(version_dir.name)
+                manifest = version_dir / MANIFEST
+                if not manifest.is_file():
+                    if time.time() - version_dir.stat().st_mtime < UNCOMMITTED_GRACE_S:
+                        continue
+                    self._keep_number(name, version)
+                    log.warning("store: removing %s@%d, staged by a registration that never finished", name, version)
+                    discard(version_dir, self.root / _TRASH)
+                elif parse_manifest(manifest.read_bytes(), name, version) is None:
+                    self._keep_number(name, version)
+                    aside = self.root / _CORRUPT / f"{name}@{version}.{uuid.uuid4().hex[:8]}"
+                    aside.parent.mkdir(exist_ok=True)
+                    os.replace(version_dir, aside)
+                    log.warning("store: %s@%d has an unreadable manifest; moved aside to %s", name, version, aside)
+
+    def _keep_number(self, name: str, version: int) -> None:
+        index = self._read_index(name)
+        if recorded_last_version(index) < version:
+            self._write_index(name, index.get("current"), version)
 
     def new_staging_dir(self) -> Path:
         path = self.root / _STAGING / uuid.uuid4().hex
