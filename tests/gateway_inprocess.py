@@ -47,11 +47,11 @@ class NoEngine:
         raise AssertionError("this test must not reach the engine")
 
 
-def inprocess_app(tmp_path: Path, model_dir: Path, **settings: object):
+def inprocess_app(tmp_path: Path, model_dir: Path, engine: "NoEngine | None" = None, **settings: object):
     config = Settings(model=model_dir, store_dir=tmp_path / "store", state_dir=tmp_path / "state",
                       finetuning_dir=tmp_path / "finetuning", **settings)
     app = create_app(config)
-    engine = NoEngine()
+    engine = engine or NoEngine()
     registry = AdapterRegistry(store=LocalAdapterStore(config.store_dir), engine=engine,  # type: ignore[arg-type]
                                base=BaseModelSpec.from_folder(model_dir), base_model_name=config.base_model_name,
                                max_rank=config.max_lora_rank, max_upload_bytes=config.max_upload_bytes,
@@ -69,3 +69,20 @@ def client(app, key: str | None = None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://quiver", headers=headers,
                              timeout=120)
+
+
+class LoadingEngine(NoEngine):
+    """For the storage-failure checks only: accepts every adapter load and records loads and unloads, so a
+    test can tell that a version whose registration failed was taken out of the engine again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: set[str] = set()
+
+    async def load_adapter(self, key: str, _path):
+        self.loaded.add(key)
+        return httpx.Response(200, text="ok")
+
+    async def unload_adapter(self, key: str):
+        self.loaded.discard(key)
+        return httpx.Response(200, text="ok")

@@ -365,3 +365,78 @@ def test_metric_labels_come_from_the_registry(tmp_path: Path, model_dir: Path) -
         'quiver_requests_total{adapter="unknown",endpoint="chat/completions",model="unknown",status="400"} 3.0',
     ]), series
     assert "nobody" not in text and "secret" not in text
+
+
+# --- 10. disk full / storage errors -------------------------------------------------------------------
+
+def _upload_files(folder: Path) -> list:
+    return [("files", (path.name, path.read_bytes())) for path in sorted(folder.iterdir())]
+
+
+@pytest.mark.parametrize("where,errname,status,code", [
+    ("staging", "ENOSPC", 507, "insufficient_storage"),
+    ("commit", "ENOSPC", 507, "insufficient_storage"),
+    ("commit", "EDQUOT", 507, "insufficient_storage"),
+    ("commit", "EACCES", 503, "store_unavailable"),
+])
+def test_a_store_that_cannot_be_written_refuses_cleanly(tmp_path: Path, model_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        where: str, errname: str, status: int, code: str) -> None:
+    import errno
+    import os
+
+    import quiver.adapters.uploads as uploads
+    from gateway_inprocess import LoadingEngine
+    from quiver.adapters.store import LocalAdapterStore
+
+    engine = LoadingEngine()
+    app, _ = inprocess_app(tmp_path, model_dir, engine=engine, **KEYS)
+    failure = OSError(getattr(errno, errname), os.strerror(getattr(errno, errname)))
+
+    def fail(*_args, **_kwargs):
+        raise failure
+
+    if where == "staging":
+        monkeypatch.setattr(uploads, "_copy_capped", fail)
+    else:
+        monkeypatch.setattr(LocalAdapterStore, "commit_version", fail)
+    adapter = write_adapter(tmp_path / "adapter")
+
+    async def go():
+        async with client(app, ADMIN) as http:
+            refused = await http.post("/v1/adapters", data={"name": "full"}, files=_upload_files(adapter))
+            listing = await http.get("/v1/adapters")
+            health = await http.get("/health")
+            monkeypatch.undo()
+            again = await http.post("/v1/adapters", data={"name": "full"}, files=_upload_files(adapter))
+            return refused, listing, health, again
+
+    refused, listing, health, again = run(go())
+    assert refused.status_code == status and envelope(refused)["code"] == code, refused.text
+    assert str(tmp_path) not in refused.text, "no path leaks to the caller"
+    assert listing.json()["data"] == [] and health.status_code == 200
+    assert again.status_code == 201, "serving and registering go on once the store can be written"
+    version = again.json()["version"]
+    assert engine.loaded == {f"full@{version}"}, "the failed version was taken out of the engine again"
+    store = tmp_path / "store"
+    manifests = sorted(str(p.relative_to(store)) for p in store.rglob("manifest.json"))
+    assert manifests == [f"full/{version}/manifest.json"], "nothing half-written stays visible"
+    assert list((store / ".staging").iterdir()) == []
+
+
+# --- 11. a no-op adapter is flagged --------------------------------------------------------------------
+
+def test_all_zero_lora_b_is_accepted_with_a_warning(tmp_path: Path, model_dir: Path) -> None:
+    import torch
+
+    from quiver.adapters.validation import NOOP_ADAPTER_WARNING, BaseModelSpec, validate_adapter_dir
+
+    base = BaseModelSpec.from_folder(model_dir)
+    untrained = {name: (torch.randn_like(t) if "lora_A" in name else t) for name, t in lora_tensors().items()}
+    assert validate_adapter_dir(write_adapter(tmp_path / "noop", tensors=untrained), base, 16).warnings == [
+        NOOP_ADAPTER_WARNING]
+    trained = dict(untrained)
+    key = next(name for name in trained if "lora_B" in name)
+    trained[key] = trained[key].clone()
+    trained[key][-1, -1] = 1e-6  # one non-zero value anywhere is an effect
+    assert validate_adapter_dir(write_adapter(tmp_path / "real", tensors=trained), base, 16).warnings == []

@@ -27,6 +27,8 @@ class AdapterVersion(BaseModel):
     target_modules: list[str]
     files: list[StoredFile]
     size_bytes: int
+    warnings: list[str] = Field(default_factory=list,
+                                description="what admission noticed but accepted, e.g. `noop_adapter: ...`")
     current: bool = False
 
 

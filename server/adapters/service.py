@@ -8,6 +8,7 @@ once the requests using it have finished.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -26,7 +27,7 @@ from quiver.adapters.uploads import stage_upload
 from quiver.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine import EngineSupervisor
-from quiver.errors import APIError
+from quiver.errors import APIError, DomainError, StorageFull, Unavailable
 from quiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,14 @@ class Target:
         if self.adapter is None:
             return self.engine_model
         return self.engine_model if self.pinned else self.adapter
+
+
+def storage_error(exc: OSError) -> DomainError:
+    """A failed write of the store: full (507) or otherwise unwritable (503); details go to the log only."""
+    log.warning("adapter store write failed: %s", exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageFull("the adapter store is full: nothing was registered", code="insufficient_storage")
+    return Unavailable("the adapter store cannot be written: nothing was registered", code="store_unavailable")
 
 
 def model_not_found(model: str) -> APIError:
@@ -233,15 +242,18 @@ class AdapterRegistry:
         check_adapter_name(name)
         if name == self.base_model_name:
             raise AdmissionError("name_conflict", f"`{name}` is the base model's name", param="name", status=409)
-        staging = self.store.new_staging_dir()
         try:
-            await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
-            spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
-            stored_files = await asyncio.to_thread(self._describe_files, staging)
-            async with self._write_lock:
-                return await self._add_version(name, staging, spec, stored_files, make_current)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging = self.store.new_staging_dir()
+            try:
+                await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
+                spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
+                stored_files = await asyncio.to_thread(self._describe_files, staging)
+                async with self._write_lock:
+                    return await self._add_version(name, staging, spec, stored_files, make_current)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as exc:  # the disk, not the caller: nothing was committed (see _add_version)
+            raise storage_error(exc) from None
 
     @staticmethod
     def _describe_files(folder: Path) -> list[StoredFile]:
@@ -265,15 +277,17 @@ class AdapterRegistry:
             target_modules=spec.target_modules,
             files=stored_files,
             size_bytes=sum(f.bytes for f in stored_files),
+            warnings=spec.warnings,
         )
         await asyncio.to_thread(self.store.place_version, staging, name, version)
         try:
             # Loaded before it is committed: the engine has the last word on what it can serve.
             await self._load(name, version)
             await asyncio.to_thread(self.store.commit_version, record)
-        except APIError:
+        except (APIError, DomainError, OSError):
             await self._unload(record.id)
-            with suppress(APIError):  # a store that failed the commit may fail this too; leftovers stay invisible
+            with suppress(APIError, DomainError, OSError):  # a store that failed the commit may fail this too;
+                # leftovers stay invisible (no manifest) and are swept at the next start
                 await asyncio.to_thread(self.store.remove_version, name, version)
             raise
         if adapter is None:
@@ -297,11 +311,20 @@ class AdapterRegistry:
             if version not in adapter.versions:
                 raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
             await self._ensure_loaded(name, version)
-            await asyncio.to_thread(self.store.set_current, name, version)
+            try:
+                await asyncio.to_thread(self.store.set_current, name, version)
+            except OSError as exc:
+                raise storage_error(exc) from None
             adapter.current = version
             return self._describe(adapter)
 
     async def delete(self, name: str, version: int | None = None) -> None:
+        try:
+            await self._delete(name, version)
+        except OSError as exc:
+            raise storage_error(exc) from None
+
+    async def _delete(self, name: str, version: int | None) -> None:
         async with self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import re2
 
-from quiver.adapters.safetensors_header import SafetensorsError, read_header
+from quiver.adapters.safetensors_header import SafetensorsError, all_zero, read_header
 from quiver.errors import APIError
 from quiver.limits import loads_bounded
 
@@ -106,6 +106,7 @@ class AdapterSpec:
     base_model_name_or_path: str | None
     modules: int
     config: dict[str, Any] = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -172,7 +173,15 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec, max_rank: int) ->
     return rank, targets
 
 
-def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseModelSpec) -> int:
+# An adapter whose every LoRA B matrix is zero adds B @ A = 0 to every layer: it serves exactly the base model.
+# That is PEFT's initialisation, saved before any training step (a pipeline that forgot to train, or saved
+# the wrong checkpoint). It is accepted - harmless, and a deliberate identity adapter has its uses - but the
+# version record carries this warning, shown by the registry API and /v1/models.
+NOOP_ADAPTER_WARNING = ("noop_adapter: every lora_B weight is zero, so this adapter changes nothing (PEFT's "
+                        "initialisation, saved before training?)")
+
+
+def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseModelSpec) -> tuple[int, list[str]]:
     def refuse(code: str, message: str) -> AdmissionError:
         return AdmissionError(code, message, param="files")
 
@@ -208,13 +217,14 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
     incomplete = sorted(module for module, seen in parts.items() if seen != {"A", "B"})
     if incomplete:
         raise refuse("incomplete_adapter", f"these layers lack a lora_A or lora_B weight: {', '.join(incomplete[:5])}")
-    return len(parts)
+    b_weights = [info for name, info in tensors.items() if _LORA_KEY.match(name)["part"] == "B"]  # type: ignore[index]
+    return len(parts), [NOOP_ADAPTER_WARNING] if all_zero(path, b_weights) else []
 
 
 def validate_adapter_dir(folder: Path, base: BaseModelSpec, max_rank: int) -> AdapterSpec:
     config = _load_config(folder / CONFIG_FILE)
     rank, targets = _check_config(config, base, max_rank)
-    modules = _check_weights(folder / WEIGHTS_FILE, config, rank, base)
+    modules, warnings = _check_weights(folder / WEIGHTS_FILE, config, rank, base)
     alpha = config.get("lora_alpha", rank)
     return AdapterSpec(
         rank=rank,
@@ -223,4 +233,5 @@ def validate_adapter_dir(folder: Path, base: BaseModelSpec, max_rank: int) -> Ad
         base_model_name_or_path=config.get("base_model_name_or_path"),
         modules=modules,
         config=config,
+        warnings=warnings,
     )

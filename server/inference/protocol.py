@@ -78,6 +78,7 @@ class ModelCard(BaseModel):
     owned_by: str = "quiver"
     root: str
     parent: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="the served version's admission warnings")
 
 
 class ModelList(BaseModel):

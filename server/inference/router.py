@@ -65,8 +65,10 @@ def _model_cards(registry: AdapterRegistry, started_at: int, scope: ModelScope) 
     for adapter in registry.list(scope):
         current = next((v for v in adapter.versions if v.current), None)
         if current is not None:  # without a current version the bare name serves nothing, so it is not listed
-            cards.append(ModelCard(id=adapter.name, created=current.created_at, root=current.id, parent=base))
-        cards += [ModelCard(id=v.id, created=v.created_at, root=v.id, parent=base) for v in adapter.versions]
+            cards.append(ModelCard(id=adapter.name, created=current.created_at, root=current.id, parent=base,
+                                   warnings=current.warnings))
+        cards += [ModelCard(id=v.id, created=v.created_at, root=v.id, parent=base, warnings=v.warnings)
+                  for v in adapter.versions]
     return cards
 
 
