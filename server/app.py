@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from quiver import __version__
 from quiver.adapters.router import router as adapters_router
 from quiver.adapters.service import AdapterRegistry
-from quiver.adapters.store import open_store
+from quiver.adapters.store_factory import open_store
 from quiver.adapters.validation import BaseModelSpec
 from quiver.auth import Auth, AuthGate, metrics_auth
 from quiver.base_model import prepare_default_model

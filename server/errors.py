@@ -117,6 +117,11 @@ class DomainError(Exception):
         if code is not None:
             self.code = code
 
+    @property
+    def status(self) -> int:
+        """The HTTP status it is answered with (from the one table below)."""
+        return status_of(self)
+
 
 class InvalidRequest(DomainError):
     code = "invalid_request"
@@ -132,6 +137,10 @@ class NotFound(DomainError):
 
 class Conflict(DomainError):
     code = "conflict"
+
+
+class PayloadTooLarge(DomainError):
+    code = "request_too_large"
 
 
 class RateLimited(DomainError):
@@ -152,6 +161,7 @@ _HTTP_BY_DOMAIN_ERROR: dict[type[DomainError], int] = {
     InvalidRequest: 400,
     NotFound: 404,
     Conflict: 409,
+    PayloadTooLarge: 413,
     RateLimited: 429,
     Unavailable: 503,
     StorageFull: 507,

@@ -18,6 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from quiver.adapters.s3_url import parse_s3_url
 from quiver.base_model import DEFAULT_MODEL_NAME
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
@@ -160,8 +161,6 @@ class Settings(BaseSettings):
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from quiver.adapters.s3_store import parse_s3_url  # boto3 only loads when S3 is used
-
             parse_s3_url(value)
         return value
 

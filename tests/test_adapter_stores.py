@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from s3_fixtures import MotoS3, moto_s3  # noqa: F401
 from quiver.adapters.protocol import AdapterVersion, StoredFile
 from quiver.adapters.s3_store import RESERVED, S3AdapterStore
-from quiver.adapters.store import AdapterStore, LocalAdapterStore, StoreUnavailable, open_store
-from quiver.errors import APIError
+from quiver.adapters.store import AdapterStore, LocalAdapterStore, StoreUnavailable
+from quiver.adapters.store_factory import open_store
+from quiver.errors import NotFound
 from quiver.settings import Settings
 
 FILES = {"adapter_config.json": b'{"r": 8, "peft_type": "LORA"}', "adapter_model.safetensors": b"\x00" * 4096}
@@ -260,7 +261,7 @@ def test_s3_deleted_versions_leave_every_replica_cache(s3_backend: Backend) -> N
     assert (second.cache_dir / "bot" / "1").exists()
     second.scan()  # the poll that notices the deletion
     assert not (second.cache_dir / "bot" / "1").exists() and (second.cache_dir / "bot" / "2").exists()
-    with pytest.raises(APIError) as missing:
+    with pytest.raises(NotFound) as missing:
         first.local_path("bot", 1)
     assert missing.value.status == 404
     # The objects are gone; only the claim on the number stays.

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -40,7 +39,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -63,7 +61,8 @@ from quiver.adapters.store import (
     recorded_last_version,
     write_json_atomic,
 )
-from quiver.errors import APIError
+from quiver.adapters.s3_url import parse_s3_url
+from quiver.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +77,6 @@ _S3_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 _CAS_ATTEMPTS = 20
 _RESERVE_ATTEMPTS = 1000
 _DELETE_BATCH = 1000  # DeleteObjects' limit
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` → ("bucket", "some/prefix")."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ValueError("must look like s3://bucket or s3://bucket/prefix")
-    if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
-        raise ValueError("must be s3://bucket[/prefix] only; the endpoint and credentials are set elsewhere")
-    if not _BUCKET.fullmatch(parts.netloc):
-        raise ValueError(f"{parts.netloc!r} is not a valid S3 bucket name")
-    prefix = parts.path.strip("/")
-    if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
-        raise ValueError(f"the prefix {prefix!r} has empty or dot segments")
-    return parts.netloc, prefix
 
 
 def _status(exc: ClientError) -> int:
@@ -433,7 +416,7 @@ class S3AdapterStore(AdapterStore):
         with self._reaching(f"reading {name}@{version}"):
             got = self._get(self._key(name, version, MANIFEST))
         if got is None:
-            raise APIError(404, f"`{name}@{version}` is no longer in the adapter store", code="model_not_found",
+            raise NotFound(f"`{name}@{version}` is no longer in the adapter store", code="model_not_found",
                            param="model")
         record = parse_manifest(got[0], name, version)
         if record is None or any(_unsafe_file_name(f.name) for f in record.files):

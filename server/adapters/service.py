@@ -24,10 +24,10 @@ from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
-from quiver.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
+from quiver.adapters.validation import BaseModelSpec, NameConflict, check_adapter_name, validate_adapter_dir
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine import EngineSupervisor
-from quiver.errors import APIError, DomainError, StorageFull, Unavailable
+from quiver.errors import APIError, DomainError, NotFound, StorageFull, Unavailable
 from quiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,17 @@ def storage_error(exc: OSError) -> DomainError:
     return Unavailable("the adapter store cannot be written: nothing was registered", code="store_unavailable")
 
 
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+def model_not_found(model: str) -> NotFound:
+    return NotFound(f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found", param="model")
+
+
+def adapter_not_found(name: str) -> NotFound:
+    return NotFound(f"no adapter named `{name}`", code="adapter_not_found", param="name")
+
+
+def version_not_found(name: str, version: int) -> NotFound:
+    return NotFound(f"`{name}` has no version {version}", code="version_not_found", param="version")
 
 
 class AdapterRegistry:
@@ -140,7 +148,7 @@ class AdapterRegistry:
     def get(self, name: str) -> Adapter:
         adapter = self._adapters.get(name)
         if adapter is None:
-            raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+            raise adapter_not_found(name)
         return self._describe(adapter)
 
     def _describe(self, adapter: StoredAdapter) -> Adapter:
@@ -241,7 +249,7 @@ class AdapterRegistry:
     async def register(self, name: str, files: list[tuple[str, BinaryIO]], make_current: bool = True) -> AdapterVersion:
         check_adapter_name(name)
         if name == self.base_model_name:
-            raise AdmissionError("name_conflict", f"`{name}` is the base model's name", param="name", status=409)
+            raise NameConflict("name_conflict", f"`{name}` is the base model's name", param="name")
         try:
             staging = self.store.new_staging_dir()
             try:
@@ -307,9 +315,9 @@ class AdapterRegistry:
         async with self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
-                raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+                raise adapter_not_found(name)
             if version not in adapter.versions:
-                raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
+                raise version_not_found(name, version)
             await self._ensure_loaded(name, version)
             try:
                 await asyncio.to_thread(self.store.set_current, name, version)
@@ -328,9 +336,9 @@ class AdapterRegistry:
         async with self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
-                raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+                raise adapter_not_found(name)
             if version is not None and version not in adapter.versions:
-                raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
+                raise version_not_found(name, version)
             doomed = [version] if version is not None else sorted(adapter.versions)
             # The store first: if it fails, the registry still matches it.
             if len(doomed) == len(adapter.versions):

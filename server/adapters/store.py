@@ -27,16 +27,12 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from quiver.adapters.protocol import AdapterVersion
-from quiver.errors import APIError
+from quiver.errors import Unavailable
 from quiver.limits import loads_bounded
-
-if TYPE_CHECKING:
-    from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +46,10 @@ _CORRUPT = ".corrupt"
 UNCOMMITTED_GRACE_S = 15 * 60
 
 
-class StoreUnavailable(APIError):
+class StoreUnavailable(Unavailable):
     """The store could not be read or written (network, permissions, a corrupt object)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(503, message, code="store_unavailable")
+    code = "store_unavailable"
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
@@ -305,13 +300,3 @@ def discard(folder: Path, trash_root: Path) -> None:
     trash.parent.mkdir(parents=True, exist_ok=True)
     os.replace(folder, trash)  # atomic: gone from its place in one step
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def open_store(settings: Settings) -> AdapterStore:
-    """The store the settings name: an S3-compatible bucket with `store_url`, else the folder `store_dir`."""
-    if settings.store_url:
-        from quiver.adapters.s3_store import S3AdapterStore  # boto3 only loads when S3 is used
-
-        return S3AdapterStore(settings.store_url, settings.adapter_cache_dir,
-                              endpoint_url=settings.s3_endpoint_url, addressing_style=settings.s3_addressing_style)
-    return LocalAdapterStore(settings.store_dir)

@@ -12,15 +12,19 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from quiver.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError
+from quiver.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError, UploadTooLarge
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _MAX_ARCHIVE_MEMBERS = 64
 _CHUNK = 1024 * 1024
 
 
-def _refuse(code: str, message: str, status: int = 400) -> AdmissionError:
-    return AdmissionError(code, message, param="files", status=status)
+def _refuse(code: str, message: str) -> AdmissionError:
+    return AdmissionError(code, message, param="files")
+
+
+def _too_large() -> AdmissionError:
+    return UploadTooLarge("archive_too_large", "the archive expands beyond the upload size limit", param="files")
 
 
 def _is_archive(filename: str) -> bool:
@@ -47,7 +51,7 @@ def _charge(budget: list[int], size: int) -> None:
     compressed tar is still decompressed to get past it."""
     budget[0] -= max(size, 0)
     if budget[0] < 0:
-        raise _refuse("archive_too_large", "the archive expands beyond the upload size limit", status=413)
+        raise _too_large()
 
 
 def _copy_capped(source: BinaryIO, target: Path, budget: list[int]) -> None:
@@ -55,7 +59,7 @@ def _copy_capped(source: BinaryIO, target: Path, budget: list[int]) -> None:
         while chunk := source.read(_CHUNK):
             budget[0] -= len(chunk)
             if budget[0] < 0:
-                raise _refuse("archive_too_large", "the archive expands beyond the upload size limit", status=413)
+                raise _too_large()
             out.write(chunk)
 
 

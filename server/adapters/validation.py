@@ -11,7 +11,7 @@ from typing import Any
 import re2
 
 from quiver.adapters.safetensors_header import SafetensorsError, all_zero, read_header
-from quiver.errors import APIError
+from quiver.errors import Conflict, InvalidRequest, PayloadTooLarge
 from quiver.limits import loads_bounded
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -33,9 +33,19 @@ _RE2_OPTIONS.log_errors = False  # a refused pattern is the caller's error, not 
 _RE2_OPTIONS.max_mem = 8 * 1024 * 1024  # bounds the compiled automaton (e.g. `(a{1000}){1000}`)
 
 
-class AdmissionError(APIError):
-    def __init__(self, code: str, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(status, message, code=code, param=param)
+class AdmissionError(InvalidRequest):
+    """An upload refused by an admission check (400 unless a subclass says otherwise)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message, code=code, param=param)
+
+
+class UploadTooLarge(PayloadTooLarge, AdmissionError):  # 413
+    pass
+
+
+class NameConflict(Conflict, AdmissionError):  # 409
+    pass
 
 
 def check_adapter_name(name: str) -> None:

@@ -9,7 +9,7 @@ from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from quiver.errors import APIError
+from quiver.errors import RateLimited
 from quiver.metrics import Metrics
 
 
@@ -25,8 +25,8 @@ class RequestLimiter:
     async def slot(self) -> AsyncIterator[None]:
         if self._slots.locked() and self.waiting >= self.max_waiting:
             self.metrics.rejected_requests.labels(reason="overloaded").inc()
-            raise APIError(429, "the server is at capacity; retry shortly", code="server_overloaded",
-                           headers={"Retry-After": "1"})
+            raise RateLimited("the server is at capacity; retry shortly", code="server_overloaded",
+                              headers={"Retry-After": "1"})
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
         try:
