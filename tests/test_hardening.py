@@ -171,7 +171,8 @@ def _worst_upload(tmp_path: Path) -> bytes:
     folder = write_adapter(tmp_path / "worst", lora_config(target_modules=CATASTROPHIC[0],
                                                            rank_pattern={p: 8 for p in CATASTROPHIC}))
     buffer = io.BytesIO()
-    filler = bytes(range(256)) * (48 * 1024 * 1024 // 256)  # hardly compressible: 48 MiB of work for gzip
+    # 192 MiB (under the default 256 MiB budget) that gzip must inflate just to get past it
+    filler = bytes(range(256)) * (192 * 1024 * 1024 // 256)
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as archive:
         info = tarfile.TarInfo("notes/filler.dat")
         info.size = len(filler)
@@ -187,9 +188,13 @@ def test_health_answers_while_the_worst_upload_is_checked(tmp_path: Path, model_
     staging = tmp_path / "store" / ".staging"
     events: list[str] = []
 
+    times: dict[str, float] = {}
+
     async def register(http):
+        times["upload sent"] = time.perf_counter()
         answer = await http.post("/v1/adapters", data={"name": "worst"},
                                  files=[("files", ("worst.tar.gz", upload, "application/gzip"))])
+        times["upload done"] = time.perf_counter()
         events.append("upload done")
         return answer
 
@@ -200,11 +205,16 @@ def test_health_answers_while_the_worst_upload_is_checked(tmp_path: Path, model_
                 await asyncio.sleep(0.001)
             assert not upload_task.done(), "the upload finished before /health could be sent: make it heavier"
             events.append("health sent")
+            times["health sent"] = time.perf_counter()
             health = await http.get("/health")
+            times["health done"] = time.perf_counter()
             events.append("health done")
             return health, await upload_task
 
     health, answer = run(go())
+    print(f"\nworst upload ({len(upload) / 2**20:.1f} MiB, 192 MiB inflated, catastrophic regexes): checked in "
+          f"{times['upload done'] - times['upload sent']:.2f} s; /health answered in "
+          f"{(times['health done'] - times['health sent']) * 1000:.1f} ms meanwhile")
     assert health.status_code == 200
     assert events == ["health sent", "health done", "upload done"]
     assert answer.status_code == 400 and envelope(answer)["code"] == "unknown_target_module", answer.text
