@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from quiver.errors import InvalidModelId as _InvalidModelId
 
 MAX_VERSION = 2**31 - 1
-# `[a-z0-9]` and `[0-9]` are ASCII-only ranges; the name part is ADAPTER_NAME_PATTERN's grammar.
-_ADAPTER_REF = re.compile(r"(?P<name>[a-z0-9][a-z0-9._-]{0,63})(?:@(?P<version>[1-9][0-9]{0,9}))?")
+# An adapter's name, as registered (and checked by `validation.check_adapter_name`). `[a-z0-9]` and `[0-9]`
+# are ASCII-only ranges.
+ADAPTER_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+_ADAPTER_REF = re.compile(rf"(?P<name>{ADAPTER_NAME})(?:@(?P<version>[1-9][0-9]{{0,9}}))?")
 
 
 def _invalid(model_id: str, param: str) -> _InvalidModelId:

@@ -10,11 +10,12 @@ from typing import Any
 
 import re2
 
+from quiver.adapters.model_id import ADAPTER_NAME
 from quiver.adapters.safetensors_header import SafetensorsError, all_zero, read_header
 from quiver.errors import Conflict, InvalidRequest, PayloadTooLarge
 from quiver.limits import loads_bounded
 
-ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ADAPTER_NAME_PATTERN = re.compile(rf"^{ADAPTER_NAME}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Kept with the version when uploaded; anything else that is not a pickle is ignored.
