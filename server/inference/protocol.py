@@ -21,9 +21,10 @@ class _GenerationRequest(BaseModel):
     model: str = Field(min_length=1, description="the base model, an adapter `name`, or a pinned `name@version`")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(None, ge=1, description="choices per request; capped by the server's max_n")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="capped by the server's max_completion_tokens")
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="as max_tokens")
+    # Lower bounds are the engine's to check (its 400s pass through); the gateway owns the types and the caps.
+    n: StrictInt | None = Field(None, description="choices per request; capped by the server's max_n")
+    max_tokens: StrictInt | None = Field(None, description="capped by the server's max_completion_tokens")
+    max_completion_tokens: StrictInt | None = Field(None, description="as max_tokens")
 
     def engine_body(self, engine_model: str) -> dict[str, Any]:
         body = self.model_dump(exclude_unset=True, exclude_none=False)
