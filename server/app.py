@@ -16,16 +16,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from quiver import __version__
 from quiver.adapters.router import router as adapters_router
 from quiver.adapters.service import AdapterRegistry
-from quiver.adapters.store import open_store
+from quiver.adapters.store_factory import open_store
 from quiver.adapters.validation import BaseModelSpec
-from quiver.auth import Auth, admin_auth
+from quiver.auth import Auth, AuthGate, metrics_auth
 from quiver.base_model import prepare_default_model
 from quiver.engine import EngineSupervisor
 from quiver.engine_client import Engine, EngineError
 from quiver.errors import document_errors, error_response, error_responses, install_error_handlers
 from quiver.finetuning.router import router as finetuning_router
 from quiver.finetuning.service import FileService, JobService
-from quiver.inference.limiter import RequestLimiter
+from quiver.inference.limiter import KeyLimiter, RequestLimiter
 from quiver.inference.router import router as inference_router
 from quiver.inference.service import InferenceService
 from quiver.limits import BodySizeLimit
@@ -93,6 +93,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         # room for multipart framing
         limits_by_path={path: settings.max_upload_bytes + 1024 * 1024 for path in ("/v1/adapters", "/v1/files")},
     )
+    # Outermost: a request without the right key is refused before any body is read or counted.
+    app.add_middleware(AuthGate, auth=app.state.auth,
+                       key_limits=KeyLimiter(settings.key_requests_per_minute, settings.key_max_concurrent,
+                                             app.state.metrics))
     app.include_router(inference_router)
     app.include_router(adapters_router)
     app.include_router(finetuning_router)
@@ -116,7 +120,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
-             dependencies=[Depends(admin_auth)] if settings.metrics_require_key else [],
+             dependencies=[Depends(metrics_auth)] if settings.metrics_require_key else [],
              responses=error_responses(401, 403) if settings.metrics_require_key else None)
     async def metrics(request: Request) -> Response:
         """quiver's per-adapter metrics, then the engine's own `vllm:*` metrics."""

@@ -1,6 +1,9 @@
 """API keys: admin keys for the registry, inference keys (or admin keys) for generation, and tenant keys:
 inference keys that see and call only the base model and their own adapters.
 
+Keys are checked twice: by `AuthGate` from the headers alone before any body is read (401/403, and the
+per-key limits), and by the routes' dependencies, which give the key's model scope.
+
 With no keys configured at all, auth is off and `quiver serve` binds to loopback only.
 """
 
@@ -12,8 +15,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from quiver.errors import APIError
+from quiver.errors import APIError, error_response
+from quiver.inference.limiter import KeyLimited, KeyLimiter
 from quiver.settings import Settings
 
 
@@ -59,16 +64,22 @@ def _digest(key: str) -> bytes:
 class Auth:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth_enabled
+        self.metrics_require_key = settings.metrics_require_key
         admin = _Identity(admin=True, scope=EVERY_MODEL)
         inference = _Identity(admin=False, scope=EVERY_MODEL)
-        self._keys: list[tuple[bytes, _Identity]] = (
-            [(_digest(key), admin) for key in settings.admin_keys]
-            + [(_digest(key), inference) for key in settings.api_keys]
-            + [(_digest(key), _Identity(admin=False, scope=ModelScope(tuple(patterns))))
-               for key, patterns in settings.tenant_keys.items()]
-        )
+        identities: dict[bytes, _Identity] = {}
+        # Admin keys last, so a key listed both as admin and as API key keeps its admin rights (tenant keys
+        # cannot overlap either: the settings refuse that).
+        for keys, identity in ((settings.api_keys, inference), (settings.admin_keys, admin)):
+            identities.update((_digest(key), identity) for key in keys)
+        for key, patterns in settings.tenant_keys.items():
+            identities[_digest(key)] = _Identity(admin=False, scope=ModelScope(tuple(patterns)))
+        self._keys = list(identities.items())
 
     def _authenticate(self, request: Request) -> _Identity:
+        return self._identify(request)[1]
+
+    def _identify(self, request: Request) -> tuple[bytes, _Identity]:
         key = _presented_key(request)
         if key is None:
             raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
@@ -81,7 +92,7 @@ class Auth:
                 found = identity
         if found is None:
             raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return found
+        return presented, found
 
     async def inference(self, request: Request) -> ModelScope:
         return self._authenticate(request).scope if self.enabled else EVERY_MODEL
@@ -92,6 +103,78 @@ class Auth:
         if not self._authenticate(request).admin:
             raise APIError(403, "this route needs an admin key", code="admin_key_required")
 
+    async def metrics(self, request: Request) -> None:
+        if self.enabled:
+            self._check_metrics_key(self._authenticate(request))
+
+    @staticmethod
+    def _check_metrics_key(identity: _Identity) -> None:
+        # /metrics names every adapter: a tenant key, which must not learn other tenants' names, is refused.
+        if identity.scope.patterns is not None:
+            raise APIError(403, "/metrics needs an admin or API key (not a tenant key)", code="metrics_key_required")
+
+    def route_class(self, path: str) -> str:
+        """Which key a path needs: "admin", "inference", "metrics" or "open" (the one table of route classes).
+        /metrics needs an admin or API key only with `metrics_require_key` (QUIVER_METRICS_REQUIRE_KEY, the
+        Helm chart's `server.metricsRequireKey`)."""
+        if path.startswith(_ADMIN_PREFIXES):
+            return "admin"
+        if path.startswith("/v1/"):
+            return "inference"
+        if path == "/metrics" and self.metrics_require_key:
+            return "metrics"
+        return "open"
+
+    def gate(self, request: Request) -> tuple[bytes | None, bool]:
+        """Checks the key a request needs from its headers alone; raises the 401/403. Gives the key's digest
+        (None when auth is off or the route is open) and whether it is an admin key."""
+        needed = self.route_class(request.url.path)
+        if not self.enabled or needed == "open":
+            return None, False
+        digest, identity = self._identify(request)
+        if needed == "admin" and not identity.admin:
+            raise APIError(403, "this route needs an admin key", code="admin_key_required")
+        if needed == "metrics":
+            self._check_metrics_key(identity)
+        return digest, identity.admin
+
+
+# Registry, training files and jobs: they change what the server serves.
+_ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
+_GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class AuthGate:
+    """ASGI middleware: refuses a request without the right key BEFORE its body is read (an unauthenticated
+    caller must not make the server spool hundreds of MiB), and applies the per-key limits to generation.
+    The routes' own auth dependencies still run: they give the key's model scope."""
+
+    def __init__(self, app: ASGIApp, auth: Auth, key_limits: KeyLimiter | None = None) -> None:
+        self.app = app
+        self.auth = auth
+        self.key_limits = key_limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            digest, is_admin = self.auth.gate(request)
+        except APIError as refused:
+            await error_response(refused.status, refused.message, refused.code, headers=refused.headers)(
+                scope, receive, send)
+            return
+        if self.key_limits is None or digest is None or is_admin or scope["path"] not in _GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            async with self.key_limits.hold(digest):
+                await self.app(scope, receive, send)
+        except KeyLimited as limited:
+            await error_response(429, str(limited), "key_rate_limited",
+                                 headers={"Retry-After": str(limited.retry_after_s)})(scope, receive, send)
+
 
 async def inference_auth(request: Request) -> ModelScope:
     """A dependency: authenticates an inference request and gives the models its key may use."""
@@ -100,3 +183,7 @@ async def inference_auth(request: Request) -> ModelScope:
 
 async def admin_auth(request: Request) -> None:
     await request.app.state.auth.admin(request)
+
+
+async def metrics_auth(request: Request) -> None:
+    await request.app.state.auth.metrics(request)

@@ -23,6 +23,7 @@ _TYPE_BY_STATUS = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    507: "server_error",
 }
 
 
@@ -48,6 +49,7 @@ _ERROR_DESCRIPTIONS = {
     413: "The request body or upload is too large",
     429: "The server is at capacity; retry after `Retry-After` seconds",
     503: "The engine or the store is not available, or the server is shutting down",
+    507: "The store is full: nothing was written",
 }
 
 
@@ -96,6 +98,83 @@ class APIError(Exception):
         self.headers = headers
 
 
+# --- domain errors --------------------------------------------------------------------------------------
+# Services and stores raise these (they know nothing of HTTP); `_HTTP_BY_DOMAIN_ERROR` below is the one place
+# that says which status each one is.
+
+
+class DomainError(Exception):
+    """Something a service or store refuses or cannot do; `code` (for clients) defaults per class."""
+
+    code: str = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers
+        if code is not None:
+            self.code = code
+
+    @property
+    def status(self) -> int:
+        """The HTTP status it is answered with (from the one table below)."""
+        return status_of(self)
+
+
+class InvalidRequest(DomainError):
+    code = "invalid_request"
+
+
+class InvalidModelId(InvalidRequest):
+    code = "invalid_model_id"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    code = "conflict"
+
+
+class PayloadTooLarge(DomainError):
+    code = "request_too_large"
+
+
+class RateLimited(DomainError):
+    """Too many requests for this key or this server; `headers` carries `Retry-After`."""
+
+    code = "rate_limit_exceeded"
+
+
+class Unavailable(DomainError):
+    code = "unavailable"
+
+
+class StorageFull(DomainError):
+    code = "insufficient_storage"
+
+
+_HTTP_BY_DOMAIN_ERROR: dict[type[DomainError], int] = {
+    InvalidRequest: 400,
+    NotFound: 404,
+    Conflict: 409,
+    PayloadTooLarge: 413,
+    RateLimited: 429,
+    Unavailable: 503,
+    StorageFull: 507,
+}
+
+
+def status_of(exc: DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in _HTTP_BY_DOMAIN_ERROR:
+            return _HTTP_BY_DOMAIN_ERROR[cls]  # type: ignore[index]
+    return 500
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
@@ -124,6 +203,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return error_response(status_of(exc), exc.message, exc.code, exc.param, exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation_error(exc)
@@ -131,7 +214,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = getattr(exc, "error_code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -1,7 +1,14 @@
-"""Request body size limits, enforced while the body streams in (a Content-Length can lie or be absent)."""
+"""Limits on what callers send: request body sizes, enforced while the body streams in (a Content-Length can
+lie or be absent), and the depth of any JSON a caller sends."""
 
 from __future__ import annotations
 
+import json
+from typing import Any, Callable, Coroutine
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quiver.errors import APIError, error_response
@@ -40,3 +47,74 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+# --- caller JSON ----------------------------------------------------------------------------------------
+
+# Deeper than any OpenAI request, PEFT config or safetensors header needs; deep nesting only costs stack
+# (json's C parser recurses, and so do pydantic and json.dumps on the way to the engine).
+MAX_JSON_DEPTH = 64
+
+
+class JSONTooDeep(ValueError):
+    pass
+
+
+def json_depth_exceeds(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` nests containers deeper than `limit`; iterative, so it cannot itself overflow."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def loads_bounded(raw: str | bytes, limit: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for anything a caller sent: raises JSONTooDeep (a ValueError) beyond `limit` levels,
+    json.JSONDecodeError (also a ValueError) for malformed JSON. The one JSON loader for caller input."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:  # the C parser's own guard: far deeper than `limit`
+        raise JSONTooDeep(f"the JSON nests deeper than {limit} levels") from None
+    if json_depth_exceeds(value, limit):
+        raise JSONTooDeep(f"the JSON nests deeper than {limit} levels")
+    return value
+
+
+class RefusedBody(HTTPException):
+    """Raised while FastAPI reads a body (it lets only HTTP exceptions through there); `error_code` is the
+    envelope's `code`."""
+
+    def __init__(self, message: str, error_code: str) -> None:
+        super().__init__(400, message)
+        self.error_code = error_code
+
+
+class _BoundedJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads_bounded(await self.body())
+            except JSONTooDeep as exc:
+                raise RefusedBody(str(exc), "json_too_deep") from None
+        return self._json
+
+
+class BoundedJSONRoute(APIRoute):
+    """A route whose JSON body is parsed by `loads_bounded` (every router that takes a JSON body uses it)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(_BoundedJSONRequest(request.scope, request.receive))
+
+        return bounded

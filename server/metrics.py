@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 # The `*_created` series double every counter's output for little use.
 disable_created_metrics()
 
+# The one label value for every request whose model did not resolve (label values come only from the registry).
+UNKNOWN_MODEL = "unknown"
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 

@@ -18,6 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from quiver.adapters.s3_url import parse_s3_url
 from quiver.base_model import DEFAULT_MODEL_NAME
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
@@ -73,7 +74,12 @@ class Settings(BaseSettings):
     # Limits.
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0)
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # The one switch for /metrics: false (the default) serves it without a key, for scrapers inside the
+    # cluster; true asks for an admin key (the Helm chart's `metrics.requireKey` sets this).
     metrics_require_key: bool = False
+    # Per API/tenant key, on generation (admin keys are not limited): 429 with Retry-After for that key only.
+    key_requests_per_minute: int | None = Field(None, ge=1, description="generation requests per key per minute")
+    key_max_concurrent: int | None = Field(None, ge=1, description="generation requests in flight per key")
     max_running_requests: int = Field(256, ge=1, description="generation requests in flight at once")
     max_waiting_requests: int = Field(1024, ge=0, description="requests that may wait for a slot before 429s")
     max_completion_tokens: int | None = Field(None, ge=1, description="cap on max_tokens; default max_model_len")
@@ -165,8 +171,6 @@ class Settings(BaseSettings):
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from quiver.adapters.s3_store import parse_s3_url  # boto3 only loads when S3 is used
-
             parse_s3_url(value)
         return value
 

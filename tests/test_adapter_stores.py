@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from s3_fixtures import MotoS3, moto_s3  # noqa: F401
 from quiver.adapters.protocol import AdapterVersion, StoredFile
 from quiver.adapters.s3_store import RESERVED, S3AdapterStore
-from quiver.adapters.store import AdapterStore, LocalAdapterStore, StoreUnavailable, open_store
-from quiver.errors import APIError
+from quiver.adapters.store import AdapterStore, LocalAdapterStore, StoreUnavailable
+from quiver.adapters.store_factory import open_store
+from quiver.errors import NotFound
 from quiver.settings import Settings
 
 FILES = {"adapter_config.json": b'{"r": 8, "peft_type": "LORA"}', "adapter_model.safetensors": b"\x00" * 4096}
@@ -260,7 +261,7 @@ def test_s3_deleted_versions_leave_every_replica_cache(s3_backend: Backend) -> N
     assert (second.cache_dir / "bot" / "1").exists()
     second.scan()  # the poll that notices the deletion
     assert not (second.cache_dir / "bot" / "1").exists() and (second.cache_dir / "bot" / "2").exists()
-    with pytest.raises(APIError) as missing:
+    with pytest.raises(NotFound) as missing:
         first.local_path("bot", 1)
     assert missing.value.status == 404
     # The objects are gone; only the claim on the number stays.
@@ -331,3 +332,61 @@ def test_settings_choose_the_backend(tmp_path: Path) -> None:
 def test_bad_store_settings_are_refused(field: str, value: str) -> None:
     with pytest.raises(ValidationError, match=field):
         Settings(**{field: value})
+
+
+def test_start_moves_corrupt_versions_aside_and_sweeps_stale_uncommitted_ones(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import quiver.adapters.s3_store as s3_module
+    import quiver.adapters.store as store_module
+
+    first = backend.replica()
+    good = register(first, "bot")
+    backend.put_raw("bot/2/adapter_config.json", b"{}")  # staged, never committed
+    backend.put_raw("bot/3/manifest.json", b"{half a rec")  # a half-written record
+    backend.put_raw("bot/3/adapter_config.json", b"{}")
+    backend.put_raw("bot/4/manifest.json", json.dumps(record_for("bot", 1, FILES).model_dump(mode="json")).encode())
+
+    # Young uncommitted folders may be another replica's registration in progress: left alone.
+    backend.replica()
+    assert _version_files(backend, "bot", 2) == ["adapter_config.json"]
+
+    for module in (store_module, s3_module):
+        monkeypatch.setattr(module, "UNCOMMITTED_GRACE_S", -1.0)
+    with caplog.at_level("WARNING"):
+        restarted = backend.replica()
+    assert _version_files(backend, "bot", 2) == []
+    assert _version_files(backend, "bot", 3) == _version_files(backend, "bot", 4) == []
+    moved = _corrupt_files(backend)
+    assert sorted(name.split("/", 1)[1] for name in moved) == [
+        "adapter_config.json", "manifest.json", "manifest.json"]
+    assert {name.split("/", 1)[0].split(".")[0] for name in moved} == {"bot@3", "bot@4"}
+    logged = caplog.text
+    assert "bot@2, staged by a registration that never finished" in logged
+    assert "bot@3 has an unreadable manifest; moved aside" in logged and "bot@4" in logged
+    # The rest loads; no number is given out twice.
+    assert restarted.scan()["bot"].versions == {1: good}
+    assert register(restarted, "bot").version == 5
+
+
+def _version_files(backend: Backend, name: str, version: int) -> list[str]:
+    if backend.kind == "local":
+        folder = backend_root(backend) / name / str(version)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    assert backend.s3 is not None
+    listed = backend.s3.client.list_objects_v2(Bucket=backend.bucket, Prefix=f"{backend.prefix}/{name}/{version}/")
+    return sorted(k["Key"].rsplit("/", 1)[1] for k in listed.get("Contents", ()) if not k["Key"].endswith(RESERVED))
+
+
+def _corrupt_files(backend: Backend) -> list[str]:
+    if backend.kind == "local":
+        root = backend_root(backend) / ".corrupt"
+        return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    assert backend.s3 is not None
+    listed = backend.s3.client.list_objects_v2(Bucket=backend.bucket, Prefix=f"{backend.prefix}/.corrupt/")
+    return [k["Key"].split("/.corrupt/", 1)[1] for k in listed.get("Contents", ())]
+
+
+def backend_root(backend: Backend) -> Path:
+    store = backend.replica()
+    assert isinstance(store, LocalAdapterStore)
+    return store.root

@@ -126,8 +126,15 @@ def test_versions_pinning_promotion_and_deletion(quiver_server: QuiverServer, lo
         assert admin.delete(f"/v1/adapters/{name}@1").json()["deleted"] is True
         with pytest.raises(openai.NotFoundError):
             chat(quiver_server, f"{name}@1", PROMPTS[0])
-        # The current version was deleted: the newest remaining one takes over.
-        assert admin.get(f"/v1/adapters/{name}").json()["current_version"] == 3
+        # The current version was deleted: no other version is made current behind the admin's back (v3 was
+        # registered with make_current=false); the bare name is a 404 until a promote, pins still serve.
+        assert admin.get(f"/v1/adapters/{name}").json()["current_version"] is None
+        with pytest.raises(openai.NotFoundError):
+            chat(quiver_server, name, PROMPTS[0])
+        assert name not in {m.id for m in quiver_server.openai().models.list()}
+        assert chat(quiver_server, f"{name}@3", PROMPTS[0])
+        assert admin.post(f"/v1/adapters/{name}/promote", json={"version": 3}).json()["current_version"] == 3
+        assert chat(quiver_server, name, PROMPTS[0]) == chat(quiver_server, f"{name}@3", PROMPTS[0])
         fourth = quiver_server.register(name, lora_adapters.pirate).json()
         assert fourth["version"] == 4, "version numbers are never reused"
         assert admin.delete(f"/v1/adapters/{name}").status_code == 200

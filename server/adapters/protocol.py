@@ -27,6 +27,8 @@ class AdapterVersion(BaseModel):
     target_modules: list[str]
     files: list[StoredFile]
     size_bytes: int
+    warnings: list[str] = Field(default_factory=list,
+                                description="what admission noticed but accepted, e.g. `noop_adapter: ...`")
     current: bool = False
 
 
@@ -34,7 +36,9 @@ class Adapter(BaseModel):
     object: Literal["adapter"] = "adapter"
     id: str
     name: str
-    current_version: int
+    current_version: int | None = Field(
+        description="the version the bare name serves; null after the current version was deleted (or when "
+                    "every version was registered with make_current=false) until one is promoted")
     versions: list[AdapterVersion]
 
 
@@ -45,7 +49,7 @@ class AdapterList(BaseModel):
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=2**31 - 1, strict=True)
 
 
 class Deleted(BaseModel):

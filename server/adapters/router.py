@@ -4,13 +4,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
+from quiver.adapters.model_id import parse_adapter_name, parse_adapter_ref
 from quiver.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
 from quiver.adapters.service import AdapterRegistry
 from quiver.auth import admin_auth
-from quiver.errors import APIError, error_responses
+from quiver.errors import error_responses
+from quiver.limits import BoundedJSONRoute
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(admin_auth)],
-                   responses=error_responses(401, 403, 503))
+                   responses=error_responses(401, 403, 503), route_class=BoundedJSONRoute)
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -18,15 +20,6 @@ def _registry(request: Request) -> AdapterRegistry:
 
 
 Registry = Annotated[AdapterRegistry, Depends(_registry)]
-
-
-def _split_ref(ref: str) -> tuple[str, int | None]:
-    name, sep, version = ref.partition("@")
-    if not sep:
-        return name, None
-    if not version.isdigit():
-        raise APIError(400, f"`{ref}` is not `name@version`", code="invalid_version", param="name")
-    return name, int(version)
 
 
 @router.post("", status_code=201, responses=error_responses(400, 409, 413))
@@ -44,19 +37,19 @@ async def list_adapters(registry: Registry) -> AdapterList:
     return AdapterList(data=registry.list())
 
 
-@router.get("/{name}", responses=error_responses(404))
+@router.get("/{name}", responses=error_responses(400, 404))
 async def get_adapter(name: str, registry: Registry) -> Adapter:
-    return registry.get(name)
+    return registry.get(parse_adapter_name(name))
 
 
 @router.delete("/{ref}", responses=error_responses(400, 404))
 async def delete_adapter(ref: str, registry: Registry) -> Deleted:
     """`name` deletes every version; `name@version` deletes one."""
-    name, version = _split_ref(ref)
-    await registry.delete(name, version)
-    return Deleted(id=ref, object="adapter" if version is None else "adapter.version")
+    parsed = parse_adapter_ref(ref, "name")
+    await registry.delete(parsed.name, parsed.version)
+    return Deleted(id=parsed.id, object="adapter" if parsed.version is None else "adapter.version")
 
 
 @router.post("/{name}/promote", responses=error_responses(400, 404, 413))
 async def promote_adapter(name: str, body: PromoteRequest, registry: Registry) -> Adapter:
-    return await registry.promote(name, body.version)
+    return await registry.promote(parse_adapter_name(name), body.version)

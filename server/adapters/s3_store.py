@@ -31,15 +31,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -51,6 +50,7 @@ from quiver.adapters.store import (
     INDEX,
     MANIFEST,
     AdapterStore,
+    UNCOMMITTED_GRACE_S,
     StoredAdapter,
     StoreUnavailable,
     assemble,
@@ -61,7 +61,8 @@ from quiver.adapters.store import (
     recorded_last_version,
     write_json_atomic,
 )
-from quiver.errors import APIError
+from quiver.adapters.s3_url import parse_s3_url
+from quiver.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +70,13 @@ RESERVED = ".reserved"
 _STAGING = ".staging"
 _DOWNLOADING = ".downloading"
 _TRASH = ".trash"
+_CORRUPT = ".corrupt"  # <prefix>/.corrupt/<name>@<version>/<files>: unreadable versions, moved aside at start
 _S3_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 # Conflicts are between a handful of replicas, each retrying at once: these bounds are never reached
 # unless the endpoint answers every conditional write with a conflict.
 _CAS_ATTEMPTS = 20
 _RESERVE_ATTEMPTS = 1000
 _DELETE_BATCH = 1000  # DeleteObjects' limit
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` → ("bucket", "some/prefix")."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ValueError("must look like s3://bucket or s3://bucket/prefix")
-    if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
-        raise ValueError("must be s3://bucket[/prefix] only; the endpoint and credentials are set elsewhere")
-    if not _BUCKET.fullmatch(parts.netloc):
-        raise ValueError(f"{parts.netloc!r} is not a valid S3 bucket name")
-    prefix = parts.path.strip("/")
-    if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
-        raise ValueError(f"the prefix {prefix!r} has empty or dot segments")
-    return parts.netloc, prefix
 
 
 def _status(exc: ClientError) -> int:
@@ -211,6 +197,53 @@ class S3AdapterStore(AdapterStore):
             (self.cache_dir / leftovers).mkdir()
         with self._reaching(f"opening bucket {self.bucket}"):
             self._client.head_bucket(Bucket=self.bucket)
+        with self._reaching("sweeping the store"):
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """As the local store's: versions never committed (files but no manifest, older than the grace
+        period) are deleted; versions whose manifest is unreadable are moved under .corrupt/; each with a log
+        line. `.reserved` stays, so the number is never given out again."""
+        now = time.time()
+        folders: dict[tuple[str, int], list[dict]] = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._base):
+            for item in page.get("Contents", ()):
+                parts = item["Key"][len(self._base):].split("/")
+                if len(parts) == 3 and parts[0] and not parts[0].startswith(".") and parts[1].isdigit():
+                    folders.setdefault((parts[0], int(parts[1])), []).append(item)
+        for (name, version), items in sorted(folders.items()):
+            files = [item for item in items if not item["Key"].endswith("/" + RESERVED)]
+            manifest = next((item for item in files if item["Key"].endswith("/" + MANIFEST)), None)
+            if not files:
+                continue
+            if manifest is None:
+                if max(item["LastModified"].timestamp() for item in files) > now - UNCOMMITTED_GRACE_S:
+                    continue
+                self._keep_number(name, version)
+                log.warning("store: removing %s@%d, staged by a registration that never finished", name, version)
+                self._delete([item["Key"] for item in files])
+                continue
+            got = self._get(manifest["Key"])
+            if got is None or parse_manifest(got[0], name, version) is not None:
+                continue
+            self._keep_number(name, version)
+            aside = f"{self._base}{_CORRUPT}/{name}@{version}.{uuid.uuid4().hex[:8]}/"
+            for item in files:
+                self._client.copy_object(Bucket=self.bucket, Key=aside + item["Key"].rsplit("/", 1)[1],
+                                         CopySource={"Bucket": self.bucket, "Key": item["Key"]})
+            # The manifest first: the version is un-committed before its files go.
+            self._client.delete_object(Bucket=self.bucket, Key=manifest["Key"])
+            self._delete([item["Key"] for item in files if item is not manifest])
+            log.warning("store: %s@%d has an unreadable manifest; moved aside to s3://%s/%s",
+                        name, version, self.bucket, aside)
+
+    def _keep_number(self, name: str, version: int) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(name, version, RESERVED), Body=b"",
+                                    IfNoneMatch="*")
+        except ClientError as exc:
+            if not _conflict(exc):
+                raise
 
     def new_staging_dir(self) -> Path:
         path = self.cache_dir / _STAGING / uuid.uuid4().hex
@@ -383,7 +416,7 @@ class S3AdapterStore(AdapterStore):
         with self._reaching(f"reading {name}@{version}"):
             got = self._get(self._key(name, version, MANIFEST))
         if got is None:
-            raise APIError(404, f"`{name}@{version}` is no longer in the adapter store", code="model_not_found",
+            raise NotFound(f"`{name}@{version}` is no longer in the adapter store", code="model_not_found",
                            param="model")
         record = parse_manifest(got[0], name, version)
         if record is None or any(_unsafe_file_name(f.name) for f in record.files):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from quiver.limits import loads_bounded
 
 # A header beyond this is not a LoRA adapter's (and would be a cheap way to exhaust memory).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -21,6 +22,9 @@ class SafetensorsError(ValueError):
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    # Where its bytes are in the file (absolute offsets), for checks that read them.
+    start: int = 0
+    end: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -35,8 +39,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise SafetensorsError("the header length is larger than the file")
         raw = file.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_bounded(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsError(f"the header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise SafetensorsError("the header is not a JSON object")
@@ -56,8 +60,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"tensor {name!r} has a malformed or out-of-bounds entry") from None
-        tensors[name] = TensorInfo(dtype, shape)
+        tensors[name] = TensorInfo(dtype, shape, 8 + header_len + begin, 8 + header_len + end)
         end_of_data = max(end_of_data, end)
     if end_of_data != data_len:
         raise SafetensorsError("the data section does not match the header (truncated or padded file)")
     return tensors
+
+
+def all_zero(path: Path, tensors: list[TensorInfo], chunk: int = 1024 * 1024) -> bool:
+    """Whether every byte of these tensors is zero (+0.0 in every float format), read in chunks."""
+    with open(path, "rb") as file:
+        for info in tensors:
+            file.seek(info.start)
+            left = info.end - info.start
+            while left > 0:
+                data = file.read(min(chunk, left))
+                if not data:
+                    break
+                if data.count(0) != len(data):
+                    return False
+                left -= len(data)
+    return True

@@ -8,6 +8,7 @@ once the requests using it have finished.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -17,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, BinaryIO
 
+from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
-from quiver.adapters.validation import AdmissionError, BaseModelSpec, check_adapter_name, validate_adapter_dir
+from quiver.adapters.validation import BaseModelSpec, NameConflict, check_adapter_name, validate_adapter_dir
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine_client import AdapterAlreadyLoaded, AdapterNotFound, EngineClient, EngineRejected, EngineUnavailable
-from quiver.errors import APIError
+from quiver.errors import APIError, DomainError, InvalidRequest, NotFound, StorageFull, Unavailable
 from quiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,16 +42,40 @@ class Target:
     engine_model: str  # the name the engine knows: the base's served name or `name@version`
     adapter: str | None = None
     version: int | None = None
+    pinned: bool = False  # asked for as `name@N` (not the bare name)
 
     @property
     def label(self) -> str:
         """The `adapter` metrics label; the base model's name for base traffic (adapters can't take it)."""
         return self.adapter or self.engine_model
 
+    @property
+    def model_label(self) -> str:
+        """The `model` metrics label: what was asked for, as the registry spells it (`name` or `name@N`)."""
+        if self.adapter is None:
+            return self.engine_model
+        return self.engine_model if self.pinned else self.adapter
 
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+
+def storage_error(exc: OSError) -> DomainError:
+    """A failed write of the store: full (507) or otherwise unwritable (503); details go to the log only."""
+    log.warning("adapter store write failed: %s", exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageFull("the adapter store is full: nothing was registered", code="insufficient_storage")
+    return Unavailable("the adapter store cannot be written: nothing was registered", code="store_unavailable")
+
+
+def model_not_found(model: str) -> NotFound:
+    return NotFound(f"The model `{model}` does not exist or you do not have access to it.",
                     code="model_not_found", param="model")
+
+
+def adapter_not_found(name: str) -> NotFound:
+    return NotFound(f"no adapter named `{name}`", code="adapter_not_found", param="name")
+
+
+def version_not_found(name: str, version: int) -> NotFound:
+    return NotFound(f"`{name}` has no version {version}", code="version_not_found", param="version")
 
 
 class AdapterRegistry:
@@ -120,7 +146,7 @@ class AdapterRegistry:
     def get(self, name: str) -> Adapter:
         adapter = self._adapters.get(name)
         if adapter is None:
-            raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+            raise adapter_not_found(name)
         return self._describe(adapter)
 
     def _describe(self, adapter: StoredAdapter) -> Adapter:
@@ -131,20 +157,19 @@ class AdapterRegistry:
         return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions)
 
     def resolve(self, model: str, scope: ModelScope = EVERY_MODEL) -> Target:
-        if model == self.base_model_name:
-            return Target(engine_model=model)
-        name, _, pinned = model.partition("@")
-        adapter = self._adapters.get(name)
+        ref = parse_model_id(model, self.base_model_name)
+        if ref.is_base:
+            return Target(engine_model=ref.name)
+        adapter = self._adapters.get(ref.name)
         # Another tenant's adapter is refused exactly like one that does not exist: its name must not leak.
-        if adapter is None or not scope.allows(name):
+        if adapter is None or not scope.allows(ref.name):
             raise model_not_found(model)
-        if not pinned:
-            version = adapter.current
-        elif pinned.isdigit() and int(pinned) in adapter.versions:
-            version = int(pinned)
-        else:
+        # A bare name without a current version (it was deleted, or none was ever made current) serves nothing.
+        version = adapter.current if ref.version is None else ref.version
+        if version is None or version not in adapter.versions:
             raise model_not_found(model)
-        return Target(engine_model=engine_name(name, version), adapter=name, version=version)
+        return Target(engine_model=engine_name(ref.name, version), adapter=ref.name, version=version,
+                      pinned=ref.version is not None)
 
     # --- serving -----------------------------------------------------------------------------------
 
@@ -190,11 +215,11 @@ class AdapterRegistry:
         except AdapterAlreadyLoaded:
             pass  # loaded before a gateway-side restart of our bookkeeping: the same immutable files
         except EngineUnavailable:
-            raise APIError(503, "the engine is not reachable; try again shortly", code="engine_unavailable") from None
+            raise Unavailable("the engine is not reachable; try again shortly", code="engine_unavailable") from None
         except (AdapterNotFound, EngineRejected) as exc:
             status = exc.status if isinstance(exc, EngineRejected) else 404
-            raise APIError(400 if status < 500 else 503, f"the engine refused adapter {key}: {exc}",
-                           code="engine_rejected", param="files") from None
+            refusal = InvalidRequest if status < 500 else Unavailable
+            raise refusal(f"the engine refused adapter {key}: {exc}", code="engine_rejected", param="files") from None
         self._loaded.add(key)
         self.metrics.adapter_loads.labels(adapter=name).inc()
 
@@ -222,16 +247,19 @@ class AdapterRegistry:
     async def register(self, name: str, files: list[tuple[str, BinaryIO]], make_current: bool = True) -> AdapterVersion:
         check_adapter_name(name)
         if name == self.base_model_name:
-            raise AdmissionError("name_conflict", f"`{name}` is the base model's name", param="name", status=409)
-        staging = self.store.new_staging_dir()
+            raise NameConflict("name_conflict", f"`{name}` is the base model's name", param="name")
         try:
-            await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
-            spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
-            stored_files = await asyncio.to_thread(self._describe_files, staging)
-            async with self._write_lock:
-                return await self._add_version(name, staging, spec, stored_files, make_current)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging = self.store.new_staging_dir()
+            try:
+                await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
+                spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
+                stored_files = await asyncio.to_thread(self._describe_files, staging)
+                async with self._write_lock:
+                    return await self._add_version(name, staging, spec, stored_files, make_current)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as exc:  # the disk, not the caller: nothing was committed (see _add_version)
+            raise storage_error(exc) from None
 
     @staticmethod
     def _describe_files(folder: Path) -> list[StoredFile]:
@@ -255,47 +283,60 @@ class AdapterRegistry:
             target_modules=spec.target_modules,
             files=stored_files,
             size_bytes=sum(f.bytes for f in stored_files),
+            warnings=spec.warnings,
         )
         await asyncio.to_thread(self.store.place_version, staging, name, version)
         try:
             # Loaded before it is committed: the engine has the last word on what it can serve.
             await self._load(name, version)
             await asyncio.to_thread(self.store.commit_version, record)
-        except APIError:
+        except (APIError, DomainError, OSError):
             await self._unload(record.id)
-            with suppress(APIError):  # a store that failed the commit may fail this too; leftovers stay invisible
+            with suppress(APIError, DomainError, OSError):  # a store that failed the commit may fail this too;
+                # leftovers stay invisible (no manifest) and are swept at the next start
                 await asyncio.to_thread(self.store.remove_version, name, version)
             raise
         if adapter is None:
-            adapter = StoredAdapter(name=name, current=version)
+            adapter = StoredAdapter(name=name, current=None)
             self._adapters[name] = adapter
         adapter.versions[version] = record
-        if make_current or adapter.current not in adapter.versions:
+        # Only an explicit make_current moves the name: a version registered with make_current=false is
+        # never served under the bare name unless promoted (not even as the first version).
+        if make_current:
             adapter.current = version
         await asyncio.to_thread(self.store.set_current, name, adapter.current)
         self._update_gauge()
-        log.info("registered %s (current: %s@%d)", record.id, name, adapter.current)
+        log.info("registered %s (current: %s@%s)", record.id, name, adapter.current)
         return record.model_copy(update={"current": adapter.current == version})
 
     async def promote(self, name: str, version: int) -> Adapter:
         async with self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
-                raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+                raise adapter_not_found(name)
             if version not in adapter.versions:
-                raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
+                raise version_not_found(name, version)
             await self._ensure_loaded(name, version)
-            await asyncio.to_thread(self.store.set_current, name, version)
+            try:
+                await asyncio.to_thread(self.store.set_current, name, version)
+            except OSError as exc:
+                raise storage_error(exc) from None
             adapter.current = version
             return self._describe(adapter)
 
     async def delete(self, name: str, version: int | None = None) -> None:
+        try:
+            await self._delete(name, version)
+        except OSError as exc:
+            raise storage_error(exc) from None
+
+    async def _delete(self, name: str, version: int | None) -> None:
         async with self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
-                raise APIError(404, f"no adapter named `{name}`", code="adapter_not_found", param="name")
+                raise adapter_not_found(name)
             if version is not None and version not in adapter.versions:
-                raise APIError(404, f"`{name}` has no version {version}", code="version_not_found", param="version")
+                raise version_not_found(name, version)
             doomed = [version] if version is not None else sorted(adapter.versions)
             # The store first: if it fails, the registry still matches it.
             if len(doomed) == len(adapter.versions):
@@ -306,7 +347,9 @@ class AdapterRegistry:
                     await asyncio.to_thread(self.store.remove_version, name, number)
                     del adapter.versions[number]
                 if adapter.current not in adapter.versions:
-                    adapter.current = max(adapter.versions)
+                    # Versions mean what they say: no other version is made current behind the admin's back;
+                    # the bare name is a 404 until an explicit promote (`name@N` still serves).
+                    adapter.current = None
                 await asyncio.to_thread(self.store.set_current, name, adapter.current)
             for number in doomed:
                 await self._retire(engine_name(name, number))

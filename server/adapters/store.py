@@ -6,6 +6,7 @@
                                       version number is never given out twice
     <store>/<name>/<version>/         adapter files + manifest.json
     <store>/.staging/                 uploads being checked
+    <store>/.corrupt/                 version folders whose manifest could not be read, moved aside at start
 
 `quiver.adapters.s3_store.S3AdapterStore` keeps the same layout as objects in an S3-compatible bucket,
 with a local cache per replica (the engine can only load adapters from a local folder).
@@ -21,19 +22,17 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from quiver.adapters.protocol import AdapterVersion
-from quiver.errors import APIError
-
-if TYPE_CHECKING:
-    from quiver.settings import Settings
+from quiver.errors import Unavailable
+from quiver.limits import loads_bounded
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +40,16 @@ MANIFEST = "manifest.json"
 INDEX = "index.json"
 _STAGING = ".staging"
 _TRASH = ".trash"
+_CORRUPT = ".corrupt"
+# A version folder without a manifest older than this was staged by a registration that never finished (a
+# crash, a kill): swept at start. Younger ones may be a registration in progress on another replica.
+UNCOMMITTED_GRACE_S = 15 * 60
 
 
-class StoreUnavailable(APIError):
+class StoreUnavailable(Unavailable):
     """The store could not be read or written (network, permissions, a corrupt object)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(503, message, code="store_unavailable")
+    code = "store_unavailable"
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
@@ -83,7 +85,7 @@ def parse_manifest(raw: bytes, name: str, version: int) -> AdapterVersion | None
 
 def parse_index(raw: bytes) -> dict:
     try:
-        index = json.loads(raw)
+        index = loads_bounded(raw)
     except ValueError:
         return {}
     return index if isinstance(index, dict) else {}
@@ -97,17 +99,19 @@ def recorded_last_version(index: dict) -> int:
 @dataclass
 class StoredAdapter:
     name: str
-    current: int
+    current: int | None  # None: the bare name serves nothing until a version is promoted
     versions: dict[int, AdapterVersion] = field(default_factory=dict)
 
 
 def assemble(name: str, versions: dict[int, AdapterVersion], index: dict) -> StoredAdapter | None:
     if not versions:
         return None
-    current = index.get("current")
-    if current not in versions:
-        current = max(versions)
-    return StoredAdapter(name, current, versions)
+    if "current" not in index:
+        # No readable index at all (written by hand, or lost): the newest version, as before indexes existed.
+        return StoredAdapter(name, max(versions), versions)
+    current = index["current"]
+    # The index says which version is current, or that none is: a gone or missing one is never replaced.
+    return StoredAdapter(name, current if current in versions else None, versions)
 
 
 class AdapterStore(ABC):
@@ -175,6 +179,38 @@ class LocalAdapterStore(AdapterStore):
         for leftovers in (self.root / _STAGING, self.root / _TRASH):
             shutil.rmtree(leftovers, ignore_errors=True)
             leftovers.mkdir()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """At start: version folders never committed (older than the grace period) are removed, those whose
+        manifest is unreadable are moved to .corrupt/ for an operator to look at; each with a log line.
+        Either way the number stays used (index.json's last_version), so it is never given out again."""
+        for adapter_dir in sorted(self.root.iterdir()):
+            if adapter_dir.name.startswith(".") or not adapter_dir.is_dir():
+                continue
+            name = adapter_dir.name
+            for version_dir in sorted(adapter_dir.iterdir()):
+                if not (version_dir.is_dir() and version_dir.name.isdigit()):
+                    continue
+                version = int(version_dir.name)
+                manifest = version_dir / MANIFEST
+                if not manifest.is_file():
+                    if time.time() - version_dir.stat().st_mtime < UNCOMMITTED_GRACE_S:
+                        continue
+                    self._keep_number(name, version)
+                    log.warning("store: removing %s@%d, staged by a registration that never finished", name, version)
+                    discard(version_dir, self.root / _TRASH)
+                elif parse_manifest(manifest.read_bytes(), name, version) is None:
+                    self._keep_number(name, version)
+                    aside = self.root / _CORRUPT / f"{name}@{version}.{uuid.uuid4().hex[:8]}"
+                    aside.parent.mkdir(exist_ok=True)
+                    os.replace(version_dir, aside)
+                    log.warning("store: %s@%d has an unreadable manifest; moved aside to %s", name, version, aside)
+
+    def _keep_number(self, name: str, version: int) -> None:
+        index = self._read_index(name)
+        if recorded_last_version(index) < version:
+            self._write_index(name, index.get("current"), version)
 
     def new_staging_dir(self) -> Path:
         path = self.root / _STAGING / uuid.uuid4().hex
@@ -264,13 +300,3 @@ def discard(folder: Path, trash_root: Path) -> None:
     trash.parent.mkdir(parents=True, exist_ok=True)
     os.replace(folder, trash)  # atomic: gone from its place in one step
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def open_store(settings: Settings) -> AdapterStore:
-    """The store the settings name: an S3-compatible bucket with `store_url`, else the folder `store_dir`."""
-    if settings.store_url:
-        from quiver.adapters.s3_store import S3AdapterStore  # boto3 only loads when S3 is used
-
-        return S3AdapterStore(settings.store_url, settings.adapter_cache_dir,
-                              endpoint_url=settings.s3_endpoint_url, addressing_style=settings.s3_addressing_style)
-    return LocalAdapterStore(settings.store_dir)

@@ -12,15 +12,19 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from quiver.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError
+from quiver.adapters.validation import PICKLE_SUFFIXES, STORED_FILES, AdmissionError, UploadTooLarge
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _MAX_ARCHIVE_MEMBERS = 64
 _CHUNK = 1024 * 1024
 
 
-def _refuse(code: str, message: str, status: int = 400) -> AdmissionError:
-    return AdmissionError(code, message, param="files", status=status)
+def _refuse(code: str, message: str) -> AdmissionError:
+    return AdmissionError(code, message, param="files")
+
+
+def _too_large() -> AdmissionError:
+    return UploadTooLarge("archive_too_large", "the archive expands beyond the upload size limit", param="files")
 
 
 def _is_archive(filename: str) -> bool:
@@ -42,12 +46,20 @@ def _check_member_name(raw_name: str) -> str | None:
     return path.name if path.name in STORED_FILES else None
 
 
+def _charge(budget: list[int], size: int) -> None:
+    """Counts bytes an archive expands to against the budget, kept or skipped: a skipped member of a
+    compressed tar is still decompressed to get past it."""
+    budget[0] -= max(size, 0)
+    if budget[0] < 0:
+        raise _too_large()
+
+
 def _copy_capped(source: BinaryIO, target: Path, budget: list[int]) -> None:
     with open(target, "wb") as out:
         while chunk := source.read(_CHUNK):
             budget[0] -= len(chunk)
             if budget[0] < 0:
-                raise _refuse("archive_too_large", "the archive expands beyond the upload size limit", status=413)
+                raise _too_large()
             out.write(chunk)
 
 
@@ -69,6 +81,10 @@ def _extract_zip(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
         members = bundle.infolist()
         if len(members) > _MAX_ARCHIVE_MEMBERS:
             raise _refuse("invalid_archive", f"the archive has more than {_MAX_ARCHIVE_MEMBERS} members")
+        # Every member's declared size counts before anything is read; a member's copy may not exceed its
+        # declared size (zipfile also stops there and checks the CRC), so a lie gains nothing.
+        for member in members:
+            _charge(budget, member.file_size)
         for member in members:
             mode = member.external_attr >> 16
             if stat.S_ISLNK(mode):
@@ -79,7 +95,7 @@ def _extract_zip(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
             name = _check_member_name(member.filename)
             if name is not None:
                 with bundle.open(member) as source:
-                    _place(name, source, staging, budget)
+                    _place(name, source, staging, [member.file_size])  # already charged
 
 
 def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
@@ -97,10 +113,12 @@ def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
                 if not (member.isfile() or member.isdir()):
                     raise _refuse("unsafe_archive", f"archive member {member.name!r} is not a regular file")
                 name = _check_member_name(member.name)
+                # The stream decompresses every member's data to move past it, kept or not: count it first.
+                _charge(budget, member.size)
                 if member.isfile() and name is not None:
                     source = bundle.extractfile(member)
                     assert source is not None
-                    _place(name, source, staging, budget)
+                    _place(name, source, staging, [member.size])  # already charged; the copy stops at its size
         except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile):
             raise _refuse("invalid_archive", "the tar archive is corrupt or truncated") from None
 

@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quiver.adapters.safetensors_header import SafetensorsError, read_header
-from quiver.errors import APIError
+import re2
 
-ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+from quiver.adapters.model_id import ADAPTER_NAME
+from quiver.adapters.safetensors_header import SafetensorsError, all_zero, read_header
+from quiver.errors import Conflict, InvalidRequest, PayloadTooLarge
+from quiver.limits import loads_bounded
+
+ADAPTER_NAME_PATTERN = re.compile(rf"^{ADAPTER_NAME}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Kept with the version when uploaded; anything else that is not a pickle is ignored.
@@ -20,11 +24,29 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _WEIGHT_DTYPES = {"F32", "F16", "BF16"}
 _MAX_CONFIG_BYTES = 1024 * 1024
+# Caller regexes (`target_modules` as a string, `rank_pattern`/`alpha_pattern` keys) are matched with RE2:
+# linear time in pattern x text whatever the pattern, so no upload can stall a core (and with it the GIL,
+# which Python's own `re` holds while backtracking: a thread would not save the event loop). RE2 refuses
+# backreferences and look-around, which no module-name pattern needs; such a pattern is a clear 400.
+_MAX_PATTERN_CHARS = 1024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the caller's error, not a log line
+_RE2_OPTIONS.max_mem = 8 * 1024 * 1024  # bounds the compiled automaton (e.g. `(a{1000}){1000}`)
 
 
-class AdmissionError(APIError):
-    def __init__(self, code: str, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(status, message, code=code, param=param)
+class AdmissionError(InvalidRequest):
+    """An upload refused by an admission check (400 unless a subclass says otherwise)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message, code=code, param=param)
+
+
+class UploadTooLarge(PayloadTooLarge, AdmissionError):  # 413
+    pass
+
+
+class NameConflict(Conflict, AdmissionError):  # 409
+    pass
 
 
 def check_adapter_name(name: str) -> None:
@@ -65,12 +87,26 @@ class BaseModelSpec:
     def modules_matching(self, target: str | list[str]) -> set[str]:
         """PEFT's rule: a list names module-name suffixes, a string is a regex over the full name."""
         if isinstance(target, str):
-            pattern = re.compile(target)
+            pattern = compile_caller_pattern(target, "target_modules")
             return {name for name in self.linear_shapes if pattern.fullmatch(name)}
         return {
             name for name in self.linear_shapes
             if any(name == suffix or name.endswith("." + suffix) for suffix in target)
         }
+
+
+def compile_caller_pattern(pattern: str, field_name: str) -> Any:
+    """A caller's regular expression, compiled for linear-time matching (RE2), or a 400."""
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise AdmissionError("invalid_adapter_config",
+                             f"a `{field_name}` pattern is longer than {_MAX_PATTERN_CHARS} characters", param="files")
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error:
+        raise AdmissionError(
+            "invalid_adapter_config",
+            f"a `{field_name}` pattern is not a regular expression this server accepts "
+            "(RE2 syntax: no backreferences or look-around)", param="files") from None
 
 
 @dataclass(frozen=True)
@@ -81,6 +117,7 @@ class AdapterSpec:
     base_model_name_or_path: str | None
     modules: int
     config: dict[str, Any] = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -89,9 +126,10 @@ def _load_config(path: Path) -> dict[str, Any]:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
         raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is implausibly large", param="files")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not valid JSON", param="files") from None
+        config = loads_bounded(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not valid JSON ({exc})"[:300],
+                             param="files") from None
     if not isinstance(config, dict):
         raise AdmissionError("invalid_adapter_config", f"{CONFIG_FILE} is not a JSON object", param="files")
     return config
@@ -106,7 +144,16 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec, max_rank: int) ->
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise refuse("invalid_adapter_config", "adapter_config.json needs a positive integer `r`")
-    ranks = [rank, *(config.get("rank_pattern") or {}).values()]
+    patterns = {field_name: config.get(field_name) or {} for field_name in ("rank_pattern", "alpha_pattern")}
+    for field_name, mapping in patterns.items():
+        if not isinstance(mapping, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in mapping.values()):
+            raise refuse("invalid_adapter_config", f"`{field_name}` must map module patterns to positive numbers")
+        for key in mapping:
+            compile_caller_pattern(key, field_name)
+    if not all(isinstance(v, int) for v in patterns["rank_pattern"].values()):
+        raise refuse("invalid_adapter_config", "`rank_pattern` ranks must be integers")
+    ranks = [rank, *patterns["rank_pattern"].values()]
     if max(ranks) > max_rank:
         raise refuse("rank_too_large", f"rank {max(ranks)} is above this server's maximum LoRA rank of {max_rank}")
     if config.get("use_dora"):
@@ -131,16 +178,21 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec, max_rank: int) ->
                 f"the base model ({base.architecture}) has no linear layer named {', '.join(missing)}",
             )
     else:
-        try:
-            matched = base.modules_matching(targets)
-        except re.error:
-            raise refuse("invalid_adapter_config", "`target_modules` is not a valid regular expression") from None
+        matched = base.modules_matching(targets)
         if not matched:
             raise refuse("unknown_target_module", f"`target_modules` matches no linear layer of {base.architecture}")
     return rank, targets
 
 
-def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseModelSpec) -> int:
+# An adapter whose every LoRA B matrix is zero adds B @ A = 0 to every layer: it serves exactly the base model.
+# That is PEFT's initialisation, saved before any training step (a pipeline that forgot to train, or saved
+# the wrong checkpoint). It is accepted - harmless, and a deliberate identity adapter has its uses - but the
+# version record carries this warning, shown by the registry API and /v1/models.
+NOOP_ADAPTER_WARNING = ("noop_adapter: every lora_B weight is zero, so this adapter changes nothing (PEFT's "
+                        "initialisation, saved before training?)")
+
+
+def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseModelSpec) -> tuple[int, list[str]]:
     def refuse(code: str, message: str) -> AdmissionError:
         return AdmissionError(code, message, param="files")
 
@@ -152,7 +204,7 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
         raise refuse("invalid_safetensors", f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
     if not tensors:
         raise refuse("empty_adapter", f"{WEIGHTS_FILE} holds no tensors")
-    rank_pattern = config.get("rank_pattern") or {}
+    rank_pattern = [(compile_caller_pattern(key, "rank_pattern"), r) for key, r in (config.get("rank_pattern") or {}).items()]
     parts: dict[str, set[str]] = {}
     for name, info in tensors.items():
         match = _LORA_KEY.match(name)
@@ -164,7 +216,7 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
         if info.dtype not in _WEIGHT_DTYPES:
             raise refuse("invalid_tensor_dtype", f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
         out_features, in_features = base.linear_shapes[module]
-        module_rank = next((r for key, r in rank_pattern.items() if re.search(key, module)), rank)
+        module_rank = next((r for pattern, r in rank_pattern if pattern.search(module)), rank)
         expected = (module_rank, in_features) if part == "A" else (out_features, module_rank)
         if info.shape != expected:
             raise refuse(
@@ -176,13 +228,14 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
     incomplete = sorted(module for module, seen in parts.items() if seen != {"A", "B"})
     if incomplete:
         raise refuse("incomplete_adapter", f"these layers lack a lora_A or lora_B weight: {', '.join(incomplete[:5])}")
-    return len(parts)
+    b_weights = [info for name, info in tensors.items() if _LORA_KEY.match(name)["part"] == "B"]  # type: ignore[index]
+    return len(parts), [NOOP_ADAPTER_WARNING] if all_zero(path, b_weights) else []
 
 
 def validate_adapter_dir(folder: Path, base: BaseModelSpec, max_rank: int) -> AdapterSpec:
     config = _load_config(folder / CONFIG_FILE)
     rank, targets = _check_config(config, base, max_rank)
-    modules = _check_weights(folder / WEIGHTS_FILE, config, rank, base)
+    modules, warnings = _check_weights(folder / WEIGHTS_FILE, config, rank, base)
     alpha = config.get("lora_alpha", rank)
     return AdapterSpec(
         rank=rank,
@@ -191,4 +244,5 @@ def validate_adapter_dir(folder: Path, base: BaseModelSpec, max_rank: int) -> Ad
         base_model_name_or_path=config.get("base_model_name_or_path"),
         modules=modules,
         config=config,
+        warnings=warnings,
     )

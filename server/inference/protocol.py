@@ -1,10 +1,12 @@
-"""Just enough of the OpenAI request shapes to route; the engine validates the rest and its 400s pass through."""
+"""Just enough of the OpenAI request shapes to route and cap; the engine validates the rest and its 400s pass
+through. The fields the gateway caps are typed strictly, as OpenAI types them: `n: 100.0` or `n: "100"` is a
+400 here, never a value that slips past the cap and is coerced by the engine."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from quiver.base_model import DEFAULT_MODEL_NAME
 
@@ -19,6 +21,10 @@ class _GenerationRequest(BaseModel):
     model: str = Field(min_length=1, description="the base model, an adapter `name`, or a pinned `name@version`")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Lower bounds are the engine's to check (its 400s pass through); the gateway owns the types and the caps.
+    n: StrictInt | None = Field(None, description="choices per request; capped by the server's max_n")
+    max_tokens: StrictInt | None = Field(None, description="capped by the server's max_completion_tokens")
+    max_completion_tokens: StrictInt | None = Field(None, description="as max_tokens")
 
     def engine_body(self, engine_model: str) -> dict[str, Any]:
         body = self.model_dump(exclude_unset=True, exclude_none=False)
@@ -37,12 +43,15 @@ class ChatCompletionRequest(_GenerationRequest):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8}]})
     messages: list[dict[str, Any]] = Field(min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_GenerationRequest):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": DEFAULT_MODEL_NAME, "prompt": "The sea is", "max_tokens": 8}]})
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
 
 # What the engine answers, as far as the gateway vouches for it (the engine's other fields pass through).
@@ -70,6 +79,7 @@ class ModelCard(BaseModel):
     owned_by: str = "quiver"
     root: str
     parent: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="the served version's admission warnings")
 
 
 class ModelList(BaseModel):

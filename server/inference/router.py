@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from quiver.adapters.service import model_not_found
+from quiver.adapters.model_id import parse_model_id
+from quiver.adapters.service import AdapterRegistry, model_not_found
 from quiver.auth import ModelScope, inference_auth
 from quiver.errors import error_responses
 from quiver.inference.protocol import (
@@ -16,48 +17,70 @@ from quiver.inference.protocol import (
     ModelCard,
     ModelList,
 )
+from quiver.inference.service import InferenceService
+from quiver.limits import BoundedJSONRoute
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(inference_auth)],
-                   responses=error_responses(401))
+                   responses=error_responses(401), route_class=BoundedJSONRoute)
 
 
 def _generation_responses(model: type) -> dict:
     streamed = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events, as OpenAI's"}}}
     return {200: {"model": model, "content": streamed, "description": "The completion, or with `stream` its chunks"},
             **error_responses(400, 404, 413, 429, 503)}
+
+
+def _inference(request: Request) -> InferenceService:
+    return request.app.state.inference
+
+
+def _registry(request: Request) -> AdapterRegistry:
+    return request.app.state.registry
+
+
+def _started_at(request: Request) -> int:
+    return request.app.state.started_at
+
+
 # The models the caller's key may see and call (FastAPI runs inference_auth once per request).
 Scope = Annotated[ModelScope, Depends(inference_auth)]
+Inference = Annotated[InferenceService, Depends(_inference)]
+Registry = Annotated[AdapterRegistry, Depends(_registry)]
+StartedAt = Annotated[int, Depends(_started_at)]
 
 
 @router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, scope: Scope) -> Response:
-    return await request.app.state.inference.forward("chat/completions", body, scope)
+async def create_chat_completion(body: ChatCompletionRequest, inference: Inference, scope: Scope) -> Response:
+    return await inference.forward("chat/completions", body, scope)
 
 
 @router.post("/completions", response_model=None, responses=_generation_responses(Completion))
-async def create_completion(body: CompletionRequest, request: Request, scope: Scope) -> Response:
-    return await request.app.state.inference.forward("completions", body, scope)
+async def create_completion(body: CompletionRequest, inference: Inference, scope: Scope) -> Response:
+    return await inference.forward("completions", body, scope)
 
 
-def _model_cards(request: Request, scope: ModelScope) -> list[ModelCard]:
-    registry = request.app.state.registry
+def _model_cards(registry: AdapterRegistry, started_at: int, scope: ModelScope) -> list[ModelCard]:
     base = registry.base_model_name
-    cards = [ModelCard(id=base, created=request.app.state.started_at, root=base)]
+    cards = [ModelCard(id=base, created=started_at, root=base)]
     for adapter in registry.list(scope):
-        current = next(v for v in adapter.versions if v.current)
-        cards.append(ModelCard(id=adapter.name, created=current.created_at, root=current.id, parent=base))
-        cards += [ModelCard(id=v.id, created=v.created_at, root=v.id, parent=base) for v in adapter.versions]
+        current = next((v for v in adapter.versions if v.current), None)
+        if current is not None:  # without a current version the bare name serves nothing, so it is not listed
+            cards.append(ModelCard(id=adapter.name, created=current.created_at, root=current.id, parent=base,
+                                   warnings=current.warnings))
+        cards += [ModelCard(id=v.id, created=v.created_at, root=v.id, parent=base, warnings=v.warnings)
+                  for v in adapter.versions]
     return cards
 
 
 @router.get("/models")
-async def list_models(request: Request, scope: Scope) -> ModelList:
-    return ModelList(data=_model_cards(request, scope))
+async def list_models(registry: Registry, started_at: StartedAt, scope: Scope) -> ModelList:
+    return ModelList(data=_model_cards(registry, started_at, scope))
 
 
-@router.get("/models/{model_id}", responses=error_responses(404))
-async def retrieve_model(model_id: str, request: Request, scope: Scope) -> ModelCard:
-    for card in _model_cards(request, scope):
-        if card.id == model_id:
+@router.get("/models/{model_id}", responses=error_responses(400, 404))
+async def retrieve_model(model_id: str, registry: Registry, started_at: StartedAt, scope: Scope) -> ModelCard:
+    canonical = parse_model_id(model_id, registry.base_model_name).id
+    for card in _model_cards(registry, started_at, scope):
+        if card.id == canonical:
             return card
     raise model_not_found(model_id)

@@ -15,10 +15,10 @@ from starlette.types import Receive, Scope, Send
 from quiver.adapters.service import AdapterRegistry, Target
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine_client import Engine, EngineError, EngineResponse, parse_engine_error
-from quiver.errors import APIError, error_body
+from quiver.errors import APIError, DomainError, error_body, status_of
 from quiver.inference.limiter import RequestLimiter
 from quiver.inference.protocol import _GenerationRequest
-from quiver.metrics import Metrics
+from quiver.metrics import UNKNOWN_MODEL, Metrics
 
 _USAGE_MARK = b'"usage":{'
 _EMPTY_CHOICES = b'"choices":[]'
@@ -54,15 +54,15 @@ class InferenceService:
             await asyncio.sleep(0.1)
 
     def _check_caps(self, request: _GenerationRequest) -> None:
-        extra = request.model_extra or {}
+        # The fields are strict integers (protocol.py): what is checked here is exactly what reaches the engine.
         for field in ("max_tokens", "max_completion_tokens"):
-            value = extra.get(field)
-            if isinstance(value, int) and value > self.max_completion_tokens:
+            value = getattr(request, field)
+            if value is not None and value > self.max_completion_tokens:
                 raise APIError(400, f"`{field}` is {value}; this server allows at most {self.max_completion_tokens}",
                                code="max_tokens_too_large", param=field)
-        n = extra.get("n")
-        if isinstance(n, int) and n > self.max_n:
-            raise APIError(400, f"`n` is {n}; this server allows at most {self.max_n}", code="n_too_large", param="n")
+        if request.n is not None and request.n > self.max_n:
+            raise APIError(400, f"`n` is {request.n}; this server allows at most {self.max_n}", code="n_too_large",
+                           param="n")
 
     async def forward(self, endpoint: str, request: _GenerationRequest, scope: ModelScope = EVERY_MODEL) -> Response:
         started = time.perf_counter()
@@ -85,8 +85,8 @@ class InferenceService:
             except BaseException:
                 await stack.aclose()
                 raise
-        except APIError as exc:
-            self._count(request.model if target else "", target, endpoint, exc.status)
+        except (APIError, DomainError) as exc:
+            self._count(request.model, target, endpoint, exc.status if isinstance(exc, APIError) else status_of(exc))
             raise
         if upstream.status != 200 or not request.stream:
             try:
@@ -177,8 +177,10 @@ class InferenceService:
         self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
 
     def _count(self, model: str, target: Target | None, endpoint: str, status: int | str) -> None:
-        # Unknown model names are not used as label values: they would let clients grow the series without bound.
-        self.metrics.requests.labels(model if target else "", target.label if target else "", endpoint, str(status)).inc()
+        # Labels come from the registry (what `model` resolved to, spelled canonically), never the caller's
+        # string: `name@01`, `name@001`... would each open a series. Anything unresolved is UNKNOWN_MODEL.
+        self.metrics.requests.labels(target.model_label if target else UNKNOWN_MODEL,
+                                     target.label if target else UNKNOWN_MODEL, endpoint, str(status)).inc()
 
     def _count_tokens(self, target: Target, usage: Any) -> None:
         if not isinstance(usage, dict):
