@@ -17,33 +17,39 @@ from quiver.adapters.service import AdapterRegistry
 from quiver.adapters.store import LocalAdapterStore
 from quiver.adapters.validation import BaseModelSpec
 from quiver.app import create_app
+from quiver.engine_client import EngineUnavailable
 from quiver.inference.limiter import RequestLimiter
 from quiver.inference.service import InferenceService
 from quiver.settings import Settings
 
 
 class NoEngine:
+    """A stand-in behind the engine seam (`quiver.engine_client.Engine`) that never generates: a generation
+    waits until `release` is set, then fails the way an unreachable engine does (`EngineUnavailable`, which
+    the gateway answers with its 503 envelope). Adapter loads fail the test."""
+
     ready = True
+    restarts = 0
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
-        self.generation = self
         self.posts = 0
 
-    async def post(self, *_args, **_kwargs):
+    async def generate(self, _endpoint, _body):
         self.posts += 1
         await self.release.wait()
-        import aiohttp
-
-        raise aiohttp.ClientConnectionError("no engine in this test")
+        raise EngineUnavailable("no engine in this test")
 
     async def metrics_text(self) -> str:
         return ""  # the engine's own series: none here
 
-    async def load_adapter(self, *_args, **_kwargs):
+    async def loaded_models(self) -> set[str]:
+        return set()
+
+    async def load_adapter(self, *_args, **_kwargs) -> None:
         raise AssertionError("this test must not reach the engine")
 
-    async def unload_adapter(self, *_args, **_kwargs):
+    async def unload_adapter(self, *_args, **_kwargs) -> None:
         raise AssertionError("this test must not reach the engine")
 
 
@@ -79,10 +85,8 @@ class LoadingEngine(NoEngine):
         super().__init__()
         self.loaded: set[str] = set()
 
-    async def load_adapter(self, key: str, _path):
+    async def load_adapter(self, key: str, _path) -> None:
         self.loaded.add(key)
-        return httpx.Response(200, text="ok")
 
-    async def unload_adapter(self, key: str):
+    async def unload_adapter(self, key: str) -> None:
         self.loaded.discard(key)
-        return httpx.Response(200, text="ok")

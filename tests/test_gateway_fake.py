@@ -148,7 +148,8 @@ def test_metrics_labels_come_from_the_registry(make_gateway, fake_adapter: Path)
         chat(gateway, "who-knows@1")
     text = httpx.get(f"{gateway.base_url}/metrics").text
     assert 'quiver_requests_total{adapter="bot",endpoint="chat/completions",model="bot",status="200"} 1.0' in text
-    assert 'quiver_requests_total{adapter="",endpoint="chat/completions",model="",status="404"} 1.0' in text
+    # an unknown model is counted under one fixed label (quiver.metrics.UNKNOWN_MODEL)
+    assert 'quiver_requests_total{adapter="unknown",endpoint="chat/completions",model="unknown",status="404"} 1.0' in text
     assert "who-knows" not in text
     assert 'quiver_completion_tokens_total{adapter="bot"} 3.0' in text
     assert "vllm:fake_requests_total 1" in text  # the engine's own metrics follow quiver's
