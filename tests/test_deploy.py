@@ -1,5 +1,7 @@
 """Deployment artifacts: the Dockerfile (hadolint) and the Helm chart (rendered and linted by real Helm).
 
+(The CPU image itself is built, started and called in tests/test_image.py.)
+
 No Docker daemon or cluster is needed: `helm-python-sdk` carries Helm's Go library, every rendered
 Kubernetes object is checked against the pinned Kubernetes OpenAPI schema (`kubernetes-validate`, strict:
 unknown fields fail, as `kubectl apply` does), and the Prometheus Operator objects against their CRD
@@ -18,12 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import promql_parser
 import pytest
+import typer
 import yaml
+from helm_python import _native as helm_native
+
+from quiver.cli import app as cli_app
+from quiver.engine import engine_command
+from quiver.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "quiver"
@@ -36,6 +45,9 @@ KUBE_VERSION = "1.33.0"
 RELEASE = "demo"
 NAMESPACE = "llm"
 FULLNAME = "demo-quiver"
+# What a cluster with the Prometheus Operator serves (`helm template --api-versions ...`); without these the
+# chart must render no object of theirs, so that `helm install` works on a bare cluster.
+MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
 
 # What the server exports (issue #6 / the gateway's metrics module). Dashboards and alerts may use no other.
 QUIVER_METRICS = {
@@ -142,16 +154,24 @@ def merged(overrides: dict[str, Any]) -> dict[str, Any]:
         return chart.merge_values(overrides)
 
 
+def helm_template(chart: helm.Chart, values: dict[str, Any], api_versions: tuple[str, ...] = ()) -> dict[str, str]:
+    """`helm template --api-versions ...` with Helm's Go library: Chart.render, plus the capabilities
+    (`api_versions`) that helm-python's native render takes but its Python wrapper does not expose."""
+    opts = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
+    return json.loads(helm_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
+
+
 @functools.lru_cache(maxsize=None)
-def _render_cached(values_json: str) -> tuple[tuple[str, str], ...]:
+def _render_cached(values_json: str, api_versions: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     with helm.Chart.load(CHART) as chart:
-        out = chart.render(values=json.loads(values_json), name=RELEASE, namespace=NAMESPACE)
+        out = helm_template(chart, json.loads(values_json), api_versions)
     return tuple(sorted(out.items()))
 
 
-def render(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Render with real Helm: (Kubernetes objects, {template path: text})."""
-    files = dict(_render_cached(json.dumps(values or {}, sort_keys=True)))
+def render(values: dict[str, Any] | None = None,
+           api_versions: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Render with real Helm: (Kubernetes objects, {template path: text}). Without api_versions: a bare cluster."""
+    files = dict(_render_cached(json.dumps(values or {}, sort_keys=True), tuple(api_versions)))
     objects = []
     for path, text in files.items():
         if path.endswith("NOTES.txt"):
@@ -160,8 +180,13 @@ def render(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], 
     return objects, files
 
 
-def objects_of(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    return render(values)[0]
+def objects_of(values: dict[str, Any] | None = None, api_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    return render(values, api_versions)[0]
+
+
+def monitored(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The objects on a cluster that has the Prometheus Operator's APIs."""
+    return objects_of(values, MONITORING_APIS)
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -366,9 +391,10 @@ def test_helm_lint(variant: str) -> None:
     assert not problems and not report["errors"], report
 
 
+@pytest.mark.parametrize("apis", [(), MONITORING_APIS], ids=["bare-cluster", "prometheus-operator"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_rendered_objects_match_kubernetes_schema(variant: str) -> None:
-    objects = objects_of(VARIANTS[variant])
+def test_rendered_objects_match_kubernetes_schema(variant: str, apis: tuple[str, ...]) -> None:
+    objects = objects_of(VARIANTS[variant], apis)
     assert objects
     for obj in objects:
         validate_object(obj)
@@ -381,7 +407,7 @@ def test_strict_validation_rejects_a_typo() -> None:
     container(deployment)["livenesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(deployment)
-    monitor = copy.deepcopy(one(objects_of(), "ServiceMonitor"))
+    monitor = copy.deepcopy(one(monitored(), "ServiceMonitor"))
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     with pytest.raises(AssertionError, match="intervall"):
         validate_object(monitor)
@@ -409,7 +435,8 @@ def test_values_schema_rejects(bad: dict[str, Any]) -> None:
 
 
 def test_default_render_has_the_expected_objects() -> None:
-    assert kinds(objects_of()) == sorted(
+    # On a bare cluster: the same minus the Prometheus Operator's objects (test_crd_objects_need_the_api_and_the_value).
+    assert kinds(monitored()) == sorted(
         [
             "ConfigMap",  # Grafana dashboard
             "Deployment",
@@ -589,12 +616,39 @@ def test_existing_claims_and_secret() -> None:
 
 
 def test_monitoring_off() -> None:
-    objects = objects_of(VARIANTS["monitoring-off"])
+    objects = monitored(VARIANTS["monitoring-off"])
     assert not {"ServiceMonitor", "PrometheusRule", "ConfigMap", "PodDisruptionBudget"} & set(kinds(objects))
 
 
+def test_crd_objects_need_the_api_and_the_value() -> None:
+    # A bare cluster: the default install renders nothing a missing CRD would make `helm install` fail on.
+    bare = kinds(objects_of())
+    assert not {"ServiceMonitor", "PrometheusRule"} & set(bare)
+    assert not [o for o in objects_of() if o["apiVersion"] not in CORE_API_VERSIONS]
+    # The Operator's APIs present and the values asking (the default): both render.
+    assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(monitored()))
+    # Each one follows its own API...
+    only_monitor = objects_of({}, ("monitoring.coreos.com/v1/ServiceMonitor",))
+    assert "ServiceMonitor" in kinds(only_monitor) and "PrometheusRule" not in kinds(only_monitor)
+    # ...and its own value.
+    no_rule = kinds(monitored({"monitoring": {"prometheusRule": {"enabled": False}}}))
+    assert "ServiceMonitor" in no_rule and "PrometheusRule" not in no_rule
+    # The rest of the release is the same either way.
+    assert [k for k in kinds(monitored()) if k not in ("ServiceMonitor", "PrometheusRule")] == bare
+
+
+# Built into every Kubernetes the chart supports (Chart.yaml kubeVersion >=1.27): no CRD needed.
+CORE_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "rbac.authorization.k8s.io/v1"}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bare_cluster_needs_no_crd(variant: str) -> None:
+    for obj in objects_of(VARIANTS[variant]):
+        assert obj["apiVersion"] in CORE_API_VERSIONS, (obj["kind"], obj["apiVersion"])
+
+
 def test_selectors_connect() -> None:
-    objects = objects_of(VARIANTS["training"])
+    objects = monitored(VARIANTS["training"])
     deployment = one(objects, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     job_labels = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
@@ -620,7 +674,7 @@ def test_selectors_connect() -> None:
 
 
 def test_tuned_values_reach_the_pod() -> None:
-    objects = objects_of(VARIANTS["tuned"])
+    objects = monitored(VARIANTS["tuned"])
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     c = container(deployment)
@@ -646,7 +700,7 @@ def test_tuned_values_reach_the_pod() -> None:
 
 
 def test_prometheus_rules() -> None:
-    rules = one(objects_of(), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    rules = one(monitored(), "PrometheusRule")["spec"]["groups"][0]["rules"]
     by_name = {r["alert"]: r for r in rules}
     assert set(by_name) == {
         "QuiverEngineDown",
@@ -674,7 +728,7 @@ def test_prometheus_rules() -> None:
     assert [m.get("status") for m in matchers(by_name["QuiverHighErrorRate"]["expr"])] == ["=~5..", None]
 
     tuned = one(
-        objects_of({"monitoring": {"prometheusRule": {"thresholds": {"ttftP99Seconds": 0.5, "for": "3m"}}}}),
+        monitored({"monitoring": {"prometheusRule": {"thresholds": {"ttftP99Seconds": 0.5, "for": "3m"}}}}),
         "PrometheusRule",
     )["spec"]["groups"][0]["rules"]
     ttft = next(r for r in tuned if r["alert"] == "QuiverSlowTimeToFirstToken")
