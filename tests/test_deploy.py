@@ -632,6 +632,9 @@ def test_crd_objects_need_the_api_and_the_value() -> None:
     # ...and its own value.
     no_rule = kinds(monitored({"monitoring": {"prometheusRule": {"enabled": False}}}))
     assert "ServiceMonitor" in no_rule and "PrometheusRule" not in no_rule
+    # NOTES says what was left out and why, only when it was.
+    assert "no ServiceMonitor or PrometheusRule was created" in render()[1]["quiver/templates/NOTES.txt"]
+    assert "Prometheus Operator" not in render({}, MONITORING_APIS)[1]["quiver/templates/NOTES.txt"]
     # The rest of the release is the same either way.
     assert [k for k in kinds(monitored()) if k not in ("ServiceMonitor", "PrometheusRule")] == bare
 
