@@ -84,8 +84,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY README.md ./
 COPY server ./server
 COPY training ./training
-RUN pip install --no-cache-dir --no-deps --force-reinstall . \
-    && python -c "import quiver.cli"
+# The stand-ins' build/ and egg-info go first: COPY keeps the sources' older mtimes, so setuptools would
+# otherwise keep the empty stand-in modules it built above.
+RUN rm -rf build ./*.egg-info \
+    && pip install --no-cache-dir --no-deps --force-reinstall . \
+    && python -c "import quiver.app, quiver.cli"
 
 # ---- the training extra on top (TRL, datasets, matplotlib, openai), for the training image only ----
 FROM build AS build-training
