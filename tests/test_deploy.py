@@ -1,5 +1,7 @@
 """Deployment artifacts: the Dockerfile (hadolint) and the Helm chart (rendered and linted by real Helm).
 
+(The CPU image itself is built, started and called in tests/test_image.py.)
+
 No Docker daemon or cluster is needed: `helm-python-sdk` carries Helm's Go library, every rendered
 Kubernetes object is checked against the pinned Kubernetes OpenAPI schema (`kubernetes-validate`, strict:
 unknown fields fail, as `kubectl apply` does), and the Prometheus Operator objects against their CRD
@@ -23,7 +25,13 @@ import jsonschema
 import kubernetes_validate
 import promql_parser
 import pytest
+import typer
 import yaml
+from helm_python import _native as helm_native
+
+from quiver.cli import app as cli_app
+from quiver.engine import engine_command
+from quiver.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "quiver"
@@ -36,6 +44,9 @@ KUBE_VERSION = "1.33.0"
 RELEASE = "demo"
 NAMESPACE = "llm"
 FULLNAME = "demo-quiver"
+# What a cluster with the Prometheus Operator serves (`helm template --api-versions ...`); without these the
+# chart must render no object of theirs, so that `helm install` works on a bare cluster.
+MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
 
 # What the server exports (issue #6 / the gateway's metrics module). Dashboards and alerts may use no other.
 QUIVER_METRICS = {
@@ -142,16 +153,24 @@ def merged(overrides: dict[str, Any]) -> dict[str, Any]:
         return chart.merge_values(overrides)
 
 
+def helm_template(chart: helm.Chart, values: dict[str, Any], api_versions: tuple[str, ...] = ()) -> dict[str, str]:
+    """`helm template --api-versions ...` with Helm's Go library: Chart.render, plus the capabilities
+    (`api_versions`) that helm-python's native render takes but its Python wrapper does not expose."""
+    opts = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
+    return json.loads(helm_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
+
+
 @functools.lru_cache(maxsize=None)
-def _render_cached(values_json: str) -> tuple[tuple[str, str], ...]:
+def _render_cached(values_json: str, api_versions: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     with helm.Chart.load(CHART) as chart:
-        out = chart.render(values=json.loads(values_json), name=RELEASE, namespace=NAMESPACE)
+        out = helm_template(chart, json.loads(values_json), api_versions)
     return tuple(sorted(out.items()))
 
 
-def render(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Render with real Helm: (Kubernetes objects, {template path: text})."""
-    files = dict(_render_cached(json.dumps(values or {}, sort_keys=True)))
+def render(values: dict[str, Any] | None = None,
+           api_versions: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Render with real Helm: (Kubernetes objects, {template path: text}). Without api_versions: a bare cluster."""
+    files = dict(_render_cached(json.dumps(values or {}, sort_keys=True), tuple(api_versions)))
     objects = []
     for path, text in files.items():
         if path.endswith("NOTES.txt"):
@@ -160,8 +179,13 @@ def render(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], 
     return objects, files
 
 
-def objects_of(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    return render(values)[0]
+def objects_of(values: dict[str, Any] | None = None, api_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    return render(values, api_versions)[0]
+
+
+def monitored(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The objects on a cluster that has the Prometheus Operator's APIs."""
+    return objects_of(values, MONITORING_APIS)
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -366,9 +390,10 @@ def test_helm_lint(variant: str) -> None:
     assert not problems and not report["errors"], report
 
 
+@pytest.mark.parametrize("apis", [(), MONITORING_APIS], ids=["bare-cluster", "prometheus-operator"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_rendered_objects_match_kubernetes_schema(variant: str) -> None:
-    objects = objects_of(VARIANTS[variant])
+def test_rendered_objects_match_kubernetes_schema(variant: str, apis: tuple[str, ...]) -> None:
+    objects = objects_of(VARIANTS[variant], apis)
     assert objects
     for obj in objects:
         validate_object(obj)
@@ -381,7 +406,7 @@ def test_strict_validation_rejects_a_typo() -> None:
     container(deployment)["livenesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(deployment)
-    monitor = copy.deepcopy(one(objects_of(), "ServiceMonitor"))
+    monitor = copy.deepcopy(one(monitored(), "ServiceMonitor"))
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     with pytest.raises(AssertionError, match="intervall"):
         validate_object(monitor)
@@ -409,7 +434,8 @@ def test_values_schema_rejects(bad: dict[str, Any]) -> None:
 
 
 def test_default_render_has_the_expected_objects() -> None:
-    assert kinds(objects_of()) == sorted(
+    # On a bare cluster: the same minus the Prometheus Operator's objects (test_crd_objects_need_the_api_and_the_value).
+    assert kinds(monitored()) == sorted(
         [
             "ConfigMap",  # Grafana dashboard
             "Deployment",
@@ -589,12 +615,42 @@ def test_existing_claims_and_secret() -> None:
 
 
 def test_monitoring_off() -> None:
-    objects = objects_of(VARIANTS["monitoring-off"])
+    objects = monitored(VARIANTS["monitoring-off"])
     assert not {"ServiceMonitor", "PrometheusRule", "ConfigMap", "PodDisruptionBudget"} & set(kinds(objects))
 
 
+def test_crd_objects_need_the_api_and_the_value() -> None:
+    # A bare cluster: the default install renders nothing a missing CRD would make `helm install` fail on.
+    bare = kinds(objects_of())
+    assert not {"ServiceMonitor", "PrometheusRule"} & set(bare)
+    assert not [o for o in objects_of() if o["apiVersion"] not in CORE_API_VERSIONS]
+    # The Operator's APIs present and the values asking (the default): both render.
+    assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(monitored()))
+    # Each one follows its own API...
+    only_monitor = objects_of({}, ("monitoring.coreos.com/v1/ServiceMonitor",))
+    assert "ServiceMonitor" in kinds(only_monitor) and "PrometheusRule" not in kinds(only_monitor)
+    # ...and its own value.
+    no_rule = kinds(monitored({"monitoring": {"prometheusRule": {"enabled": False}}}))
+    assert "ServiceMonitor" in no_rule and "PrometheusRule" not in no_rule
+    # NOTES says what was left out and why, only when it was.
+    assert "no ServiceMonitor or PrometheusRule was created" in render()[1]["quiver/templates/NOTES.txt"]
+    assert "Prometheus Operator" not in render({}, MONITORING_APIS)[1]["quiver/templates/NOTES.txt"]
+    # The rest of the release is the same either way.
+    assert [k for k in kinds(monitored()) if k not in ("ServiceMonitor", "PrometheusRule")] == bare
+
+
+# Built into every Kubernetes the chart supports (Chart.yaml kubeVersion >=1.27): no CRD needed.
+CORE_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "rbac.authorization.k8s.io/v1"}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bare_cluster_needs_no_crd(variant: str) -> None:
+    for obj in objects_of(VARIANTS[variant]):
+        assert obj["apiVersion"] in CORE_API_VERSIONS, (obj["kind"], obj["apiVersion"])
+
+
 def test_selectors_connect() -> None:
-    objects = objects_of(VARIANTS["training"])
+    objects = monitored(VARIANTS["training"])
     deployment = one(objects, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     job_labels = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
@@ -620,7 +676,7 @@ def test_selectors_connect() -> None:
 
 
 def test_tuned_values_reach_the_pod() -> None:
-    objects = objects_of(VARIANTS["tuned"])
+    objects = monitored(VARIANTS["tuned"])
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     c = container(deployment)
@@ -646,7 +702,7 @@ def test_tuned_values_reach_the_pod() -> None:
 
 
 def test_prometheus_rules() -> None:
-    rules = one(objects_of(), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    rules = one(monitored(), "PrometheusRule")["spec"]["groups"][0]["rules"]
     by_name = {r["alert"]: r for r in rules}
     assert set(by_name) == {
         "QuiverEngineDown",
@@ -674,7 +730,7 @@ def test_prometheus_rules() -> None:
     assert [m.get("status") for m in matchers(by_name["QuiverHighErrorRate"]["expr"])] == ["=~5..", None]
 
     tuned = one(
-        objects_of({"monitoring": {"prometheusRule": {"thresholds": {"ttftP99Seconds": 0.5, "for": "3m"}}}}),
+        monitored({"monitoring": {"prometheusRule": {"thresholds": {"ttftP99Seconds": 0.5, "for": "3m"}}}}),
         "PrometheusRule",
     )["spec"]["groups"][0]["rules"]
     ttft = next(r for r in tuned if r["alert"] == "QuiverSlowTimeToFirstToken")
@@ -754,3 +810,271 @@ def test_notes_tell_how_to_reach_it() -> None:
     assert f"create secret generic {FULLNAME}-keys" in notes
     assert f"http://{FULLNAME}.{NAMESPACE}.svc:8000/v1" in notes
     assert "ReadWriteMany" in notes and "quiver_queue_depth" in notes
+
+
+# --------------------------------------------------------------------------------------- chart <-> code agreement
+
+
+def _cli_envvars(*path: str) -> set[str]:
+    """The environment variables a `quiver` subcommand reads, from its typer/click options."""
+    command = typer.main.get_command(cli_app)
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    names: set[str] = set()
+    for param in command.params:
+        envvar = getattr(param, "envvar", None)
+        names.update([envvar] if isinstance(envvar, str) else list(envvar or []))
+    return names
+
+
+def _settings_envvars() -> set[str]:
+    # QUIVER_CONFIG names the settings' YAML file (read in Settings.settings_customise_sources).
+    return {f"QUIVER_{name.upper()}" for name in Settings.model_fields} | {"QUIVER_CONFIG"}
+
+
+def test_training_job_env_is_what_the_cli_reads() -> None:
+    cli = _cli_envvars("train")
+    # The guard's premise: `quiver train` takes its keys from the environment (register + evaluate).
+    assert {"QUIVER_ADMIN_KEY", "QUIVER_API_KEY"} <= cli
+    train = one(objects_of(VARIANTS["training"]), "Job")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(train)
+    # Every variable the CLI reads from the environment is set by the Job...
+    assert cli <= set(env), cli - set(env)
+    # ...from the Secret, and every QUIVER_* variable the Job sets is read by someone: the CLI or the settings.
+    for name in cli:
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == f"{FULLNAME}-keys"
+    unread = {n for n in env if n.startswith("QUIVER_")} - cli - _settings_envvars()
+    assert not unread, unread
+    # Settings' plural key lists are the server's, never the Job's (it would send neither key).
+    assert not {"QUIVER_ADMIN_KEYS", "QUIVER_API_KEYS"} & set(env)
+    # One key each: by default the Secret's admin key serves both (admin keys also work for generation).
+    assert env["QUIVER_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "admin-keys"
+    assert env["QUIVER_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "admin-keys"
+    own = one(objects_of({"training": {**VARIANTS["training"]["training"], "adminKeyKey": "train-admin",
+                                       "apiKeyKey": "train-api"}}), "Job")
+    env = env_of(own["spec"]["template"]["spec"]["containers"][0])
+    assert env["QUIVER_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "train-admin"
+    assert env["QUIVER_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "train-api"
+
+
+def test_serving_env_is_read_by_the_settings() -> None:
+    # The same guard for the server: a renamed setting must not leave the chart setting a dead variable.
+    for variant in ("default", "cpu", "tuned", "multi-replica", "existing-claims"):
+        env = env_of(container(one(objects_of(VARIANTS[variant]), "Deployment")))
+        unread = {n for n in env if n.startswith("QUIVER_")} - _settings_envvars()
+        assert not unread, (variant, unread)
+
+
+def test_training_job_uses_the_training_image_and_n_gpus() -> None:
+    job = one(objects_of(VARIANTS["training"]), "Job")
+    spec = job["spec"]["template"]["spec"]
+    train = spec["containers"][0]
+    # The serving image leaves TRL & co. out; the Job runs the Dockerfile's `training` target.
+    assert train["image"] == "quiver:0.1.0-gpu-training"
+    assert spec["initContainers"][0]["image"] == "quiver:0.1.0-gpu-training"
+    assert "command" not in train, "one GPU: the image's entrypoint, plain `quiver train`"
+
+    four = {"training": {**VARIANTS["training"]["training"], "gpu": {"count": 4}}}
+    objects = objects_of(four)
+    spec = one(objects, "Job")["spec"]["template"]["spec"]
+    train = spec["containers"][0]
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert train["resources"]["requests"]["nvidia.com/gpu"] == 4
+    # One data-parallel process per GPU, running the same CLI command and arguments.
+    assert train["command"] == ["torchrun", "--standalone", "--nproc-per-node", "4", "-m", "quiver.cli"]
+    assert train["args"][:2] == ["train", "/data/train.jsonl"]
+    for obj in objects:
+        validate_object(obj)
+    # The serving Deployment keeps its own GPU count.
+    assert container(one(objects, "Deployment"))["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    custom = {"training": {**VARIANTS["training"]["training"], "image": {"repository": "ghcr.io/acme/quiver-train",
+                                                                          "tag": "7"}}}
+    assert one(objects_of(custom), "Job")["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "ghcr.io/acme/quiver-train:7"
+
+
+def test_image_registry_and_tag_are_values() -> None:
+    values = {"image": {"registry": "registry.example.com:5000/ml", "tag": "2026.12.1-gpu"},
+              **{k: v for k, v in VARIANTS["training"].items()}}
+    objects = objects_of(values)
+    assert container(one(objects, "Deployment"))["image"] == "registry.example.com:5000/ml/quiver:2026.12.1-gpu"
+    job = one(objects, "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert job["image"] == "registry.example.com:5000/ml/quiver:0.1.0-gpu-training"
+    pinned = objects_of({"image": {"registry": "ghcr.io/acme", "digest": "sha256:" + "cd" * 32}})
+    assert container(one(pinned, "Deployment"))["image"] == "ghcr.io/acme/quiver@sha256:" + "cd" * 32
+    assert "/image/registry" in render_error({"image": {"registry": "not a registry"}})
+
+
+MODEL_ON_NFS = {
+    "model": {"path": "/models/Qwen2.5-7B-Instruct", "servedModelName": "qwen",
+              "volume": {"nfs": {"server": "nfs.example.com", "path": "/exports/models", "readOnly": True}}},
+    "modelCache": {"persistence": {"enabled": False}},
+}
+
+
+def test_model_volume_without_persistence() -> None:
+    objects = objects_of({**MODEL_ON_NFS, "training": VARIANTS["training"]["training"]})
+    for obj in objects:
+        validate_object(obj)
+    assert "PersistentVolumeClaim" not in kinds(objects) or all(
+        o["metadata"]["name"] == f"{FULLNAME}-adapters" for o in objects if o["kind"] == "PersistentVolumeClaim")
+    for kind in ("Deployment", "Job"):
+        spec = one(objects, kind)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["model"] == {"name": "model", **MODEL_ON_NFS["model"]["volume"]}
+        main = spec["containers"][0]
+        assert {"name": "model", "mountPath": "/models", "readOnly": True} in main["volumeMounts"]
+        assert env_of(main)["QUIVER_MODEL"]["value"] == "/models/Qwen2.5-7B-Instruct"
+        # Own model: nothing to prepare.
+        assert "initContainers" not in spec
+
+    # model.path with nothing holding it would start a pod whose model is missing: refused, and said why.
+    message = render_error({"model": {"path": "/var/lib/quiver/models/mine"},
+                            "modelCache": {"persistence": {"enabled": False}}})
+    assert "model.volume" in message
+    assert "must lie under model.mountPath" in render_error(
+        {**MODEL_ON_NFS, "model": {**MODEL_ON_NFS["model"], "path": "/elsewhere/qwen"}})
+    assert "needs model.path" in render_error({"model": {"volume": {"emptyDir": {}}}})
+    # With persistence on, model.path in the model cache still works without a volume (as before).
+    one(objects_of({"model": {"path": "/var/lib/quiver/models/mine"}}), "Deployment")
+
+
+def test_engine_scale_up_knobs_reach_the_engine_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"gpu": {"count": 2},
+              "engine": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "maxLoras": 8, "maxLoraRank": 64}}
+    objects = objects_of(values)
+    for obj in objects:
+        validate_object(obj)
+    c = container(one(objects, "Deployment"))
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    env = env_of(c)
+    # Chart value -> environment -> settings -> the vLLM command line, each hop real.
+    for name, e in env.items():
+        if name.startswith("QUIVER_") and "value" in e and name not in (
+                "QUIVER_MODEL", "QUIVER_HOST", "QUIVER_MODEL_CACHE_DIR", "QUIVER_STORE_DIR", "QUIVER_STATE_DIR"):
+            monkeypatch.setenv(name, e["value"])
+    command = engine_command(Settings(), Path("/models/m"), 9000)
+    pairs = dict(zip(command, command[1:]))
+    assert pairs["--tensor-parallel-size"] == "2"
+    assert pairs["--gpu-memory-utilization"] == "0.85"
+    assert pairs["--max-loras"] == "8" and pairs["--max-lora-rank"] == "64"
+
+    default_env = env_of(container(one(objects_of(), "Deployment")))
+    assert default_env["QUIVER_TENSOR_PARALLEL_SIZE"]["value"] == "1"
+    assert "QUIVER_GPU_MEMORY_UTILIZATION" not in default_env
+    monkeypatch.delenv("QUIVER_TENSOR_PARALLEL_SIZE")
+    monkeypatch.delenv("QUIVER_GPU_MEMORY_UTILIZATION")
+    plain = engine_command(Settings(), Path("/m"), 9000)
+    assert "--tensor-parallel-size" not in plain and "--gpu-memory-utilization" not in plain
+    cpu_env = env_of(container(one(objects_of(VARIANTS["cpu"]), "Deployment")))
+    assert "QUIVER_TENSOR_PARALLEL_SIZE" not in cpu_env
+
+    assert "engine.tensorParallelSize (4)" in render_error({"engine": {"tensorParallelSize": 4}})
+    assert "/engine/gpuMemoryUtilization" in render_error({"engine": {"gpuMemoryUtilization": 1.5}})
+    assert "/engine/tensorParallelSize" in render_error({"engine": {"tensorParallelSize": 0}})
+
+
+# --------------------------------------------------------------------------------------- images: static checks
+
+
+GPU_CONSTRAINTS = ROOT / "deploy" / "gpu-constraints.txt"
+
+
+def _pins(text: str) -> dict[str, str]:
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if match := re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s;]+)", line.strip('",')):
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def test_gpu_base_matches_torch_cuda() -> None:
+    # The CUDA base image's version (what NVIDIA_REQUIRE_CUDA asks of the host driver) must be the CUDA build
+    # of the torch the GPU image installs: torch 2.13.0's PyPI wheel depends on cuda-toolkit==13.0.3.
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.(\d+)-", DOCKERFILE.read_text(), re.M)
+    assert base, "Dockerfile: ARG CUDA_IMAGE=nvidia/cuda:X.Y.Z-..."
+    pins = _pins(GPU_CONSTRAINTS.read_text())
+    toolkit = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", pins["cuda-toolkit"])
+    assert toolkit, pins["cuda-toolkit"]
+    assert base.group(1, 2) == toolkit.group(1, 2), (
+        f"CUDA base {'.'.join(base.groups())} vs torch's cuda-toolkit {pins['cuda-toolkit']}")
+    # The constraints are the versions the project pins elsewhere: torch as in pyproject, vllm as the gpu extra.
+    project = _pyproject()["project"]
+    assert f"torch=={pins['torch']}" in project["dependencies"]
+    assert project["optional-dependencies"]["gpu"] == [f"vllm=={pins['vllm']}"]
+    # ...and the GPU build really installs under them.
+    assert "PIP_CONSTRAINT=/src/deploy/gpu-constraints.txt" in "\n".join(_dockerfile_lines())
+
+
+def test_gpu_drift_check_bites(tmp_path: Path) -> None:
+    # Guards the guard: the parse sees the pin a drifted file would carry.
+    drifted = GPU_CONSTRAINTS.read_text().replace("cuda-toolkit==13.0.3", "cuda-toolkit==12.9.1")
+    assert _pins(drifted)["cuda-toolkit"] == "12.9.1" != _pins(GPU_CONSTRAINTS.read_text())["cuda-toolkit"]
+
+
+def test_two_images_one_dockerfile() -> None:
+    lines = _dockerfile_lines()
+    stages = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"FROM \S+ AS (\S+)$", line))}
+    # The serving image is the default target (the last stage); the training image is its own target.
+    assert max(stages, key=stages.get) == "serving" and "training" in stages
+    serving = lines[stages["serving"]:]
+    training = lines[stages["training"]:stages["serving"]]
+    assert "COPY --from=build /opt/venv /opt/venv" in serving
+    assert "COPY --from=build-training /opt/venv /opt/venv" in training
+    # Only the training build installs the training extra.
+    build = lines[stages["build"]:stages["build-training"]]
+    assert not any("[training]" in line for line in build)
+    assert any('pip install "./[training]"' in line for line in lines[stages["build-training"]:stages["runtime"]])
+    for stage in (serving, training):
+        assert any(re.fullmatch(r"USER [1-9]\d*(:\d+)?", line) for line in stage)
+    # The training extra holds what serving never imports.
+    extras = _pyproject()["project"]["optional-dependencies"]
+    core = {_pkg(d) for d in _pyproject()["project"]["dependencies"]}
+    assert {"trl", "datasets", "matplotlib"} <= {_pkg(d) for d in extras["training"]}
+    assert not {"trl", "datasets", "matplotlib"} & core
+
+
+def _pyproject() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pkg(requirement: str) -> str:
+    return re.split(r"[=<>\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+@pytest.mark.parametrize(
+    "env, served_host",
+    [
+        ({}, None),  # no keys on 0.0.0.0: refused
+        ({"QUIVER_ALLOW_NO_AUTH": "true"}, "0.0.0.0"),  # "no auth, I know"
+        ({"QUIVER_API_KEYS": "sk-1"}, "0.0.0.0"),
+        ({"QUIVER_HOST": "127.0.0.1"}, "127.0.0.1"),  # loopback without keys, as on a laptop
+    ],
+)
+def test_container_listens_everywhere_only_with_keys_or_consent(
+        env: dict[str, str], served_host: str | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The image sets QUIVER_HOST=0.0.0.0 (a container's loopback is unreachable from outside it).
+    assert "QUIVER_HOST=0.0.0.0" in "\n".join(_dockerfile_lines())
+    import quiver.app
+    from typer.testing import CliRunner
+
+    for name in [n for n in __import__("os").environ if n.startswith("QUIVER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("QUIVER_HOST", "0.0.0.0")
+    monkeypatch.setenv("QUIVER_STATE_DIR", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    served: list[Settings] = []
+    # Stands in for the gateway's start only (no engine is involved in this decision); records what it got.
+    monkeypatch.setattr(quiver.app, "serve", served.append)
+    result = CliRunner().invoke(cli_app, ["serve"])
+    if served_host is None:
+        assert result.exit_code == 2 and not served
+        assert "QUIVER_ALLOW_NO_AUTH" in result.output and "refusing" in result.output
+    else:
+        assert result.exit_code == 0, result.output
+        assert [s.host for s in served] == [served_host]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -177,6 +178,11 @@ class JobService:
         await self._kill_worker()
 
     async def create(self, request: CreateJobRequest) -> FineTuningJob:
+        # The serving image leaves the `training` extra out; say so now rather than fail in the worker later.
+        if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+            raise APIError(501, "fine-tuning is not installed on this server (the `training` extra: "
+                                "pip install 'quiver[training]', or use the training image)",
+                           code="training_unavailable")
         if request.model != self.registry.base_model_name:
             raise APIError(400, f"fine-tuning starts from the served base model `{self.registry.base_model_name}`, "
                                 f"not `{request.model}`", code="model_not_available", param="model")

@@ -40,13 +40,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* [registry/]repository, the serving image's name without tag or digest. */}}
+{{- define "quiver.imageName" -}}
+{{- $registry := .Values.image.registry | trimSuffix "/" -}}
+{{- if $registry }}{{ printf "%s/%s" $registry .Values.image.repository }}{{ else }}{{ .Values.image.repository }}{{ end -}}
+{{- end }}
+
 {{- define "quiver.image" -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.device) -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" (include "quiver.imageName" .) .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- printf "%s:%s" (include "quiver.imageName" .) $tag -}}
 {{- end -}}
+{{- end }}
+
+{{/* The training image (Dockerfile target `training`): the serving one leaves the training extra out. */}}
+{{- define "quiver.trainingImage" -}}
+{{- $t := .Values.training.image -}}
+{{- $repo := include "quiver.imageName" . -}}
+{{- if $t.repository }}{{ $repo = $t.repository }}{{ end -}}
+{{- printf "%s:%s" $repo ($t.tag | default (printf "%s-%s-training" .Chart.AppVersion .Values.device)) -}}
 {{- end }}
 
 {{- define "quiver.secretName" -}}
@@ -109,6 +123,20 @@ Refuse settings that would deploy but not work: several replicas on a store only
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- $m := .Values.model }}
+{{- $cache := .Values.modelCache.persistence }}
+{{- if and $m.path (not $m.volume) (not (or $cache.enabled $cache.existingClaim)) }}
+{{- fail "model.path is set but no volume holds it (modelCache.persistence is off): set model.volume, e.g. {persistentVolumeClaim: {claimName: my-models, readOnly: true}}, with model.path under model.mountPath" }}
+{{- end }}
+{{- if and $m.volume (not $m.path) }}
+{{- fail "model.volume needs model.path (the model folder inside it)" }}
+{{- end }}
+{{- if and $m.volume (not (hasPrefix (printf "%s/" (trimSuffix "/" $m.mountPath)) $m.path)) }}
+{{- fail (printf "model.path (%s) must lie under model.mountPath (%s), where model.volume is mounted" $m.path $m.mountPath) }}
+{{- end }}
+{{- if and (eq .Values.device "gpu") (gt (int .Values.engine.tensorParallelSize) (int .Values.gpu.count)) }}
+{{- fail (printf "engine.tensorParallelSize (%d) needs at least as many GPUs per pod: gpu.count is %d" (int .Values.engine.tensorParallelSize) (int .Values.gpu.count)) }}
 {{- end }}
 {{- if and .Values.training.enabled (not (or .Values.training.data.existingClaim .Values.training.data.configMap)) }}
 {{- fail "training.enabled needs training.data.existingClaim or training.data.configMap (holding train.jsonl)" }}
