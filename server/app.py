@@ -11,6 +11,7 @@ from typing import AsyncIterator
 import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from quiver import __version__
@@ -29,6 +30,7 @@ from quiver.inference.router import router as inference_router
 from quiver.inference.service import InferenceService
 from quiver.limits import BodySizeLimit
 from quiver.metrics import Metrics
+from quiver.observability import RequestIdMiddleware
 from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,10 @@ def create_app(settings: Settings) -> FastAPI:
             await state.jobs.stop()
             await engine.stop()
 
-    app = FastAPI(title="quiver", version=__version__, lifespan=lifespan,
-                  description="One base model, a quiver of LoRA adapters, behind an OpenAI-compatible API.")
+    # FastAPIOffline: /docs and /redoc load their scripts and styles from quiver itself (files shipped in the
+    # fastapi-offline package), not from a CDN, so they work on a cluster without internet access.
+    app = FastAPIOffline(title="quiver", version=__version__, lifespan=lifespan,
+                         description="One base model, a quiver of LoRA adapters, behind an OpenAI-compatible API.")
     app.state.settings = settings
     app.state.auth = Auth(settings)
     app.state.metrics = Metrics()
@@ -90,6 +94,8 @@ def create_app(settings: Settings) -> FastAPI:
         # room for multipart framing
         limits_by_path={path: settings.max_upload_bytes + 1024 * 1024 for path in ("/v1/adapters", "/v1/files")},
     )
+    # Added last, so outermost: every response, refusals by the middlewares above included, carries its id.
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(inference_router)
     app.include_router(adapters_router)
     app.include_router(finetuning_router)
@@ -162,6 +168,8 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> None:
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    # log_config=None: uvicorn's loggers propagate to the root handler (configure_logging), so its lines
+    # get quiver's format and request ids.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", log_config=None,
                             timeout_graceful_shutdown=5)
     _DrainingServer(config, app, settings.drain_timeout_s).run()

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_restart: bool = True
 
+    # Operability (server/observability.py).
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, with request ids")
+
     @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:

@@ -1,0 +1,134 @@
+"""Request ids, log formats and offline API docs. The app-level checks run in-process without an engine; the
+request id's trip through the real vLLM engine runs on the shared server with the official client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from html.parser import HTMLParser
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import QuiverServer
+from quiver.app import create_app
+from quiver.observability import RequestIdFilter, current_request_id, log_formatter
+from quiver.settings import Settings
+
+log = logging.getLogger("quiver.test_observability")
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = create_app(Settings(store_dir=tmp_path / "adapters", state_dir=tmp_path / "run"))
+
+    @app.get("/test-logs")
+    async def logs_something() -> dict[str, str | None]:
+        log.warning("working on it")
+        return {"seen": current_request_id()}
+
+    return app
+
+
+@pytest.fixture
+def client(app) -> TestClient:
+    return TestClient(app)  # not entered: no lifespan, so no engine is started
+
+
+def test_a_request_id_is_made_when_none_is_given(client: TestClient) -> None:
+    first, second = client.get("/health"), client.get("/health")
+    assert re.fullmatch(r"[0-9a-f]{32}", first.headers["x-request-id"])
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+def test_the_callers_request_id_is_kept_and_seen_by_the_route(client: TestClient) -> None:
+    given = "Root=1-67891233-abcdef012345678912345678;Parent=53995c3f42cd8ad8"  # an AWS ALB trace id
+    response = client.get("/test-logs", headers={"X-Request-ID": given})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == given
+    assert response.json() == {"seen": given}
+    # Outside a request there is none.
+    assert current_request_id() is None
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "two words", "a\tb", "quote\"d", "<script>", "é"])
+def test_a_bad_request_id_is_refused_in_the_envelope(client: TestClient, bad: str) -> None:
+    response = client.get("/health", headers={"X-Request-ID": bad.encode("utf-8")})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "invalid_request_error",
+                                        "param": "X-Request-ID", "code": "invalid_request_id"}
+    # The refusal still carries an id, a fresh one of ours, never the rejected text.
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+
+
+def test_refusals_by_other_middleware_carry_the_id_too(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", content=b"x" * (5 * 1024 * 1024),
+                           headers={"X-Request-ID": "big-body-1", "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.headers["x-request-id"] == "big-body-1"
+
+
+def test_json_log_lines_carry_the_request_id(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    formatter = log_formatter("json")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        caplog.handler.addFilter(RequestIdFilter())
+        client.get("/test-logs", headers={"X-Request-ID": "req-42"})
+        log.info("between requests")
+    lines = [json.loads(formatter.format(record)) for record in caplog.records if record.name == log.name]
+    assert lines[0]["message"] == "working on it" and lines[0]["request_id"] == "req-42"
+    assert lines[0]["level"] == "WARNING" and lines[0]["logger"] == log.name and lines[0]["time"]
+    assert lines[1]["message"] == "between requests" and lines[1]["request_id"] == "-"
+    # Plain text stays the default, with the id in brackets.
+    text = log_formatter("text").format(caplog.records[0])
+    assert "[req-42]: working on it" in text
+
+
+def test_log_format_setting() -> None:
+    assert Settings().log_format == "text"
+    assert Settings(log_format="json").log_format == "json"
+    with pytest.raises(ValueError, match="log_format"):
+        Settings(log_format="xml")
+
+
+class _Assets(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.urls += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_only_local_assets(client: TestClient, page: str) -> None:
+    response = client.get(page)
+    assert response.status_code == 200
+    parser = _Assets()
+    parser.feed(response.text)
+    # Scripts set from JS too (redoc's spec url, swagger's `url:`): any absolute http(s) URL is a CDN.
+    assert not re.search(r"https?://", response.text), "the page names an outside URL"
+    assert parser.urls, "no assets found: the page would be blank"
+    for url in parser.urls:
+        assert url.startswith("/"), url
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        assert len(asset.content) > 1000, url
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_the_request_id_reaches_the_engine(quiver_server: QuiverServer) -> None:
+    openai_client = quiver_server.openai()
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        extra_headers={"X-Request-ID": "ops-trace-7f3a"})
+    assert raw.headers["x-request-id"] == "ops-trace-7f3a"
+    # vLLM names its completion after the request id it was given: the engine saw ours.
+    assert raw.parse().id == "chatcmpl-ops-trace-7f3a"
+
+    streamed = openai_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True,
+        extra_headers={"X-Request-ID": "ops-stream-1"})
+    assert {chunk.id for chunk in streamed} == {"chatcmpl-ops-stream-1"}
+    # The gateway's access log line names it too.
+    assert "[ops-trace-7f3a]" in quiver_server.log_path.read_text(errors="replace")
