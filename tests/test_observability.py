@@ -132,3 +132,50 @@ def test_the_request_id_reaches_the_engine(quiver_server: QuiverServer) -> None:
     assert {chunk.id for chunk in streamed} == {"chatcmpl-ops-stream-1"}
     # The gateway's access log line names it too.
     assert "[ops-trace-7f3a]" in quiver_server.log_path.read_text(errors="replace")
+
+
+# ------------------------------------------------------------------------------- the Grafana dashboard
+
+
+def test_the_dashboard_queries_only_series_quiver_exposes() -> None:
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from quiver.metrics import Metrics
+
+    metrics = Metrics()
+    # One sample of every labelled series, so each appears in the exposition with its labels.
+    metrics.requests.labels(model="m", adapter="a", endpoint="chat/completions", status="200").inc()
+    for family in (metrics.prompt_tokens, metrics.completion_tokens, metrics.adapter_loads):
+        family.labels(adapter="a").inc()
+    metrics.request_duration.labels(adapter="a").observe(0.1)
+    metrics.time_to_first_token.labels(adapter="a").observe(0.1)
+    metrics.rejected_requests.labels(reason="overloaded").inc()
+    exposed: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            exposed.setdefault(sample.name, set()).update(sample.labels)
+    # The engine's series the dashboard uses (names from vLLM's own metrics module).
+    from importlib.util import find_spec
+
+    vllm_source = Path(find_spec("vllm").origin).parent / "v1" / "metrics" / "loggers.py"  # read, not imported
+    scrape_labels = {"namespace", "job", "pod", "instance"}  # added by Prometheus, not by quiver
+
+    dashboard = json.loads((Path(__file__).parents[1] / "helm/quiver/dashboards/quiver.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    per_adapter = [e for e in exprs if "adapter" in e]
+    assert any("quiver_requests_total" in e for e in per_adapter)  # traffic
+    assert any("quiver_request_duration_seconds_bucket" in e for e in per_adapter)  # latency
+    assert any('status!~"2.."' in e for e in per_adapter)  # errors
+    for expr in exprs:
+        for name in re.findall(r"\b(quiver_[a-z_]+|vllm:[a-z_:]+)", expr):
+            if name.startswith("vllm:"):
+                assert f'"{name}"' in vllm_source.read_text(), f"vLLM has no series {name}"
+                continue
+            assert name in exposed, f"{name} is not a series quiver exposes: {sorted(exposed)}"
+            labels = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                labels |= {label.strip() for label in group.split(",")}
+            missing = labels - exposed[name] - scrape_labels
+            assert not missing, f"{expr}: {name} has no label {missing}"
