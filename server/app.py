@@ -30,7 +30,7 @@ from quiver.inference.router import router as inference_router
 from quiver.inference.service import InferenceService
 from quiver.limits import BodySizeLimit
 from quiver.metrics import Metrics
-from quiver.observability import RequestIdMiddleware
+from quiver.observability import RequestIdMiddleware, install_tracing, tracing_endpoint
 from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def create_app(settings: Settings) -> FastAPI:
         # room for multipart framing
         limits_by_path={path: settings.max_upload_bytes + 1024 * 1024 for path in ("/v1/adapters", "/v1/files")},
     )
+    if tracing_endpoint(settings.otlp_endpoint):
+        install_tracing(app, settings.otlp_endpoint)
     # Added last, so outermost: every response, refusals by the middlewares above included, carries its id.
     app.add_middleware(RequestIdMiddleware)
     app.include_router(inference_router)

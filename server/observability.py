@@ -4,11 +4,16 @@ Every HTTP request gets an id: the caller's `X-Request-ID` when it sends a sane 
 is returned in the response's `X-Request-ID`, passed to the engine (vLLM takes it as its own request id,
 so its logs and spans name the same request), and put on every log line written while the request runs,
 through a contextvar that a logging filter reads. `QUIVER_LOG_FORMAT=json` writes one JSON object a line.
+
+Tracing (the `otel` extra) is on when `QUIVER_OTLP_ENDPOINT` or the standard `OTEL_EXPORTER_OTLP_*ENDPOINT`
+is set: one server span per request (joining the caller's `traceparent`), and the trace context passed to
+the engine, so vLLM's own spans (with `--otlp-traces-endpoint` in `QUIVER_ENGINE_EXTRA_ARGS`) join the trace.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import uuid
@@ -106,3 +111,53 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def engine_headers() -> dict[str, str]:
+    """Headers for a request to the engine made while serving one: the request id, and the trace context
+    when tracing is on."""
+    headers: dict[str, str] = {}
+    request_id = _request_id.get()
+    if request_id:
+        headers[HEADER] = request_id
+    if _tracing_on:
+        from opentelemetry.propagate import inject
+
+        inject(headers)
+    return headers
+
+
+_tracing_on = False
+
+
+def tracing_endpoint(configured: str | None) -> str | None:
+    return (configured or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+
+
+def _tag_request_id(span, scope) -> None:
+    if span is not None and span.is_recording():
+        span.set_attribute("quiver.request_id", _request_id.get() or "")
+
+
+def install_tracing(app, endpoint: str | None, tracer_provider=None) -> None:
+    """Spans for every request, exported over OTLP/HTTP to `endpoint` (or to what the standard OTEL_*
+    variables say when `endpoint` is None). A test passes its own `tracer_provider`. Add it before
+    RequestIdMiddleware, so the id is known when the span is tagged."""
+    global _tracing_on
+    try:
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise RuntimeError("tracing needs the otel extra: pip install 'quiver[otel]'") from exc
+    if tracer_provider is None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider = TracerProvider(resource=Resource.create({"service.name": "quiver"}))
+        url = endpoint.rstrip("/") + "/v1/traces" if endpoint and not endpoint.rstrip("/").endswith("/v1/traces") else endpoint
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, server_request_hook=_tag_request_id,
+                       exclude_spans=["receive", "send"])  # one span per request, not one per chunk
+    _tracing_on = True

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
 
     # Operability (server/observability.py).
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, with request ids")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP collector, e.g. http://otel-collector:4318; "
+                                                        "turns tracing on (the otel extra); OTEL_EXPORTER_OTLP_* work too")
 
     @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod

@@ -179,3 +179,57 @@ def test_the_dashboard_queries_only_series_quiver_exposes() -> None:
                 labels |= {label.strip() for label in group.split(",")}
             missing = labels - exposed[name] - scrape_labels
             assert not missing, f"{expr}: {name} has no label {missing}"
+
+
+# ------------------------------------------------------------------------------------------- tracing
+
+
+def test_tracing_makes_a_span_per_request_joining_the_callers_trace(tmp_path, monkeypatch) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from quiver import app as app_module
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    real_install = app_module.install_tracing
+    monkeypatch.setattr(app_module, "install_tracing",
+                        lambda app, endpoint: real_install(app, endpoint, tracer_provider=provider))
+    app = create_app(Settings(store_dir=tmp_path / "adapters", state_dir=tmp_path / "run",
+                              otlp_endpoint="http://127.0.0.1:4318"))
+    seen: dict[str, str] = {}
+
+    @app.get("/test-engine-headers")
+    async def engine_call() -> dict[str, str]:
+        from quiver.observability import engine_headers
+
+        seen.update(engine_headers())
+        return {}
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = TestClient(app).get("/test-engine-headers", headers={
+        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "X-Request-ID": "traced-1"})
+    assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 1, [s.name for s in spans]
+    span = spans[0]
+    assert format(span.context.trace_id, "032x") == trace_id  # joined the caller's trace
+    assert span.attributes["quiver.request_id"] == "traced-1"
+    assert span.attributes.get("http.route") == "/test-engine-headers" or "/test-engine-headers" in span.name
+    # What the engine would get: the id, and a traceparent in the same trace under our span.
+    assert seen["X-Request-ID"] == "traced-1"
+    assert seen["traceparent"].split("-")[1] == trace_id
+    assert seen["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
+
+
+def test_tracing_is_off_without_an_endpoint(monkeypatch) -> None:
+    from quiver.observability import tracing_endpoint
+
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert tracing_endpoint(None) is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    assert tracing_endpoint(None) == "http://collector:4318"
+    assert tracing_endpoint("http://mine:4318") == "http://mine:4318"

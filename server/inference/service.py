@@ -20,7 +20,7 @@ from quiver.errors import APIError, error_body
 from quiver.inference.limiter import RequestLimiter
 from quiver.inference.protocol import _GenerationRequest
 from quiver.metrics import Metrics
-from quiver.observability import HEADER as REQUEST_ID_HEADER, current_request_id
+from quiver.observability import engine_headers
 
 _USAGE_MARK = b'"usage":{'
 _EMPTY_CHOICES = b'"choices":[]'
@@ -113,10 +113,8 @@ class InferenceService:
 
     async def _send(self, endpoint: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         try:
-            # The engine takes the gateway's request id as its own: its logs and spans name the same request.
-            request_id = current_request_id()
-            headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-            return await self.engine.generation.post(f"/v1/{endpoint}", json=body, headers=headers)
+            # The engine takes the gateway's request id as its own (and joins the trace when tracing is on).
+            return await self.engine.generation.post(f"/v1/{endpoint}", json=body, headers=engine_headers())
         except _ENGINE_ERRORS:
             raise engine_unavailable() from None
 
