@@ -168,10 +168,13 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> None:
-    app = create_app(settings)
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     # log_config=None: uvicorn's loggers propagate to the root handler (configure_logging), so its lines
     # get quiver's format and request ids.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", log_config=None,
-                            timeout_graceful_shutdown=5)
-    _DrainingServer(config, app, settings.drain_timeout_s).run()
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", log_config=None,
+                          timeout_graceful_shutdown=5)
+
+
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    _DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout_s).run()

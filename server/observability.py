@@ -100,10 +100,10 @@ def log_formatter(fmt: str) -> logging.Formatter:
     return logging.Formatter(TEXT_FORMAT)
 
 
-def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+def configure_logging(fmt: str = "text", level: int = logging.INFO, stream=None) -> None:
     """One handler on the root logger; uvicorn's loggers propagate to it (serve() passes log_config=None),
     so its access and error lines get the same format and request ids."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(log_formatter(fmt))
     root = logging.getLogger()

@@ -233,3 +233,44 @@ def test_tracing_is_off_without_an_endpoint(monkeypatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     assert tracing_endpoint(None) == "http://collector:4318"
     assert tracing_endpoint("http://mine:4318") == "http://mine:4318"
+
+
+def test_a_served_request_logs_json_lines_with_its_id(tmp_path) -> None:
+    """Through uvicorn configured as `quiver serve` configures it: its access line is JSON with the id."""
+    import io
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from conftest import free_port
+    from quiver.app import uvicorn_config
+    from quiver.observability import configure_logging
+
+    settings = Settings(store_dir=tmp_path / "adapters", state_dir=tmp_path / "run", port=free_port())
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
+    config.lifespan = "off"  # no engine for this check
+    server = uvicorn.Server(config)
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    configure_logging("json", stream=stream)
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = httpx.get(f"http://127.0.0.1:{settings.port}/health", headers={"X-Request-ID": "json-line-1"})
+        assert response.headers["x-request-id"] == "json-line-1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]  # every line is JSON
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    assert access and access[0]["request_id"] == "json-line-1" and "/health" in access[0]["message"]
+    assert all(line["request_id"] == "-" for line in lines if line["logger"] == "uvicorn.error")
