@@ -11,6 +11,7 @@ from typing import AsyncIterator
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from quiver import __version__
@@ -30,6 +31,7 @@ from quiver.inference.router import router as inference_router
 from quiver.inference.service import InferenceService
 from quiver.limits import BodySizeLimit
 from quiver.metrics import Metrics
+from quiver.observability import RequestIdMiddleware, install_tracing, tracing_endpoint
 from quiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await state.jobs.stop()
             await engine.stop()
 
-    app = FastAPI(title="quiver", version=__version__, lifespan=lifespan,
-                  description="One base model, a quiver of LoRA adapters, behind an OpenAI-compatible API.")
+    # FastAPIOffline: /docs and /redoc load their scripts and styles from quiver itself (files shipped in the
+    # fastapi-offline package), not from a CDN, so they work on a cluster without internet access.
+    app = FastAPIOffline(title="quiver", version=__version__, lifespan=lifespan,
+                         description="One base model, a quiver of LoRA adapters, behind an OpenAI-compatible API.")
     app.state.settings = settings
     app.state.auth = Auth(settings)
     app.state.metrics = Metrics()
@@ -97,6 +101,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(AuthGate, auth=app.state.auth,
                        key_limits=KeyLimiter(settings.key_requests_per_minute, settings.key_max_concurrent,
                                              app.state.metrics))
+    if tracing_endpoint(settings.otlp_endpoint):
+        install_tracing(app, settings.otlp_endpoint)
+    # Added last, so outermost: every response, refusals by the middlewares above included, carries its id.
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(inference_router)
     app.include_router(adapters_router)
     app.include_router(finetuning_router)
@@ -167,8 +175,13 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    # log_config=None: uvicorn's loggers propagate to the root handler (configure_logging), so its lines
+    # get quiver's format and request ids.
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", log_config=None,
+                          timeout_graceful_shutdown=5)
+
+
 def serve(settings: Settings) -> None:
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=5)
-    _DrainingServer(config, app, settings.drain_timeout_s).run()
+    _DrainingServer(uvicorn_config(app, settings), app, settings.drain_timeout_s).run()

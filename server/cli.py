@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,6 +40,7 @@ def serve(
 ) -> None:
     """Start the gateway and its vLLM engine."""
     from quiver.app import serve as serve_app
+    from quiver.observability import configure_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings(host=host, port=port, model=model, store_dir=store_dir)
@@ -60,7 +60,7 @@ def serve(
         # /metrics labels series by adapter name: open to all, it would show every tenant's adapters.
         console.print("[yellow]Tenant keys are set but /metrics is open (QUIVER_METRICS_REQUIRE_KEY=false): "
                       "it lists every adapter's name.[/yellow]")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
     serve_app(settings)
 
 

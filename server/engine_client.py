@@ -212,7 +212,8 @@ class HttpEngineClient:
 
     async def generate(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         try:
-            response = await self.session.post(f"/v1/{endpoint}", json=body)
+            # The engine takes the gateway's request id as its own (and joins the trace when tracing is on).
+            response = await self.session.post(f"/v1/{endpoint}", json=body, headers=engine_headers())
         except (*_CONNECTION_ERRORS, asyncio.TimeoutError) as exc:
             raise _typed(exc) from None
         return _HttpResponse(response)

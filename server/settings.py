@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the engine shards the model over (--tensor-parallel-size)")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization; empty: vLLM's default")
 
+    # Operability (server/observability.py).
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, with request ids")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP collector, e.g. http://otel-collector:4318; "
+                                                        "turns tracing on (the otel extra); OTEL_EXPORTER_OTLP_* work too")
+
     @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:

@@ -1,5 +1,6 @@
 """Two quiver servers (each with its vLLM engine) sharing one adapter store in an S3 bucket, as replicas
-without a shared volume would: moto's real S3 HTTP API on loopback stands in for AWS S3 or MinIO."""
+without a shared volume would: moto's S3 server, a process of its own on loopback, stands in for AWS S3 or
+MinIO, and is killed and restarted under them."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 import pytest
 
 from conftest import PIRATE_ANSWER, QuiverServer
-from s3_fixtures import S3_ENV, MotoS3, moto_s3  # noqa: F401
+from s3_fixtures import S3_ENV, MotoS3, running_s3_server
 from test_replicas import require, ask, eventually, model_ids, stopped_serving
 
 PREFIX = "prod/adapters"
 
 
 @pytest.fixture(scope="module")
-def s3_store(moto_s3: MotoS3) -> tuple[MotoS3, str]:  # noqa: F811
-    return moto_s3, moto_s3.new_bucket()
+def s3_store() -> tuple[MotoS3, str]:
+    # A server of this module's own: the outage test kills it.
+    for server in running_s3_server():
+        yield server, server.new_bucket()
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +76,31 @@ def test_register_on_one_serve_and_delete_on_the_other(s3_replicas, s3_store, lo
     # Only the claims on the numbers (and the index) are left in the bucket.
     assert s3.keys(bucket, f"{PREFIX}/s3-pirate/") == [
         f"{PREFIX}/s3-pirate/1/.reserved", f"{PREFIX}/s3-pirate/2/.reserved", f"{PREFIX}/s3-pirate/index.json"]
+
+
+def test_the_store_going_away_is_a_clean_503_and_recovers(s3_replicas, s3_store, lora_adapters) -> None:
+    first, second = s3_replicas
+    s3, bucket = s3_store
+    assert first.register("s3-outage", lora_adapters.pirate).status_code == 201
+    assert ask(first, "s3-outage") == PIRATE_ANSWER
+    eventually(lambda: require("s3-outage" in model_ids(second)))
+    saved = s3.snapshot(bucket)
+
+    s3.stop()  # killed: connections refused from now on
+    try:
+        refused = first.register("s3-outage", lora_adapters.random_a)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "store_unavailable" and set(error) == {"message", "type", "param", "code"}
+        assert "127.0.0.1" not in error["message"] and str(s3.port) not in error["message"]
+        # A version already in a replica's cache is immutable: it keeps serving without the store.
+        assert ask(first, "s3-outage") == PIRATE_ANSWER
+    finally:
+        s3.start()  # the same port, empty (moto keeps its state in memory) ...
+        s3.restore(bucket, saved)  # ... and the bucket put back as it was
+
+    again = first.register("s3-outage", lora_adapters.random_a, make_current="false")
+    assert again.status_code == 201, again.text
+    assert again.json()["id"] == "s3-outage@2"  # the number claimed before the outage is not given twice
+    assert eventually(lambda: ask(second, "s3-outage")) == PIRATE_ANSWER
+    eventually(lambda: ask(second, "s3-outage@2"))
