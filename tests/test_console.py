@@ -1,10 +1,11 @@
 """The web console in a real browser (Debian's chromium through Playwright) against the real server and engine.
 
-Each test checks what a user sees; one screenshot per page lands in tests/artifacts/console/ (or
+Each test checks what a user sees; one screenshot per page lands in out/console-screenshots/ (or
 $QUIVER_CONSOLE_ARTIFACTS)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -16,7 +17,7 @@ import pytest
 from conftest import ADMIN_KEY, API_KEY, QuiverServer, TestAdapters
 
 CHROMIUM = os.environ.get("QUIVER_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("QUIVER_CONSOLE_ARTIFACTS", Path(__file__).parent / "artifacts" / "console"))
+ARTIFACTS = Path(os.environ.get("QUIVER_CONSOLE_ARTIFACTS", Path(__file__).parent.parent / "out" / "console-screenshots"))
 EXAMPLES = Path(__file__).parent.parent / "examples" / "pirate.jsonl"
 ACME_KEY, GLOBEX_KEY = "test-tenant-acme-key", "test-tenant-globex-key"
 JOB_TIMEOUT_MS = 900_000
@@ -213,12 +214,15 @@ def test_a_jsonl_upload_shows_findings_by_line_and_a_job_draws_its_loss_curve(
     expected = sum(1 for e in events if e["type"] == "metrics" and "train_loss" in (e["data"] or {}))
     assert final == expected > 0  # every metrics event is a point on the curve
     assert points_seen == sorted(points_seen)  # the curve only grows
+    page.locator("#job-curve-warnings").wait_for()
+    assert hashlib.sha256(b"".join(good[:12])).hexdigest() in page.locator("main").inner_text()  # the manifest
     link = page.locator("#job-adapter")
     assert link.inner_text().startswith("console-job-")
     shot(page, "job")
     model = link.inner_text()
     link.click()
     page.wait_for_selector(f"[data-adapter='{model}']")
+    assert job_id in page.locator(f"[data-adapter='{model}']").inner_text()  # trained by, linked to its job
     page.close()
 
 

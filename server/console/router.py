@@ -5,6 +5,8 @@ the same key and the same error envelopes, as any other client, so the console n
 
 - `POST /v1/files/check` (admin, like `/v1/files`): `quiver data check` on an uploaded JSONL file, nothing stored:
   every finding with its line, token counts with the base model's tokenizer, and the split a job will use.
+- `GET /v1/fine_tuning/jobs/{id}/manifest` (admin, like its siblings): the finished run's manifest (data hashes,
+  split, hyperparameters, losses, curve warnings), what an adapter trained by a job carries.
 - `GET /v1/metrics/summary` (any generation key, scoped like `/v1/models`): engine state, queue, rejections, and per
   adapter a series over the last hour (requests, tokens/s, latency p50/p99, error rate) from quiver's own metrics.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import tempfile
 import time
 from collections import deque
@@ -214,6 +217,21 @@ async def check_file(request: Request,
                                    code="file_too_large", param="file")
                 out.write(chunk)
         return await run_in_threadpool(_check, path, request.app.state.settings.model_dir)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/manifest", tags=["fine-tuning"], dependencies=[Depends(admin_auth)],
+            responses=error_responses(401, 403, 404))
+async def job_manifest(job_id: str, request: Request) -> dict[str, Any]:
+    """The training run's manifest.json: data hashes and split, hyperparameters, losses and the curve's warnings."""
+    from quiver.training.manifest import MANIFEST_FILE
+
+    jobs = request.app.state.jobs
+    jobs.get(job_id)  # 404 for an unknown id (ids are checked there; a path parameter holds no `/`)
+    path = jobs.root / job_id / "run" / MANIFEST_FILE
+    if not path.is_file():
+        raise APIError(404, f"job `{job_id}` has no training manifest (yet)", code="manifest_not_found",
+                       param="fine_tuning_job_id")
+    return json.loads(path.read_text())
 
 
 Scope = Annotated[ModelScope, Depends(inference_auth)]

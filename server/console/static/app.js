@@ -114,7 +114,14 @@ async function adaptersPage() {
   const [adapters, summary] = await Promise.all([loadAdapters(), api("/v1/metrics/summary").catch(() => null)]);
   if (state.admin) root.append(registerCard());
   if (!adapters.length) root.append(h("p", {}, "No adapters yet."));
-  for (const a of adapters) root.append(adapterCard(a, summary && summary.adapters[a.name]));
+  const jobs = state.admin ? (await api("/v1/fine_tuning/jobs?limit=100").catch(() => ({ data: [] }))).data : [];
+  for (const a of adapters) {
+    const card = adapterCard(a, summary && summary.adapters[a.name]);
+    const job = jobs.find((j) => j.fine_tuned_model === a.name);
+    // the training manifest (data hash, hyperparameters, losses) lives with the job that trained it
+    if (job) card.querySelector("h2").after(h("p", {}, "Trained by job ", h("a", { href: `#/jobs/${job.id}` }, job.id), " (manifest, loss curve)"));
+    root.append(card);
+  }
   if (summary && summary.adapters[state.base]) {
     root.append(h("h2", {}, `Base model ${state.base}`), metricCharts(summary.adapters[state.base]));
   }
@@ -305,7 +312,8 @@ function newJobForm(file, report) {
 async function jobPage(id) {
   const root = h("div", {}, h("h1", {}, "Job ", h("code", {}, id)));
   const head = h("div", { "aria-live": "polite" }), chart = h("div"), warnings = h("div"), log = h("div");
-  root.append(head, h("h2", {}, "Loss"), chart, warnings, h("h2", {}, "Events"), log);
+  const manifest = h("div");
+  root.append(head, h("h2", {}, "Loss"), chart, warnings, manifest, h("h2", {}, "Events"), log);
   $main().replaceChildren(root);
   const refresh = async () => {
     const [job, events] = await Promise.all([api(`/v1/fine_tuning/jobs/${id}`), api(`/v1/fine_tuning/jobs/${id}/events?limit=1000`)]);
@@ -333,6 +341,15 @@ async function jobPage(id) {
     warnings.replaceChildren(...warns.map((e) => h("p.warn", {}, "⚠ ", e.message)));
     log.replaceChildren(h("ul", {}, ev.filter((e) => e.type !== "metrics").map((e) =>
       h("li", { class: e.level === "error" ? "error" : e.level === "warn" ? "warn" : "" }, `${fmtTime(e.created_at)} — ${e.message}`))));
+    if (job.status === "succeeded" && !manifest.childElementCount) {
+      const m = await api(`/v1/fine_tuning/jobs/${id}/manifest`).catch(() => null);
+      if (m) manifest.replaceChildren(h("h2", {}, "Manifest"), h("dl.kv", {},
+        h("dt", {}, "training data sha256"), h("dd", {}, h("code", {}, m.dataset.train_file_sha256)),
+        h("dt", {}, "split"), h("dd", {}, `${m.dataset.counts.train} train / ${m.dataset.counts.validation} validation / ${m.dataset.counts.test} test (seed ${m.dataset.split_seed})`),
+        h("dt", {}, "hyperparameters"), h("dd", {}, `rank ${m.hyperparameters.rank}, alpha ${m.hyperparameters.alpha}, lr ${m.hyperparameters.learning_rate}, batch ${m.hyperparameters.batch_size}, ${m.hyperparameters.resolved_epochs} epoch(s)`),
+        h("dt", {}, "curve warnings"), h("dd", { id: "job-curve-warnings" }, (m.training.warnings || []).join("; ") || "none")),
+        h("details", {}, h("summary", {}, "full manifest.json"), h("pre", {}, JSON.stringify(m, null, 2))));
+    }
     return finished;
   };
   const finished = await refresh();
