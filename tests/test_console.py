@@ -129,7 +129,8 @@ def test_register_by_file_input_and_a_bad_upload_shows_its_admission_error(
     error = page.locator(".files .upload-error")
     error.wait_for()
     assert expected in error.inner_text()
-    assert page.locator(".files li[data-file='adapter_model.bin']").count() == 1
+    # next to the file it is about
+    assert page.locator(".files li[data-file='adapter_model.bin'] .upload-error").count() == 1
     shot(page, "register-refused")
     assert page.locator("[data-adapter='console-bad']").count() == 0
     page.close()

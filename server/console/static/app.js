@@ -131,7 +131,7 @@ async function adaptersPage() {
 async function loadAdapters() {
   const models = (await api("/v1/models")).data;
   state.base = (models.find((m) => !m.parent) || {}).id;
-  if (state.admin) return (await api("/v1/adapters")).data;
+  if (state.admin) return (await api("/v1/adapters")).data.sort((x, y) => x.name.localeCompare(y.name));
   const byName = {};
   for (const m of models) {
     if (!m.parent) continue;
@@ -141,7 +141,7 @@ async function loadAdapters() {
     else a.current_version = Number(m.root.split("@")[1]);
   }
   for (const a of Object.values(byName)) for (const v of a.versions) v.current = v.version === a.current_version;
-  return Object.values(byName);
+  return Object.values(byName).sort((x, y) => x.name.localeCompare(y.name));
 }
 
 function metricCharts(points) {
@@ -194,8 +194,11 @@ function registerCard() {
   const input = h("input", { id: "reg-files", type: "file", multiple: true });
   const show = (err) => {
     // The API refuses the upload as a whole: its reason is shown right under the file(s) it is about.
-    list.replaceChildren(...files.map((f) => h("li", { "data-file": f.name }, h("code", {}, f.name), ` (${fmtBytes(f.size)})`)),
-      err ? h("li.error.upload-error", { role: "alert" }, "✗ refused: ", h("code", {}, err.code || "error"), " ", err.message) : "");
+    // next to the file its message names, else under the list.
+    const named = err && files.find((f) => err.message.includes(f.name));
+    const refusal = () => h("span.error.upload-error", { role: "alert" }, " ✗ refused: ", h("code", {}, err.code || "error"), " ", err.message);
+    list.replaceChildren(...files.map((f) => h("li", { "data-file": f.name }, h("code", {}, f.name), ` (${fmtBytes(f.size)})`,
+      named === f ? refusal() : null)), err && !named ? h("li", {}, refusal()) : "");
   };
   const take = (fl) => { files = [...fl]; out.replaceChildren(); show(); };
   input.addEventListener("change", () => take(input.files));
