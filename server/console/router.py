@@ -253,6 +253,7 @@ async def metrics_summary(request: Request, scope: Scope) -> dict[str, Any]:
         "queue_depth": int(metrics.queue_depth._value.get()),
         "rejected_requests": rejected,
         "adapters_registered": len(visible),
+        "adapter_versions_registered": sum(len(adapter.versions) for adapter in visible),
         # the registry's own record of what the running engine holds (reset when the engine restarts)
         "adapter_versions_loaded": len([n for n in getattr(registry, "_loaded", ())
                                         if scope.allows(n.partition("@")[0])]),

@@ -326,7 +326,7 @@ async function jobPage(id) {
     const valid = metrics.filter((e) => e.data.valid_loss !== undefined).map((e) => [e.data.step, e.data.valid_loss]);
     const finished = ["succeeded", "failed", "cancelled"].includes(job.status);
     const model = job.fine_tuned_model;
-    head.replaceChildren(h("dl.kv", {},
+    head.replaceChildren(...[h("dl.kv", {},
       h("dt", {}, "status"), h("dd", { id: "job-status", class: job.status === "failed" ? "error" : job.status === "succeeded" ? "ok" : "" }, job.status),
       h("dt", {}, "training file"), h("dd", {}, job.training_file),
       h("dt", {}, "hyperparameters"), h("dd", {}, JSON.stringify(job.hyperparameters)),
@@ -336,7 +336,7 @@ async function jobPage(id) {
       finished ? null : h("button.danger", { type: "button", onclick: async () => {
         if (!confirm("Cancel this job?")) return;
         try { await api(`/v1/fine_tuning/jobs/${id}/cancel`, { method: "POST" }); refresh(); } catch (err) { head.append(errorBox(err)); }
-      } }, "Cancel job"));
+      } }, "Cancel job")].filter(Boolean));
     chart.replaceChildren(h("div.legend", {}, h("span.sw1", {}, `— train loss (${train.length})`), h("span.sw2", {}, `— validation loss (${valid.length})`)),
       lineChart({ width: 640, height: 240, label: "loss curve", yFormat: (v) => v.toFixed(3), series: [
         { name: "train", color: "#0b57d0", points: train }, { name: "validation", color: "#b3261e", points: valid }] }));
@@ -471,7 +471,7 @@ async function healthPage() {
       h("dt", {}, "ready"), h("dd", {}, ready.ok ? "ready" : (ready.b.error ? ready.b.error.message : "not ready")),
       h("dt", {}, "queue depth"), h("dd", {}, s.queue_depth),
       h("dt", {}, "rejected requests"), h("dd", {}, rejected.length ? rejected.map(([r, n]) => `${r}: ${n}`).join(", ") : "none"),
-      h("dt", {}, "adapters"), h("dd", {}, `${s.adapter_versions_loaded} versions loaded in the engine / ${s.adapters_registered} adapters registered`)));
+      h("dt", {}, "adapters"), h("dd", {}, `${s.adapter_versions_loaded} of ${s.adapter_versions_registered} registered versions loaded in the engine (${s.adapters_registered} adapters)`)));
   };
   await refresh();
   poll(refresh, 5000);
