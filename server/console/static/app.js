@@ -314,7 +314,7 @@ function newJobForm(file, report) {
 
 async function jobPage(id) {
   const root = h("div", {}, h("h1", {}, "Job ", h("code", {}, id)));
-  const head = h("div", { "aria-live": "polite" }), chart = h("div"), warnings = h("div"), log = h("div");
+  const head = h("div", { id: "job-head", "aria-live": "polite" }), chart = h("div"), warnings = h("div"), log = h("div");
   const manifest = h("div");
   root.append(head, h("h2", {}, "Loss"), chart, warnings, manifest, h("h2", {}, "Events"), log);
   $main().replaceChildren(root);
