@@ -85,7 +85,7 @@ class MetricsSampler:
                 buckets = {le: n - was["buckets"].get(le, 0.0) for le, n in now["buckets"].items()}
                 series.setdefault(adapter, []).append({
                     "t": int(t1), "requests": int(requests),
-                    "tokens_per_s": round((now["completion_tokens"] - was["completion_tokens"]) / max(t1 - t0, 1e-3), 2),
+                    "tokens_per_s": round((now["completion_tokens"] - was["completion_tokens"]) / max(t1 - t0, 1.0), 2),
                     "error_rate": round((now["errors"] - was["errors"]) / requests, 4) if requests else None,
                     "p50_s": _quantile(buckets, 0.5), "p99_s": _quantile(buckets, 0.99),
                 })
@@ -240,17 +240,17 @@ Scope = Annotated[ModelScope, Depends(inference_auth)]
 @router.get("/v1/metrics/summary", tags=["operations"], responses=error_responses(401))
 async def metrics_summary(request: Request, scope: Scope) -> dict[str, Any]:
     """Engine state, queue, rejections, adapters, and per adapter (only those this key may see) a series over the
-    last hour: requests, completion tokens/s, latency p50/p99 (histogram bucket bounds) and error rate."""
+    last hour: requests, completion tokens/s, latency p50/p99 (histogram bucket bounds) and error rate (answers other than 2xx)."""
     state = request.app.state
     engine, registry, metrics = getattr(state, "engine", None), getattr(state, "registry", None), state.metrics
-    rejected = {s.labels["reason"]: int(s.value) for f in metrics.registry.collect() for s in f.samples
-                if s.name == "quiver_rejected_requests_total"}
+    samples = [sample for family in metrics.registry.collect() for sample in family.samples]
+    rejected = {s.labels["reason"]: int(s.value) for s in samples if s.name == "quiver_rejected_requests_total"}
     base = registry.base_model_name if registry else ""
     visible = registry.list(scope) if registry else []
     return {
         "object": "metrics.summary",
         "engine": {"up": bool(engine and engine.ready), "restarts": getattr(engine, "restarts", 0)},
-        "queue_depth": int(metrics.queue_depth._value.get()),
+        "queue_depth": int(next((s.value for s in samples if s.name == "quiver_queue_depth"), 0)),
         "rejected_requests": rejected,
         "adapters_registered": len(visible),
         "adapter_versions_registered": sum(len(adapter.versions) for adapter in visible),
