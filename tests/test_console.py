@@ -295,3 +295,25 @@ def test_the_data_check_route_refuses_bad_input_in_the_envelope(quiver_server: Q
     assert binary.status_code == 200 and binary.json()["ok"] is False
     assert binary.json()["findings"][0]["line"] == 1
     assert httpx.get(f"{quiver_server.base_url}/v1/metrics/summary").status_code == 401
+
+
+def test_signed_out_the_page_shows_only_the_sign_in_form(browser) -> None:
+    """No server needed: the console's own files, served to the browser by Playwright's router."""
+    static = Path(__file__).parent.parent / "server" / "console" / "static"
+    page = browser.new_page()
+
+    def serve(route) -> None:
+        name = route.request.url.split("/console/", 1)[-1].split("#")[0] or "index.html"
+        if (static / name).is_file():
+            route.fulfill(path=str(static / name))
+        else:  # the API: nobody is signed in
+            route.fulfill(status=401, json={"error": {"message": "missing API key", "type": "authentication_error",
+                                                      "param": None, "code": "missing_api_key"}})
+
+    page.route("http://console.test/**", serve)
+    page.goto("http://console.test/console/")
+    page.wait_for_selector("#key")
+    assert page.locator("#nav").is_hidden() and page.locator("#signout").is_hidden()
+    assert page.evaluate("document.activeElement.id") == "key"  # keyboard users can type their key at once
+    page.screenshot(path=str(ARTIFACTS / "signed-out.png"))
+    page.close()
