@@ -23,6 +23,7 @@ from quiver.auth import Auth, AuthGate, metrics_auth
 from quiver.base_model import prepare_default_model
 from quiver.engine import EngineSupervisor
 from quiver.engine_client import Engine, EngineError
+from quiver.console.router import router as console_router
 from quiver.errors import document_errors, error_response, error_responses, install_error_handlers
 from quiver.finetuning.router import router as finetuning_router
 from quiver.finetuning.service import FileService, JobService
@@ -95,7 +96,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         BodySizeLimit,
         default_limit=settings.max_request_bytes,
         # room for multipart framing
-        limits_by_path={path: settings.max_upload_bytes + 1024 * 1024 for path in ("/v1/adapters", "/v1/files")},
+        limits_by_path={path: settings.max_upload_bytes + 1024 * 1024 for path in ("/v1/adapters", "/v1/files", "/v1/files/check")},
     )
     # Outermost: a request without the right key is refused before any body is read or counted.
     app.add_middleware(AuthGate, auth=app.state.auth,
@@ -108,6 +109,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(inference_router)
     app.include_router(adapters_router)
     app.include_router(finetuning_router)
+    app.include_router(console_router)  # the web console at /console (and `/` redirects there)
 
     @app.get("/health", tags=["operations"])
     async def health() -> dict[str, str]:

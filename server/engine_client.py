@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
+from quiver.observability import engine_headers
+
 ENGINE_KEEPALIVE_S = 2.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s)
 
 

@@ -163,9 +163,14 @@ def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
     examples: list[Example] = []
     issues: list[Issue] = []
     lines = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
             lines = lineno
+            try:  # decoded line by line: one bad byte is a finding on its line, not a crash of the whole check
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                issues.append(Issue("error", "invalid_utf8", f"not UTF-8 text (byte {exc.start + 1})", lineno))
+                continue
             if not raw.strip():
                 continue
             example, line_issues = parse_line(raw, lineno)
