@@ -8,7 +8,6 @@ Two line formats are accepted, and both become a list of chat messages:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -17,6 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from quiver.training.encoding import TemplateError, encode_example
+from quiver.training.example import Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,30 +48,6 @@ class Issue:
     def __str__(self) -> str:
         where = f"line {self.line}: " if self.line is not None else ""
         return f"{self.severity} [{self.code}] {where}{self.message}"
-
-
-@dataclass
-class Example:
-    line: int
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"messages": self.messages}
-        if self.tools:
-            row["tools"] = self.tools
-        return row
-
-    def key(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)
-
-    def prompt_key(self) -> str:
-        """Everything before the last assistant turn: the context the answer is conditioned on."""
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return json.dumps({"messages": self.messages[:last], "tools": self.tools}, sort_keys=True, ensure_ascii=False)
-
-    def final_answer(self) -> dict[str, Any]:
-        return next(m for m in reversed(self.messages) if m["role"] == "assistant")
 
 
 @dataclass
@@ -145,14 +123,6 @@ def auto_epochs(n_train: int) -> int:
     if n_train * AUTO_EPOCHS_DEFAULT > AUTO_MAX_TARGET_EXAMPLES:
         return max(1, AUTO_MAX_TARGET_EXAMPLES // n_train)
     return AUTO_EPOCHS_DEFAULT
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -389,8 +359,6 @@ def _dataset_warnings(examples: list[Example]) -> list[Issue]:
 
 
 def _token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
-    from quiver.training.encoding import TemplateError, encode_example
-
     lengths: list[int] = []
     trained = truncated = cut = 0
     for example in report.examples:

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from quiver.common.files import write_json_atomic  # noqa: F401  (the runner and the worker write through it)
 
 SPEC = "spec.json"  # written by the runner: what to train
 EVENTS = "events.jsonl"  # appended by both, one at a time: messages and per-step metrics
 RESULT = "result.json"  # written last by the worker, atomically
 TRAIN_LOG = "train.log"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 class EventLog:

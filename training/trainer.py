@@ -14,13 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PrinterCallback, TrainerCallback
 
+from quiver.common.base_model import served_base_model
+from quiver.common.files import file_sha256
 from quiver.training.config import TrainConfig
 from quiver.training.curve import curve_from_log_history, curve_warnings, save_curve
 from quiver.training.data import (
     DatasetReport,
     Split,
     check_dataset,
-    file_sha256,
     require_valid,
     split_examples,
     write_jsonl,
@@ -43,12 +44,7 @@ class TrainResult:
 
 def default_base_model() -> tuple[Path, str]:
     """The base model the server serves: its HF folder (converted on first use) and its served name."""
-    from quiver.base_model import prepare_default_model
-    from quiver.settings import Settings
-
-    settings = Settings()
-    model_dir = prepare_default_model(settings.model_dir) if settings.uses_default_model else settings.model_dir
-    return model_dir, settings.base_model_name
+    return served_base_model()
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

@@ -16,7 +16,6 @@ crash at any point leaves either a whole version or leftovers that scans ignore.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from quiver.adapters.protocol import AdapterVersion
+from quiver.common.files import file_sha256, write_json_atomic  # noqa: F401  (re-exported for the stores)
 from quiver.errors import APIError
 
 if TYPE_CHECKING:
@@ -48,20 +48,6 @@ class StoreUnavailable(APIError):
 
     def __init__(self, message: str) -> None:
         super().__init__(503, message, code="store_unavailable")
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def parse_manifest(raw: bytes, name: str, version: int) -> AdapterVersion | None:
