@@ -28,6 +28,10 @@ EXAMPLE_KEYS = {"messages", "tools", "parallel_tool_calls"}
 PAIR_KEYS = {"prompt", "response", "completion"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "weight"}
 
+# Chat examples nest a few levels (tool schemas a few more); anything far deeper is hostile and would make the
+# later steps (json.dumps, the chat template) recurse past Python's limit.
+MAX_JSON_DEPTH = 64
+
 MIN_EXAMPLES = 50
 RECOMMENDED_EXAMPLES = (100, 1000)
 
@@ -133,9 +137,15 @@ def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
     examples: list[Example] = []
     issues: list[Issue] = []
     lines = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
             lines = lineno
+            # Decoded line by line, so that bad bytes are one line's error, not the whole file's exception.
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                issues.append(Issue("error", "invalid_utf8", f"not valid UTF-8 (byte {exc.start + 1})", lineno))
+                continue
             if not raw.strip():
                 continue
             example, line_issues = parse_line(raw, lineno)
@@ -147,6 +157,19 @@ def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
     return examples, issues, lines
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value`, walked without recursion (so any depth is safe to measure)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
     def error(code: str, message: str) -> tuple[None, list[Issue]]:
         return None, [Issue("error", code, message, line)]
@@ -155,6 +178,10 @@ def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
         row = json.loads(raw)
     except json.JSONDecodeError as exc:
         return error("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:  # the parser gave up on the nesting itself
+        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if json_depth(row) > MAX_JSON_DEPTH:
+        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(row, dict):
         return error("invalid_example", f"each line must be a JSON object, got {type(row).__name__}")
 
