@@ -100,6 +100,37 @@ def test_cancelling_a_job(quiver_server: QuiverServer) -> None:
         client.fine_tuning.jobs.create(model=quiver_server.model_name, training_file="file-missing")
 
 
+
+def worker_processes(server: QuiverServer, job_id: str) -> list:
+    import psutil
+
+    gateway = psutil.Process(server.process.pid)
+    return [p for p in gateway.children(recursive=True)
+            if "quiver.training.worker" in " ".join(p.cmdline()) and job_id in " ".join(p.cmdline())]
+
+
+def test_cancelling_a_job_while_it_trains_stops_its_worker_and_registers_nothing(quiver_server: QuiverServer) -> None:
+    client = admin_client(quiver_server)
+    uploaded = client.files.create(file=("pirate.jsonl", io.BytesIO(pirate_lines(20))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=quiver_server.model_name, training_file=uploaded.id,
+                                         suffix="cancel-me", hyperparameters={"n_epochs": 3})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data):
+        assert client.fine_tuning.jobs.retrieve(job.id).status in ("validating_files", "queued", "running")
+        assert time.monotonic() < deadline, "the job never reached its first training step"
+        time.sleep(1)
+    workers = worker_processes(quiver_server, job.id)
+    assert workers, "the worker runs as the gateway's child, under the engine guard's exec"
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    for worker in workers:
+        assert not worker.is_running() or worker.status() == "zombie"
+    time.sleep(3)  # the runner sees the worker end; the cancellation must stand
+    final = client.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "cancelled" and final.fine_tuned_model is None
+    assert not any(m.id.startswith("cancel-me-") for m in quiver_server.openai().models.list())
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.cancel(job.id)
+
 # --- in-process: what is refused before any job runs needs no engine ------------------------------------
 
 
