@@ -314,3 +314,50 @@ def test_cancelling_a_queued_job_ends_it_once_and_a_late_finish_does_not_overwri
     job = gateway.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "cancelled" and job.fine_tuned_model is None and job.finished_at
     assert [e.message for e in gateway.fine_tuning.jobs.list_events(job.id).data].count("Job cancelled") == 1
+
+
+def test_a_cancel_during_registration_waits_for_the_commit_and_finds_the_job_finished(gateway) -> None:
+    """Registration is the commit point, held under the lock cancel takes: order of events, no sleeps."""
+    import asyncio
+
+    from quiver.errors import APIError
+
+    uploaded = gateway.files.create(file=("ok.jsonl", io.BytesIO(pirate_lines(5))), purpose="fine-tune")
+    job = gateway.fine_tuning.jobs.create(model=SERVED, training_file=uploaded.id)
+    service = gateway.app.state.jobs
+
+    async def scenario() -> tuple[str, str]:
+        service._update(service.get(job.id), status="running")
+        async with service._commit:  # what _register holds while the adapter is registered
+            cancel = asyncio.create_task(service.cancel(job.id))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert not cancel.done() and service.get(job.id).status == "running"
+            service._finish(job.id, "succeeded", fine_tuned_model="ft-x")
+        with pytest.raises(APIError) as refused:
+            await cancel
+        return refused.value.code, service.get(job.id).status
+
+    assert asyncio.run(scenario()) == ("job_finished", "succeeded")
+    assert job.id not in service._cancelled
+
+
+def test_a_job_cancelled_before_its_commit_registers_nothing(gateway, tmp_path: Path) -> None:
+    import asyncio
+
+    from quiver.common.jobs import JobResult
+
+    uploaded = gateway.files.create(file=("ok.jsonl", io.BytesIO(pirate_lines(5))), purpose="fine-tune")
+    job = gateway.fine_tuning.jobs.create(model=SERVED, training_file=uploaded.id)
+    service = gateway.app.state.jobs
+
+    async def scenario() -> None:
+        service._update(service.get(job.id), status="running")
+        await service.cancel(job.id)
+        # The worker's result arrives after the cancel: an empty run folder, so any registration attempt would raise.
+        await service._register(job.id, "ft-late", JobResult(status="succeeded", run_dir=tmp_path / "empty"))
+
+    asyncio.run(scenario())
+    final = gateway.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "cancelled" and final.fine_tuned_model is None
+    assert service.registry.list() == []
