@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from quiver.common.files import write_json_atomic
 
@@ -32,11 +33,27 @@ Multiplier = Annotated[float, Field(strict=True, gt=0, le=100, allow_inf_nan=Fal
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 
 
+def _one_error(expected: str) -> WrapValidator:
+    """Report a value that fits neither the number nor 'auto' as one error at the field itself (OpenAI's
+    `param` is `hyperparameters.n_epochs`, not one per branch of the union)."""
+
+    def validate(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_hyperparameter", "must be {expected}", {"expected": expected}) from None
+
+    return WrapValidator(validate)
+
+
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: Epochs | Literal["auto"] = Field("auto", description="1-50, or 'auto' to pick from the dataset size")
-    batch_size: BatchSize | Literal["auto"] = Field("auto", description="1-256, or 'auto'")
-    learning_rate_multiplier: Multiplier | Literal["auto"] = Field(
+    n_epochs: Annotated[Epochs | Literal["auto"], _one_error("an integer from 1 to 50, or 'auto'")] = Field(
+        "auto", description="1-50, or 'auto' to pick from the dataset size")
+    batch_size: Annotated[BatchSize | Literal["auto"], _one_error("an integer from 1 to 256, or 'auto'")] = Field(
+        "auto", description="1-256, or 'auto'")
+    learning_rate_multiplier: Annotated[Multiplier | Literal["auto"], _one_error(
+        "a number above 0 and at most 100, or 'auto'")] = Field(
         "auto", description="above 0: scales the trainer's default learning rate, or 'auto'")
 
 

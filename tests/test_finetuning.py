@@ -229,11 +229,14 @@ def test_a_wrong_purpose_is_a_400(gateway) -> None:
 ])
 def test_hyperparameters_out_of_bounds_or_of_the_wrong_type_are_a_400(gateway, field, value) -> None:
     uploaded = gateway.files.create(file=("ok.jsonl", io.BytesIO(pirate_lines(5))), purpose="fine-tune")
-    for extra in ({"hyperparameters": {field: value}},
-                  {"method": {"type": "supervised", "supervised": {"hyperparameters": {field: value}}}}):
+    for where, extra in (("hyperparameters", {"hyperparameters": {field: value}}),
+                         ("method.supervised.hyperparameters",
+                          {"method": {"type": "supervised", "supervised": {"hyperparameters": {field: value}}}})):
         with pytest.raises(openai.BadRequestError) as refused:
             gateway.fine_tuning.jobs.create(model=SERVED, training_file=uploaded.id, **extra)
-        assert field in (refused.value.param or ""), refused.value.message
+        # One error at the field itself, as OpenAI names it (not one per branch of `integer | "auto"`).
+        assert refused.value.param == f"{where}.{field}", refused.value.message
+        assert refused.value.body["type"] == "invalid_request_error"
     assert gateway.fine_tuning.jobs.list().data == []
 
 
