@@ -67,7 +67,7 @@ def serve(
 @model_app.command("prepare")
 def model_prepare() -> None:
     """Convert the embedded default model (SmolLM2-135M-Instruct, GGUF) once into the model cache."""
-    from quiver.base_model import prepare_default_model
+    from quiver.common.base_model import prepare_default_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings()

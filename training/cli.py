@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from types import UnionType
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from quiver.training.config import TrainConfig
 
 console = Console()
 err_console = Console(stderr=True)
@@ -60,40 +64,24 @@ def train_command(
     out: Annotated[Optional[Path], typer.Option(help="run folder; default out/<name>")] = None,
     validation_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML hyperparameters")] = None,
-    epochs: Annotated[Optional[str], typer.Option(help="an integer or 'auto'")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option()] = None,
-    rank: Annotated[Optional[int], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    max_seq_len: Annotated[Optional[int], typer.Option()] = None,
-    max_steps: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
     base_model: Annotated[Optional[Path], typer.Option(help="HF model folder; default: the served base")] = None,
     register: Annotated[Optional[str], typer.Option(help="quiver server URL to upload the adapter to, then evaluate on")] = None,
     admin_key: Annotated[Optional[str], typer.Option(envvar=ADMIN_KEY_ENV, help="admin key for --register")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar=API_KEY_ENV, help="API key for the evaluation requests")] = None,
     evaluate: Annotated[bool, typer.Option(help="after --register, compare base and adapter on the test split")] = True,
+    **hyperparameters: Any,
 ) -> None:
-    """Train a LoRA adapter on FILE; optionally register it on a running server and evaluate it there."""
+    """Train a LoRA adapter on FILE; optionally register it on a running server and evaluate it there.
+
+    Every hyperparameter option overrides the YAML --config, which overrides TrainConfig's defaults.
+    """
     from pydantic import ValidationError
 
-    from quiver.training.config import TrainConfig
     from quiver.training.data import DatasetError
     from quiver.training.encoding import LossMaskError
     from quiver.training.trainer import train
 
-    overrides = {
-        key: value
-        for key, value in {
-            "epochs": int(epochs) if epochs and epochs != "auto" else epochs,
-            "learning_rate": learning_rate,
-            "rank": rank,
-            "batch_size": batch_size,
-            "max_seq_len": max_seq_len,
-            "max_steps": max_steps,
-            "seed": seed,
-        }.items()
-        if value is not None
-    }
+    overrides = {key: value for key, value in hyperparameters.items() if value is not None}
     try:
         train_config = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig(**overrides)
     except ValidationError as exc:
@@ -117,6 +105,41 @@ def train_command(
     )
     if register:
         _register_and_evaluate(run_dir, register, name, admin_key, api_key, evaluate)
+
+
+def _cli_type(annotation: Any) -> type | None:
+    """The option type for a TrainConfig field: scalars as they are, `int | "auto"` as text that TrainConfig
+    parses; lists (target_modules) are left to the YAML --config."""
+    if annotation in (int, float, bool, str):
+        return annotation
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and args:
+        if len(args) == 1:
+            return _cli_type(args[0])
+        if any(get_origin(arg) is Literal for arg in args) and all(
+                arg in (int, float) or get_origin(arg) is Literal for arg in args):
+            return str
+    return None
+
+
+def _with_hyperparameter_options(command: Any) -> Any:
+    """Give `command` one option per TrainConfig field, so a new hyperparameter needs no CLI code."""
+    signature = inspect.signature(command, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in fixed}
+    generated = []
+    for field_name, field in TrainConfig.model_fields.items():
+        option_type = _cli_type(field.annotation)
+        if option_type is None or field_name in taken:
+            continue
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description + '; ' if field.description else ''}default {default}"
+        annotation = Annotated[Optional[option_type], typer.Option(help=help_text, show_default=False)]
+        generated.append(inspect.Parameter(field_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                           annotation=annotation))
+    command.__signature__ = signature.replace(parameters=[*fixed, *generated])
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
 
 
 def _register_and_evaluate(
@@ -182,6 +205,6 @@ def register_commands(app: typer.Typer) -> None:
     data_app = typer.Typer(help="Check training data.", no_args_is_help=True)
     data_app.command("check")(data_check)
     app.add_typer(data_app, name="data")
-    app.command("train")(train_command)
+    app.command("train")(_with_hyperparameter_options(train_command))
     app.command("eval")(eval_command)
     app.command("merge")(merge_command)

@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quiver.common.jobs import Hyperparameters
 from quiver.training.data import auto_epochs
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -56,3 +57,14 @@ class TrainConfig(BaseModel):
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of hyperparameters")
         return cls.model_validate({**loaded, **overrides})
+
+    @classmethod
+    def from_openai(cls, hyperparameters: Hyperparameters, seed: int, **overrides: object) -> TrainConfig:
+        """OpenAI's fine-tuning hyperparameters as a config: `auto` keeps the trainer's default, and
+        `learning_rate_multiplier` scales the default learning rate."""
+        config: dict[str, object] = {"seed": seed, "epochs": hyperparameters.n_epochs}
+        if hyperparameters.batch_size != "auto":
+            config["batch_size"] = hyperparameters.batch_size
+        if hyperparameters.learning_rate_multiplier != "auto":
+            config["learning_rate"] = cls.model_fields["learning_rate"].default * hyperparameters.learning_rate_multiplier
+        return cls.model_validate({**config, **overrides})

@@ -8,7 +8,6 @@ Two line formats are accepted, and both become a list of chat messages:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -18,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from quiver.training.encoding import TemplateError, encode_example
+from quiver.training.example import Example
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -25,6 +27,10 @@ ROLES = ("system", "user", "assistant", "tool")
 EXAMPLE_KEYS = {"messages", "tools", "parallel_tool_calls"}
 PAIR_KEYS = {"prompt", "response", "completion"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "weight"}
+
+# Chat examples nest a few levels (tool schemas a few more); anything far deeper is hostile and would make the
+# later steps (json.dumps, the chat template) recurse past Python's limit.
+MAX_JSON_DEPTH = 64
 
 MIN_EXAMPLES = 50
 RECOMMENDED_EXAMPLES = (100, 1000)
@@ -46,30 +52,6 @@ class Issue:
     def __str__(self) -> str:
         where = f"line {self.line}: " if self.line is not None else ""
         return f"{self.severity} [{self.code}] {where}{self.message}"
-
-
-@dataclass
-class Example:
-    line: int
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"messages": self.messages}
-        if self.tools:
-            row["tools"] = self.tools
-        return row
-
-    def key(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)
-
-    def prompt_key(self) -> str:
-        """Everything before the last assistant turn: the context the answer is conditioned on."""
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return json.dumps({"messages": self.messages[:last], "tools": self.tools}, sort_keys=True, ensure_ascii=False)
-
-    def final_answer(self) -> dict[str, Any]:
-        return next(m for m in reversed(self.messages) if m["role"] == "assistant")
 
 
 @dataclass
@@ -147,14 +129,6 @@ def auto_epochs(n_train: int) -> int:
     return AUTO_EPOCHS_DEFAULT
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- parsing
 
 
@@ -164,12 +138,13 @@ def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
     issues: list[Issue] = []
     lines = 0
     with open(path, "rb") as f:
-        for lineno, data in enumerate(f, start=1):
+        for lineno, raw_bytes in enumerate(f, start=1):
             lines = lineno
-            try:  # decoded line by line: one bad byte is a finding on its line, not a crash of the whole check
-                raw = data.decode("utf-8")
+            # Decoded line by line, so that bad bytes are one line's error, not the whole file's exception.
+            try:
+                raw = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as exc:
-                issues.append(Issue("error", "invalid_utf8", f"not UTF-8 text (byte {exc.start + 1})", lineno))
+                issues.append(Issue("error", "invalid_utf8", f"not valid UTF-8 (byte {exc.start + 1})", lineno))
                 continue
             if not raw.strip():
                 continue
@@ -182,6 +157,19 @@ def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
     return examples, issues, lines
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value`, walked without recursion (so any depth is safe to measure)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
     def error(code: str, message: str) -> tuple[None, list[Issue]]:
         return None, [Issue("error", code, message, line)]
@@ -190,6 +178,10 @@ def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
         row = json.loads(raw)
     except json.JSONDecodeError as exc:
         return error("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:  # the parser gave up on the nesting itself
+        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if json_depth(row) > MAX_JSON_DEPTH:
+        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(row, dict):
         return error("invalid_example", f"each line must be a JSON object, got {type(row).__name__}")
 
@@ -394,8 +386,6 @@ def _dataset_warnings(examples: list[Example]) -> list[Issue]:
 
 
 def _token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
-    from quiver.training.encoding import TemplateError, encode_example
-
     lengths: list[int] = []
     trained = truncated = cut = 0
     for example in report.examples:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-    from quiver.training.data import Example
+    from quiver.training.example import Example
 
 IGNORE_INDEX = -100
 

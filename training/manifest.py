@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from quiver.common.files import write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -50,10 +51,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     """Write atomically: the server and `quiver eval` may read it while a run updates it."""
-    path = Path(run_dir) / MANIFEST_FILE
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(staging, path)
+    write_text_atomic(Path(run_dir) / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def update_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:

@@ -14,18 +14,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PrinterCallback, TrainerCallback
 
+from quiver.common.base_model import served_base_model
+from quiver.common.files import file_sha256
 from quiver.training.config import TrainConfig
 from quiver.training.curve import curve_from_log_history, curve_warnings, save_curve
 from quiver.training.data import (
     DatasetReport,
     Split,
     check_dataset,
-    file_sha256,
     require_valid,
     split_examples,
     write_jsonl,
 )
-from quiver.training.encoding import check_loss_mask, encode_examples, end_of_turn_ids
+from quiver.training.encoding import MaskStats, check_loss_mask, encode_examples, end_of_turn_ids
 from quiver.training.manifest import base_model_digest, package_versions, text_sha256, write_manifest
 
 if TYPE_CHECKING:
@@ -43,12 +44,7 @@ class TrainResult:
 
 def default_base_model() -> tuple[Path, str]:
     """The base model the server serves: its HF folder (converted on first use) and its served name."""
-    from quiver.base_model import prepare_default_model
-    from quiver.settings import Settings
-
-    settings = Settings()
-    model_dir = prepare_default_model(settings.model_dir) if settings.uses_default_model else settings.model_dir
-    return model_dir, settings.base_model_name
+    return served_base_model()
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -120,6 +116,36 @@ def prepare_split(
     return Split(split.train, validation, split.test)
 
 
+@dataclass
+class Run:
+    """One training run, set up: what `fit`, `validate` and `save` work on."""
+
+    run_dir: Path
+    name: str
+    config: TrainConfig
+    console: Console
+    train_file: Path
+    validation_file: Path | None
+    base_model_dir: Path
+    base_model_name: str
+    tokenizer: PreTrainedTokenizerBase
+    split: Split
+    epochs: int
+    use_bf16: bool
+    trainer: Any  # trl.SFTTrainer (imported lazily: torch is heavy)
+    mask: MaskStats
+    initial_validation_loss: float | None = None
+    train_seconds: float = 0.0
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.split.validation)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 def train(
     train_file: Path,
     out_dir: Path,
@@ -133,10 +159,29 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Validate and split the data, train a LoRA adapter, and write the run folder (adapter, manifest, curve)."""
+    run = setup(train_file, out_dir, config, name=name, validation_file=validation_file,
+                base_model_dir=base_model_dir, base_model_name=base_model_name, console=console, callbacks=callbacks)
+    output = fit(run)
+    final_validation_loss = validate(run)
+    return save(run, output, final_validation_loss)
+
+
+def setup(
+    train_file: Path,
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    name: str | None = None,
+    validation_file: Path | None = None,
+    base_model_dir: Path | None = None,
+    base_model_name: str | None = None,
+    console: Console | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Run:
+    """Check and split the data (the splits are written), load the base model, build the trainer, check the loss mask."""
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     config = config or TrainConfig()
     console = console or Console()
@@ -145,7 +190,6 @@ def train(
         base_model_name = base_model_name or default_name
     base_model_name = base_model_name or Path(base_model_dir).name
     run_dir = Path(out_dir)
-    name = name or run_dir.name
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,8 +206,40 @@ def train(
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
     has_validation = bool(split.validation)
-    checkpoints = run_dir / "checkpoints"
-    args = SFTConfig(
+    callbacks = [RichProgress(console), *(callbacks or [])]
+    if has_validation:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_args(config, run_dir / "checkpoints", epochs, has_validation, use_bf16),
+        train_dataset=encode_examples(split.train, tokenizer),
+        eval_dataset=encode_examples(split.validation, tokenizer) if has_validation else None,
+        processing_class=tokenizer,
+        peft_config=_lora_config(config),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress reports instead of raw log dicts
+    mask = check_loss_mask(
+        trainer.train_dataset["labels"], end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t])
+    )
+    if mask.examples_ending_turn < mask.examples:
+        console.print(
+            f"[yellow]{mask.examples - mask.examples_ending_turn} of {mask.examples} training examples lose their "
+            "end-of-turn token to max_seq_len"
+        )
+    return Run(
+        run_dir=run_dir, name=name or run_dir.name, config=config, console=console, train_file=Path(train_file),
+        validation_file=Path(validation_file) if validation_file else None, base_model_dir=Path(base_model_dir),
+        base_model_name=base_model_name, tokenizer=tokenizer, split=split, epochs=epochs, use_bf16=use_bf16,
+        trainer=trainer, mask=mask,
+    )
+
+
+def _sft_args(config: TrainConfig, checkpoints: Path, epochs: int, has_validation: bool, use_bf16: bool):
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(checkpoints),
         max_length=config.max_seq_len,
         per_device_train_batch_size=config.batch_size,
@@ -189,88 +265,95 @@ def train(
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is a CUDA feature; on CPU it only warns
     )
-    peft_config = LoraConfig(
+
+
+def _lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    callbacks = [RichProgress(console), *(callbacks or [])]
-    if has_validation:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=encode_examples(split.train, tokenizer),
-        eval_dataset=encode_examples(split.validation, tokenizer) if has_validation else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # RichProgress reports instead of raw log dicts
-    mask = check_loss_mask(
-        trainer.train_dataset["labels"], end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t])
-    )
-    if mask.examples_ending_turn < mask.examples:
-        console.print(
-            f"[yellow]{mask.examples - mask.examples_ending_turn} of {mask.examples} training examples lose their "
-            "end-of-turn token to max_seq_len"
-        )
 
-    initial_validation_loss = trainer.evaluate()["eval_loss"] if has_validation else None
+
+def fit(run: Run) -> Any:
+    """Train; the validation loss before the first step is measured first, as the curve's starting point."""
+    if run.has_validation:
+        run.initial_validation_loss = run.trainer.evaluate()["eval_loss"]
     started = time.monotonic()
-    output = trainer.train()
-    train_seconds = time.monotonic() - started
-    # With load_best_model_at_end the saved adapter is the best checkpoint, and best_metric is its validation loss.
-    final_validation_loss = None
-    if has_validation:
-        final_validation_loss = trainer.state.best_metric or trainer.evaluate()["eval_loss"]
+    output = run.trainer.train()
+    run.train_seconds = time.monotonic() - started
+    return output
 
-    trainer.model.save_pretrained(run_dir, safe_serialization=True)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+
+def validate(run: Run) -> float | None:
+    """The final validation loss. With load_best_model_at_end the adapter kept is the best checkpoint, and
+    best_metric is its validation loss."""
+    if not run.has_validation:
+        return None
+    return run.trainer.state.best_metric or run.trainer.evaluate()["eval_loss"]
+
+
+def save(run: Run, output: Any, final_validation_loss: float | None) -> TrainResult:
+    """Write the adapter, the loss curve (with its warnings) and the manifest; drop the checkpoints."""
+    trainer, console = run.trainer, run.console
+    trainer.model.save_pretrained(run.run_dir, safe_serialization=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
     curve = curve_from_log_history(trainer.state.log_history)
-    if initial_validation_loss is not None:  # train() starts a fresh log history, without the step-0 evaluation
-        curve["validation"].insert(0, {"step": 0, "epoch": 0.0, "loss": initial_validation_loss})
+    if run.initial_validation_loss is not None:  # train() starts a fresh log history, without the step-0 evaluation
+        curve["validation"].insert(0, {"step": 0, "epoch": 0.0, "loss": run.initial_validation_loss})
     warnings = curve_warnings(curve)
-    save_curve(run_dir, curve, warnings)
+    save_curve(run.run_dir, curve, warnings)
     for warning in warnings:
         console.print(f"[yellow]warning: {warning}")
+    manifest = _manifest(run, output, curve, warnings, final_validation_loss)
+    write_manifest(run.run_dir, manifest)
+    return TrainResult(run.run_dir, manifest, warnings)
 
+
+def _manifest(run: Run, output: Any, curve: dict[str, Any], warnings: list[str],
+              final_validation_loss: float | None) -> dict[str, Any]:
+    import torch
+
+    trainer, split, config = run.trainer, run.split, run.config
     train_losses = [p["loss"] for p in curve["train"]]
     tokens_seen = next((e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e), None)
-    manifest = {
-        "name": name,
+    train_seconds = run.train_seconds
+    return {
+        "name": run.name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": {
-            "name": base_model_name,
-            "path": str(Path(base_model_dir).resolve()),
-            "digest": base_model_digest(base_model_dir),
+            "name": run.base_model_name,
+            "path": str(run.base_model_dir.resolve()),
+            "digest": base_model_digest(run.base_model_dir),
         },
-        "chat_template_sha256": text_sha256(tokenizer.chat_template),
+        "chat_template_sha256": text_sha256(run.tokenizer.chat_template),
         "dataset": {
-            "train_file": str(train_file),
-            "train_file_sha256": file_sha256(Path(train_file)),
-            "validation_file": str(validation_file) if validation_file else None,
-            "validation_file_sha256": file_sha256(Path(validation_file)) if validation_file else None,
+            "train_file": str(run.train_file),
+            "train_file_sha256": file_sha256(run.train_file),
+            "validation_file": str(run.validation_file) if run.validation_file else None,
+            "validation_file_sha256": file_sha256(run.validation_file) if run.validation_file else None,
             "split_seed": config.seed,
             "counts": {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)},
             "test_split": f"{SPLIT_DIR}/test.jsonl",
         },
-        "hyperparameters": {**config.model_dump(), "resolved_epochs": epochs},
+        "hyperparameters": {**config.model_dump(), "resolved_epochs": run.epochs},
         "training": {
             "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "dtype": "bfloat16" if use_bf16 else "float32",
+            "dtype": "bfloat16" if run.use_bf16 else "float32",
             "steps": output.global_step,
             "epochs_completed": round(trainer.state.epoch or 0.0, 3),
             "stopped_early": output.global_step < trainer.state.max_steps,
             "train_seconds": round(train_seconds, 1),
             "tokens_seen": tokens_seen,
             "tokens_per_second": round(tokens_seen / train_seconds, 1) if tokens_seen else None,
-            "trained_tokens_per_epoch": mask.trained_tokens,
+            "trained_tokens_per_epoch": run.mask.trained_tokens,
             "first_train_loss": train_losses[0] if train_losses else None,
             "final_train_loss": train_losses[-1] if train_losses else None,
-            "initial_validation_loss": initial_validation_loss,
+            "initial_validation_loss": run.initial_validation_loss,
             "final_validation_loss": final_validation_loss,
             "warnings": warnings,
         },
@@ -278,5 +361,3 @@ def train(
         "registered": None,
         "versions": package_versions(),
     }
-    write_manifest(run_dir, manifest)
-    return TrainResult(run_dir, manifest, warnings)

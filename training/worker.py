@@ -1,13 +1,13 @@
 """One fine-tuning job in its own process: `python -m quiver.training.worker JOB_DIR`.
 
-The server's job runner writes JOB_DIR/spec.json and starts this; it reports through two files the runner
-reads: events.jsonl (appended, one event a line: messages and per-step metrics) and result.json (written
-last, atomically). Keeping training out of the gateway's process keeps serving responsive while a job runs.
+The server's job runner writes JOB_DIR/spec.json (a `JobSpec`) and starts this under the engine guard, so it
+dies with the gateway; it reports through two files the runner reads: events.jsonl (appended, one event a
+line: messages and per-step metrics) and result.json (a `JobResult`, written last, atomically). Keeping
+training out of the gateway's process keeps serving responsive while a job runs.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from transformers import TrainerCallback
 
+from quiver.common.jobs import RESULT, SPEC, TRAIN_LOG, EventLog, JobFailure, JobResult, JobSpec, write_record
 from quiver.training.config import TrainConfig
-from quiver.training.job_files import RESULT, SPEC, TRAIN_LOG, EventLog, write_json_atomic
 
 
 class MetricsEvents(TrainerCallback):
@@ -40,34 +40,36 @@ class MetricsEvents(TrainerCallback):
 def run(job_dir: Path) -> int:
     from quiver.training.trainer import train
 
-    spec = json.loads((job_dir / SPEC).read_text())
     events = EventLog(job_dir)
     try:
-        config = TrainConfig.model_validate(spec["config"])
+        spec = JobSpec.model_validate_json((job_dir / SPEC).read_bytes())
+        config = TrainConfig.from_openai(spec.hyperparameters, spec.seed)
         events.emit("Fine-tuning job started")
-        result = train(
-            Path(spec["training_file"]),
-            job_dir / "run",
-            config,
-            name=spec["name"],
-            validation_file=Path(spec["validation_file"]) if spec.get("validation_file") else None,
-            base_model_dir=Path(spec["base_model_dir"]),
-            base_model_name=spec["base_model_name"],
-            console=Console(file=open(job_dir / TRAIN_LOG, "a"), force_terminal=False),
-            callbacks=[MetricsEvents(events)],
-        )
+        with open(job_dir / TRAIN_LOG, "a") as log:
+            result = train(
+                spec.training_file,
+                job_dir / "run",
+                config,
+                name=spec.name,
+                validation_file=spec.validation_file,
+                base_model_dir=spec.base_model_dir,
+                base_model_name=spec.base_model_name,
+                console=Console(file=log, force_terminal=False),
+                callbacks=[MetricsEvents(events)],
+            )
         for warning in result.warnings:
             events.emit(warning, level="warn")
         training = result.manifest["training"]
         trained_tokens = (training.get("trained_tokens_per_epoch") or 0) * (training.get("epochs_completed") or 0)
-        write_json_atomic(job_dir / RESULT, {"status": "succeeded", "trained_tokens": int(trained_tokens),
-                                "run_dir": str(result.run_dir)})
+        write_record(job_dir / RESULT, JobResult(status="succeeded", trained_tokens=int(trained_tokens),
+                                                 run_dir=result.run_dir))
         return 0
     except Exception as exc:  # the job fails with the reason; the server stays up
         events.emit(f"Training failed: {exc}", level="error")
         with open(job_dir / TRAIN_LOG, "a") as log:
             log.write(traceback.format_exc())
-        write_json_atomic(job_dir / RESULT, {"status": "failed", "error": {"code": "training_failed", "message": str(exc)}})
+        write_record(job_dir / RESULT, JobResult(
+            status="failed", error=JobFailure(code="training_failed", message=str(exc))))
         return 1
 
 

@@ -17,8 +17,6 @@ crash at any point leaves either a whole version or leftovers that scans ignore.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -31,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from quiver.adapters.protocol import AdapterVersion
+from quiver.common.files import file_sha256, write_json_atomic  # noqa: F401  (re-exported for the stores)
 from quiver.errors import Unavailable
 from quiver.limits import loads_bounded
 
@@ -50,20 +49,6 @@ class StoreUnavailable(Unavailable):
     """The store could not be read or written (network, permissions, a corrupt object)."""
 
     code = "store_unavailable"
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def parse_manifest(raw: bytes, name: str, version: int) -> AdapterVersion | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from quiver.common.jobs import Hyperparameters, Seed
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: tuple[str, ...] = ("succeeded", "failed", "cancelled")
@@ -31,13 +33,6 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
-
-
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    n_epochs: int | Literal["auto"] = Field("auto", description="'auto' picks from the dataset size")
-    batch_size: int | Literal["auto"] = "auto"
-    learning_rate_multiplier: float | Literal["auto"] = "auto"
 
 
 class JobError(BaseModel):
@@ -74,17 +69,33 @@ class JobList(BaseModel):
     has_more: bool = False
 
 
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's `method`; only `supervised` trains here, the other types are refused by name (not as malformed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
 class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    training_file: str
-    validation_file: str | None = None
+    training_file: str = Field(max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    # OpenAI allows 64 characters; here the suffix becomes part of an adapter name (64 at most, with a job tag).
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$",
-                               description="becomes part of the adapter's name")
-    seed: int | None = None
+                               description="becomes part of the adapter's name: 1-40 of a-z 0-9 . _ -")
+    seed: Seed | None = None
     hyperparameters: Hyperparameters | None = None
-    method: dict[str, Any] | None = Field(None, description="{'type': 'supervised', 'supervised': {'hyperparameters': ...}}")
-    metadata: dict[str, str] | None = None
+    method: Method | None = Field(None, description="{'type': 'supervised', 'supervised': {'hyperparameters': ...}}")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     integrations: list[Any] | None = None
 
 
