@@ -84,6 +84,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY README.md ./
 COPY server ./server
 COPY training ./training
+COPY common ./common
 # The stand-ins' build/ and egg-info go first: COPY keeps the sources' older mtimes, so setuptools would
 # otherwise keep the empty stand-in modules it built above.
 RUN rm -rf build ./*.egg-info \

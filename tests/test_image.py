@@ -48,7 +48,7 @@ SUITE = "bookworm"
 API_KEY, ADMIN_KEY = "sk-image-test", "adm-image-test"
 # What goes into the image (.dockerignore's allow-list): a change to any of these means a rebuild.
 IMAGE_INPUTS = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "deploy/gpu-constraints.txt",
-                "server", "training")
+                "server", "training", "common")
 
 REQUIRED_TOOLS = ("podman", "buildah", "debootstrap", "runc")
 
