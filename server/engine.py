@@ -278,6 +278,7 @@ class EngineSupervisor:
                 self.ready = False
                 await self._terminate(grace_s=0)
                 await asyncio.sleep(min(30.0, 2.0 ** min(self.restart_streak, 5)))
+                self.restarts += 1
                 self.restart_streak += 1
 
     async def stop(self) -> None:

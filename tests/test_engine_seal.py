@@ -72,3 +72,36 @@ def test_the_engine_environment_is_an_allow_list(name: str, tmp_path: Path) -> N
     assert env["VLLM_API_KEY"] == "per-start-key"  # only the key made for this start
     assert env["PATH"] == "/usr/bin" and env["VLLM_LOGGING_LEVEL"] == "INFO"
 
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_client_types_what_vllm_answers(quiver_server, fake_adapter: Path, tmp_path: Path) -> None:
+    from quiver.engine_client import AdapterAlreadyLoaded, AdapterNotFound, EngineRejected, HttpEngineClient
+
+    client = HttpEngineClient(quiver_server.engine_url, quiver_server.engine_key)
+    outsider = HttpEngineClient(quiver_server.engine_url, "not-the-key")
+    name = "typed-probe@1"  # loaded behind the gateway's back on purpose, and unloaded again
+    try:
+        await client.load_adapter(name, fake_adapter)
+        assert name in await client.loaded_models()
+        with pytest.raises(AdapterAlreadyLoaded):
+            await client.load_adapter(name, fake_adapter)
+        await client.unload_adapter(name)
+        with pytest.raises(AdapterNotFound):
+            await client.unload_adapter(name)
+        with pytest.raises(AdapterNotFound):
+            await client.load_adapter("typed-missing@1", tmp_path / "no-such-adapter")
+        with pytest.raises(EngineRejected) as refused:
+            await outsider.load_adapter("typed-intruder@1", fake_adapter)
+        assert refused.value.status == 401
+        assert "typed-intruder@1" not in await client.loaded_models()
+        await client.health()
+        assert "vllm:" in await client.metrics_text()
+    finally:
+        await client.aclose()
+        await outsider.aclose()

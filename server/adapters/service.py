@@ -213,7 +213,7 @@ class AdapterRegistry:
         try:
             await self.engine.load_adapter(key, path)
         except AdapterAlreadyLoaded:
-            pass  # loaded before a gateway-side restart of our bookkeeping: the same immutable files
+            pass  # the engine still has it (e.g. its unload failed): the same immutable files, nothing to do
         except EngineUnavailable:
             raise Unavailable("the engine is not reachable; try again shortly", code="engine_unavailable") from None
         except (AdapterNotFound, EngineRejected) as exc:
