@@ -24,6 +24,7 @@ serve: install
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
-# Only the fast group: no real vLLM engine (gateway logic runs on the in-process fake engine).
+# Only the fast group: no real vLLM engine (gateway logic runs on the in-process fake engine), no training
+# steps, no container build.
 test-fast: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not engine"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not engine and not training and not image"

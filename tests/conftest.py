@@ -76,6 +76,8 @@ def fake_adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 # Fixtures that start a real engine; a module that has a `QuiverServer` (imported or its own) starts one too.
 ENGINE_FIXTURES = {"quiver_server"}
+# Tests that run real training steps (minutes on a 2-core CPU): `make test` runs them, the fast group does not.
+TRAINING_MODULES = {"test_training_trainer", "test_training_e2e"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -83,3 +85,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = getattr(item, "module", None)
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())) or hasattr(module, "QuiverServer"):
             item.add_marker(pytest.mark.engine)
+        if getattr(module, "__name__", "").rpartition(".")[2] in TRAINING_MODULES:
+            item.add_marker(pytest.mark.training)
