@@ -22,14 +22,15 @@ import random
 import signal
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 import typer
 
-from loadtests.servers import ADMIN_KEY, API_KEY, QuiverProcess, make_adapters
+from loadtests.servers import ADMIN_KEY, API_KEY, make_adapters, quiver_server
+from quiver.testing import QuiverServer
 from quiver.settings import Settings
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -49,7 +50,7 @@ class Tally:
 
 @dataclass
 class Soak:
-    server: QuiverProcess
+    server: QuiverServer
     adapter_dirs: list[Path]
     rng: random.Random
     tally: Tally = field(default_factory=Tally)
@@ -237,11 +238,13 @@ def main(
 ) -> None:
     model_dir = Settings().model_dir  # the default model, as `quiver serve` prepared it
     adapter_dirs = make_adapters(model_dir, work_dir / "adapters", 3, prefix="soak-src-")
-    server = QuiverProcess(root=work_dir / "server", port=port, model_cache_dir=model_dir.parent,
-                           env={"QUIVER_MAX_LORAS": "4"})
-    with server:
+    server = quiver_server(work_dir / "server", port, env={"QUIVER_MAX_LORAS": "4"}, model_dir=model_dir)
+    server.start()
+    try:
         soak = Soak(server=server, adapter_dirs=adapter_dirs, rng=random.Random(seed))
         asyncio.run(_run(soak, minutes, concurrency, churn_every_s, kill_at_min, initial_adapters))
+    finally:
+        server.stop()
     tally = soak.tally
     warm = [s["tree_gib"] for s in soak.rss_samples if s["minute"] >= 3]
     summary = {
