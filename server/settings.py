@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path
@@ -10,16 +9,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from quiver.adapters.s3_url import parse_s3_url
-from quiver.base_model import DEFAULT_MODEL_NAME
+from quiver.common.base_model import BaseModelSettings, cache_home
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -30,11 +23,10 @@ KeyList = Annotated[list[str], NoDecode]
 _TENANT_PATTERN = re.compile(r"^[a-z0-9._\-*?\[\]!]{1,64}$")
 
 
-def _cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quiver"
+class Settings(BaseModelSettings):
+    """Everything the gateway reads. The base model's part (`model`, `served_model_name`, `model_cache_dir`, where
+    the settings come from, `model_dir`, `base_model_name`) is `BaseModelSettings`, shared with the trainer."""
 
-
-class Settings(BaseSettings):
     # hide_input_in_errors: a bad setting must not print the keys it holds.
     model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="forbid", validate_default=True,
                                       hide_input_in_errors=True)
@@ -43,14 +35,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
-    # The base model: a local Hugging Face folder, or empty for the embedded default (SmolLM2-135M-Instruct).
-    model: Path | None = None
-    served_model_name: str | None = None
-    model_cache_dir: Path = Field(default_factory=lambda: _cache_home() / "models")
+    # The base model: a local Hugging Face folder (`model`), or empty for the embedded default
+    # (SmolLM2-135M-Instruct), converted once into model_cache_dir; fields and checks in BaseModelSettings.
+    model_cache_dir: Path = Field(default_factory=lambda: cache_home() / "models")
 
     # The adapter store (source of truth for the registry) and the engine's scratch space.
     store_dir: Path = Path("adapters")
-    state_dir: Path = Field(default_factory=lambda: _cache_home() / "run")
+    state_dir: Path = Field(default_factory=lambda: cache_home() / "run")
     # Instead of store_dir, an S3-compatible bucket shared by every replica: s3://bucket[/prefix].
     # Credentials come from the standard AWS chain (AWS_* variables, shared config, pod/instance roles).
     store_url: str | None = None
@@ -192,13 +183,6 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL without credentials, e.g. http://minio:9000")
         return value
 
-    @field_validator("model")
-    @classmethod
-    def _model_folder(cls, value: Path | None) -> Path | None:
-        if value is not None and not (value / "config.json").is_file():
-            raise ValueError(f"{value} is not a Hugging Face model folder (no config.json)")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
@@ -213,35 +197,5 @@ class Settings(BaseSettings):
         return bool(self.admin_keys or self.api_keys or self.tenant_keys)
 
     @property
-    def uses_default_model(self) -> bool:
-        return self.model is None
-
-    @property
-    def model_dir(self) -> Path:
-        return self.model if self.model is not None else self.model_cache_dir / DEFAULT_MODEL_NAME
-
-    @property
     def adapter_cache_dir(self) -> Path:
         return self.store_cache_dir if self.store_cache_dir is not None else self.state_dir / "adapter-cache"
-
-    @property
-    def base_model_name(self) -> str:
-        if self.served_model_name:
-            return self.served_model_name
-        return DEFAULT_MODEL_NAME if self.model is None else self.model.name
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit arguments, then the environment, then the YAML file named by QUIVER_CONFIG.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("QUIVER_CONFIG")
-        if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
