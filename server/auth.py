@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+# Auth and middleware are the HTTP layer: they answer with APIError (services raise domain errors).
 from quiver.errors import APIError, error_response
 from quiver.inference.limiter import KeyLimited, KeyLimiter
 from quiver.settings import Settings

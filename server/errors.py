@@ -80,7 +80,8 @@ def error_type(status: int) -> str:
 
 
 class APIError(Exception):
-    """Raised anywhere in the gateway; rendered as the OpenAI envelope with `status`."""
+    """Raised by the HTTP layer (auth, middleware, routers); rendered as the OpenAI envelope with `status`.
+    Services and stores raise a `DomainError` instead."""
 
     def __init__(
         self,
@@ -157,6 +158,12 @@ class StorageFull(DomainError):
     code = "insufficient_storage"
 
 
+class NotSupported(DomainError):
+    """This server lacks the feature asked for (e.g. fine-tuning without the `training` extra)."""
+
+    code = "not_supported"
+
+
 _HTTP_BY_DOMAIN_ERROR: dict[type[DomainError], int] = {
     InvalidRequest: 400,
     NotFound: 404,
@@ -165,6 +172,7 @@ _HTTP_BY_DOMAIN_ERROR: dict[type[DomainError], int] = {
     RateLimited: 429,
     Unavailable: 503,
     StorageFull: 507,
+    NotSupported: 501,
 }
 
 

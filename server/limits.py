@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Auth and middleware are the HTTP layer: they answer with APIError (services raise domain errors).
 from quiver.errors import APIError, error_response
 
 

@@ -323,7 +323,7 @@ def test_a_cancel_during_registration_waits_for_the_commit_and_finds_the_job_fin
     """Registration is the commit point, held under the lock cancel takes: order of events, no sleeps."""
     import asyncio
 
-    from quiver.errors import APIError
+    from quiver.errors import Conflict
 
     uploaded = gateway.files.create(file=("ok.jsonl", io.BytesIO(pirate_lines(5))), purpose="fine-tune")
     job = gateway.fine_tuning.jobs.create(model=SERVED, training_file=uploaded.id)
@@ -337,8 +337,9 @@ def test_a_cancel_during_registration_waits_for_the_commit_and_finds_the_job_fin
             await asyncio.sleep(0)
             assert not cancel.done() and service.get(job.id).status == "running"
             service._finish(job.id, "succeeded", fine_tuned_model="ft-x")
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(Conflict) as refused:
             await cancel
+        assert refused.value.status == 409
         return refused.value.code, service.get(job.id).status
 
     assert asyncio.run(scenario()) == ("job_finished", "succeeded")

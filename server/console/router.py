@@ -29,8 +29,14 @@ from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from quiver.adapters.service import AdapterRegistry
 from quiver.auth import ModelScope, admin_auth, inference_auth
+from quiver.engine_client import Engine
+# A router is the HTTP layer: it may answer with an APIError directly (services raise domain errors).
 from quiver.errors import APIError, error_responses
+from quiver.finetuning.service import JobService
+from quiver.metrics import Metrics
+from quiver.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 SAMPLE_EVERY_S = 30.0
@@ -151,6 +157,32 @@ async def console_page(page: str) -> FileResponse:
 
 # --- API -----------------------------------------------------------------------------------------------------
 
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def _engine(request: Request) -> Engine | None:
+    return getattr(request.app.state, "engine", None)  # absent until the lifespan has built it
+
+
+def _registry(request: Request) -> AdapterRegistry | None:
+    return getattr(request.app.state, "registry", None)
+
+
+AppSettings = Annotated[Settings, Depends(_settings)]
+Jobs = Annotated[JobService, Depends(_jobs)]
+AppMetrics = Annotated[Metrics, Depends(_metrics)]
+MaybeEngine = Annotated[Engine | None, Depends(_engine)]
+MaybeRegistry = Annotated[AdapterRegistry | None, Depends(_registry)]
+
 class Finding(BaseModel):
     severity: str
     code: str
@@ -202,10 +234,10 @@ def _check(path: Path, model_dir: Path) -> DataCheck:
 
 @router.post("/v1/files/check", tags=["fine-tuning"], dependencies=[Depends(admin_auth)],
              responses=error_responses(400, 401, 403, 413))
-async def check_file(request: Request,
+async def check_file(settings: AppSettings,
                      file: Annotated[UploadFile, File(description="JSONL training data")]) -> DataCheck:
     """`quiver data check` on a JSONL file without storing it: findings by line, tokens, the split a job uses."""
-    max_bytes = request.app.state.settings.max_upload_bytes
+    max_bytes = settings.max_upload_bytes
     with tempfile.TemporaryDirectory(prefix="quiver-check-") as tmp:
         path = Path(tmp) / "data.jsonl"
         size = 0
@@ -216,16 +248,15 @@ async def check_file(request: Request,
                     raise APIError(413, f"the file is larger than this server's limit of {max_bytes} bytes",
                                    code="file_too_large", param="file")
                 out.write(chunk)
-        return await run_in_threadpool(_check, path, request.app.state.settings.model_dir)
+        return await run_in_threadpool(_check, path, settings.model_dir)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/manifest", tags=["fine-tuning"], dependencies=[Depends(admin_auth)],
             responses=error_responses(401, 403, 404))
-async def job_manifest(job_id: str, request: Request) -> dict[str, Any]:
+async def job_manifest(job_id: str, jobs: Jobs) -> dict[str, Any]:
     """The training run's manifest.json: data hashes and split, hyperparameters, losses and the curve's warnings."""
     from quiver.training.manifest import MANIFEST_FILE
 
-    jobs = request.app.state.jobs
     jobs.get(job_id)  # 404 for an unknown id (ids are checked there; a path parameter holds no `/`)
     path = jobs.root / job_id / "run" / MANIFEST_FILE
     if not path.is_file():
@@ -238,11 +269,10 @@ Scope = Annotated[ModelScope, Depends(inference_auth)]
 
 
 @router.get("/v1/metrics/summary", tags=["operations"], responses=error_responses(401))
-async def metrics_summary(request: Request, scope: Scope) -> dict[str, Any]:
+async def metrics_summary(scope: Scope, engine: MaybeEngine, registry: MaybeRegistry,
+                          metrics: AppMetrics) -> dict[str, Any]:
     """Engine state, queue, rejections, adapters, and per adapter (only those this key may see) a series over the
     last hour: requests, completion tokens/s, latency p50/p99 (histogram bucket bounds) and error rate (answers other than 2xx)."""
-    state = request.app.state
-    engine, registry, metrics = getattr(state, "engine", None), getattr(state, "registry", None), state.metrics
     samples = [sample for family in metrics.registry.collect() for sample in family.samples]
     rejected = {s.labels["reason"]: int(s.value) for s in samples if s.name == "quiver_rejected_requests_total"}
     base = registry.base_model_name if registry else ""

@@ -23,7 +23,7 @@ from typing import BinaryIO, TypeVar
 from pydantic import BaseModel
 
 from quiver.adapters.service import AdapterRegistry
-from quiver.errors import APIError
+from quiver.errors import Conflict, InvalidRequest, NotFound, NotSupported, PayloadTooLarge
 from quiver.finetuning.protocol import (
     FINISHED,
     CreateJobRequest,
@@ -65,8 +65,8 @@ def load_record(path: Path, model: type[Record]) -> Record | None:
         return None
 
 
-def file_not_found(file_id: str, param: str = "file_id") -> APIError:
-    return APIError(404, f"no file with id `{file_id}`", code="file_not_found", param=param)
+def file_not_found(file_id: str, param: str = "file_id") -> NotFound:
+    return NotFound(f"no file with id `{file_id}`", code="file_not_found", param=param)
 
 
 def _page(items: list, after: str | None, limit: int) -> tuple[list, bool]:
@@ -90,8 +90,8 @@ class FileService:
 
     def create(self, filename: str, source: BinaryIO, purpose: str) -> FileObject:
         if purpose != FINE_TUNE_PURPOSE:
-            raise APIError(400, f"only purpose `{FINE_TUNE_PURPOSE}` is supported", code="invalid_purpose",
-                           param="purpose")
+            raise InvalidRequest(f"only purpose `{FINE_TUNE_PURPOSE}` is supported", code="invalid_purpose",
+                                 param="purpose")
         file_id = _new_id("file")
         tmp = self.root / f".{file_id}.tmp"
         try:
@@ -115,8 +115,8 @@ class FileService:
             while chunk := source.read(_COPY_CHUNK):
                 size += len(chunk)
                 if size > self.max_bytes:
-                    raise APIError(413, f"the file is larger than the limit of {self.max_bytes} bytes",
-                                   code="file_too_large", param="file")
+                    raise PayloadTooLarge(f"the file is larger than the limit of {self.max_bytes} bytes",
+                                          code="file_too_large", param="file")
                 out.write(chunk)
         return size
 
@@ -130,8 +130,8 @@ class FileService:
         if not report.ok:
             shown = "; ".join(str(issue) for issue in report.errors[:_MAX_REPORTED_ERRORS])
             more = len(report.errors) - _MAX_REPORTED_ERRORS
-            raise APIError(400, f"the training file is invalid: {shown}" + (f" (and {more} more)" if more > 0 else ""),
-                           code="invalid_training_file", param="file")
+            raise InvalidRequest(f"the training file is invalid: {shown}" + (f" (and {more} more)" if more > 0 else ""),
+                                 code="invalid_training_file", param="file")
         return report
 
     def get(self, file_id: str, param: str = "file_id") -> FileObject:
@@ -179,7 +179,7 @@ class JobService:
     def get(self, job_id: str) -> FineTuningJob:
         job = load_record(self._job_dir(job_id) / "job.json", FineTuningJob) if _JOB_ID.match(job_id) else None
         if job is None:
-            raise APIError(404, f"no fine-tuning job with id `{job_id}`", code="job_not_found", param="fine_tuning_job_id")
+            raise NotFound(f"no fine-tuning job with id `{job_id}`", code="job_not_found", param="fine_tuning_job_id")
         return job
 
     def list(self, after: str | None = None, limit: int = 20) -> tuple[list[FineTuningJob], bool]:
@@ -233,27 +233,27 @@ class JobService:
     def _training_file(self, file_id: str, param: str) -> FileObject:
         record = self.files.get(file_id, param=param)  # 404 when it does not exist
         if record.purpose != FINE_TUNE_PURPOSE:
-            raise APIError(400, f"file `{file_id}` has purpose `{record.purpose}`, not `{FINE_TUNE_PURPOSE}`",
-                           code="invalid_file_purpose", param=param)
+            raise InvalidRequest(f"file `{file_id}` has purpose `{record.purpose}`, not `{FINE_TUNE_PURPOSE}`",
+                                 code="invalid_file_purpose", param=param)
         return record
 
     async def create(self, request: CreateJobRequest) -> FineTuningJob:
         # The serving image leaves the `training` extra out; say so now rather than fail in the worker later.
         if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
-            raise APIError(501, "fine-tuning is not installed on this server (the `training` extra: "
-                                "pip install 'quiver[training]', or use the training image)",
-                           code="training_unavailable")
+            raise NotSupported("fine-tuning is not installed on this server (the `training` extra: "
+                               "pip install 'quiver[training]', or use the training image)",
+                               code="training_unavailable")
         if request.model != self.registry.base_model_name:
-            raise APIError(400, f"fine-tuning starts from the served base model `{self.registry.base_model_name}`, "
-                                f"not `{request.model}`", code="model_not_available", param="model")
+            raise InvalidRequest(f"fine-tuning starts from the served base model `{self.registry.base_model_name}`, "
+                                 f"not `{request.model}`", code="model_not_available", param="model")
         self._training_file(request.training_file, "training_file")
         if request.validation_file:
             self._training_file(request.validation_file, "validation_file")
         hyperparameters = request.hyperparameters or Hyperparameters()
         if request.method is not None:
             if request.method.type != "supervised":
-                raise APIError(400, f"only supervised fine-tuning is supported, not `{request.method.type}`",
-                               code="unsupported_method", param="method.type")
+                raise InvalidRequest(f"only supervised fine-tuning is supported, not `{request.method.type}`",
+                                     code="unsupported_method", param="method.type")
             if request.method.supervised and request.method.supervised.hyperparameters:
                 hyperparameters = request.method.supervised.hyperparameters
         job_id = _new_id("ftjob")
@@ -273,7 +273,7 @@ class JobService:
         async with self._commit:
             job = self.get(job_id)
             if job.status in FINISHED:
-                raise APIError(409, f"job `{job_id}` has already {job.status}", code="job_finished",
+                raise Conflict(f"job `{job_id}` has already {job.status}", code="job_finished",
                                param="fine_tuning_job_id")
             self._cancelled.add(job_id)
             job = self._finish(job_id, "cancelled", "Job cancelled")
@@ -298,7 +298,7 @@ class JobService:
                 await self._run(job_id)
             except Exception as exc:  # one broken job must not stop the queue
                 log.exception("fine-tuning job %s failed", job_id)
-                with contextlib.suppress(APIError):  # its record may be gone
+                with contextlib.suppress(NotFound):  # its record may be gone
                     self._finish(job_id, "failed", f"Job failed: {exc}", level="error",
                                  error=JobError(code="internal_error", message=str(exc)))
 

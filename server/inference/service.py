@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from quiver.adapters.service import AdapterRegistry, Target
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine_client import Engine, EngineError, EngineResponse, parse_engine_error
-from quiver.errors import APIError, DomainError, error_body, status_of
+from quiver.errors import DomainError, InvalidRequest, Unavailable, error_body
 from quiver.inference.limiter import RequestLimiter
 from quiver.inference.protocol import _GenerationRequest
 from quiver.metrics import UNKNOWN_MODEL, Metrics
@@ -26,9 +26,9 @@ _DONE = b"data: [DONE]"
 _CLIENT_GONE = "499"
 
 
-def engine_unavailable() -> APIError:
-    return APIError(503, "the engine is not ready; try again shortly", code="engine_unavailable",
-                    headers={"Retry-After": "5"})
+def engine_unavailable() -> Unavailable:
+    return Unavailable("the engine is not ready; try again shortly", code="engine_unavailable",
+                       headers={"Retry-After": "5"})
 
 
 class InferenceService:
@@ -58,11 +58,11 @@ class InferenceService:
         for field in ("max_tokens", "max_completion_tokens"):
             value = getattr(request, field)
             if value is not None and value > self.max_completion_tokens:
-                raise APIError(400, f"`{field}` is {value}; this server allows at most {self.max_completion_tokens}",
-                               code="max_tokens_too_large", param=field)
+                raise InvalidRequest(f"`{field}` is {value}; this server allows at most {self.max_completion_tokens}",
+                                     code="max_tokens_too_large", param=field)
         if request.n is not None and request.n > self.max_n:
-            raise APIError(400, f"`n` is {request.n}; this server allows at most {self.max_n}", code="n_too_large",
-                           param="n")
+            raise InvalidRequest(f"`n` is {request.n}; this server allows at most {self.max_n}", code="n_too_large",
+                                 param="n")
 
     async def forward(self, endpoint: str, request: _GenerationRequest, scope: ModelScope = EVERY_MODEL) -> Response:
         started = time.perf_counter()
@@ -70,7 +70,7 @@ class InferenceService:
         try:
             if self.draining:
                 self.metrics.rejected_requests.labels(reason="draining").inc()
-                raise APIError(503, "the server is shutting down", code="server_draining")
+                raise Unavailable("the server is shutting down", code="server_draining")
             if not self.engine.ready:
                 raise engine_unavailable()
             target = self.registry.resolve(request.model, scope)
@@ -85,8 +85,8 @@ class InferenceService:
             except BaseException:
                 await stack.aclose()
                 raise
-        except (APIError, DomainError) as exc:
-            self._count(request.model, target, endpoint, exc.status if isinstance(exc, APIError) else status_of(exc))
+        except DomainError as exc:
+            self._count(request.model, target, endpoint, exc.status)
             raise
         if upstream.status != 200 or not request.stream:
             try:
