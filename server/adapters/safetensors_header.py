@@ -1,12 +1,13 @@
-"""Read a safetensors file's header (names, dtypes, shapes) without loading, let alone unpickling, anything."""
+"""Read a safetensors file's header (names, dtypes, shapes, byte ranges) with safetensors' own reader, without loading,
+let alone unpickling, any tensor."""
 
 from __future__ import annotations
 
-import struct
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiver.limits import loads_bounded
+from safetensors import SafetensorError, safe_open
 
 # A header beyond this is not a LoRA adapter's (and would be a cheap way to exhaust memory).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -30,39 +31,34 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor name -> info; raises SafetensorsError for anything malformed, truncated or inconsistent."""
     size = path.stat().st_size
+    # The length prefix is checked here first, although safe_open checks it too: its own limit is 100 MB, and
+    # it would map the file and parse a header that large before refusing it. These 8 bytes are all we read.
     with open(path, "rb") as file:
         prefix = file.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsError("the file is shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise SafetensorsError("the header length is larger than the file")
-        raw = file.read(header_len)
+    if len(prefix) < 8:
+        raise SafetensorsError("the file is shorter than a safetensors header")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise SafetensorsError("the header length is larger than the file")
+    # safe_open reads only the header: bad JSON (serde's recursion limit refuses deep nesting), a non-string
+    # metadata value, a size that does not match dtype x shape, overlapping or gapped offsets, and a data
+    # section the tensors do not exactly cover are all a SafetensorError.
     try:
-        header = loads_bounded(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SafetensorsError(f"the header is not valid JSON ({exc.__class__.__name__})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_len = size - 8 - header_len
-    tensors: dict[str, TensorInfo] = {}
-    end_of_data = 0
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if dtype not in _DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError
-            expected = _DTYPE_BYTES[dtype]
-            for dim in shape:
-                expected *= dim
-            if not (0 <= begin <= end <= data_len) or end - begin != expected:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"tensor {name!r} has a malformed or out-of-bounds entry") from None
-        tensors[name] = TensorInfo(dtype, shape, 8 + header_len + begin, 8 + header_len + end)
-        end_of_data = max(end_of_data, end)
-    if end_of_data != data_len:
+        with safe_open(path, framework="pt") as header:
+            names = header.offset_keys()  # in file order: their byte ranges are contiguous from the data start
+            entries = [(name, header.get_slice(name)) for name in names]
+            tensors: dict[str, TensorInfo] = {}
+            start = 8 + header_len
+            for name, entry in entries:
+                dtype, shape = entry.get_dtype(), tuple(entry.get_shape())
+                if dtype not in _DTYPE_BYTES:
+                    raise SafetensorsError(f"tensor {name!r} has a malformed or out-of-bounds entry")
+                end = start + _DTYPE_BYTES[dtype] * math.prod(shape)
+                tensors[name] = TensorInfo(dtype, shape, start, end)
+                start = end
+    except (SafetensorError, OSError) as exc:
+        raise SafetensorsError(f"the header is invalid ({exc})") from None
+    if start != size:  # safe_open has checked this; the offsets all_zero reads depend on it
         raise SafetensorsError("the data section does not match the header (truncated or padded file)")
     return tensors
 
