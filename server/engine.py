@@ -261,6 +261,8 @@ class EngineSupervisor:
                     # A hung engine cannot shut down gracefully: the whole group is killed at once, which
                     # also breaks every in-flight connection (those requests get a 503 now, not later).
                     await self._terminate(grace_s=0)
+                    # Hand-written on purpose: this is a supervisor's restart pacing, not a retried call; no
+                    # pinned dependency offers backoff (botocore's is for its own requests).
                     await asyncio.sleep(min(30.0, 2.0 ** min(self.restart_streak, 5)) if self.restart_streak else 0.5)
                     self.restarts += 1
                     self.restart_streak += 1

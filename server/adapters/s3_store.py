@@ -74,6 +74,8 @@ _CORRUPT = ".corrupt"  # <prefix>/.corrupt/<name>@<version>/<files>: unreadable 
 _S3_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 # Conflicts are between a handful of replicas, each retrying at once: these bounds are never reached
 # unless the endpoint answers every conditional write with a conflict.
+# Hand-written on purpose: botocore's retries (retries={"mode": "standard"} below) cover throttling and 5xx,
+# not a 409/412 lost race, which must re-read the index and recompute the write before trying again.
 _CAS_ATTEMPTS = 20
 _RESERVE_ATTEMPTS = 1000
 _DELETE_BATCH = 1000  # DeleteObjects' limit
