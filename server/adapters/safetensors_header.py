@@ -44,7 +44,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     # metadata value, a size that does not match dtype x shape, overlapping or gapped offsets, and a data
     # section the tensors do not exactly cover are all a SafetensorError.
     try:
-        with safe_open(path, framework="pt") as header:
+        with safe_open(path, framework="numpy") as header:
             names = header.offset_keys()  # in file order: their byte ranges are contiguous from the data start
             entries = [(name, header.get_slice(name)) for name in names]
             tensors: dict[str, TensorInfo] = {}
