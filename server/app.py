@@ -57,6 +57,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             max_rank=settings.max_lora_rank,
             max_upload_bytes=settings.max_upload_bytes,
             metrics=state.metrics,
+            engine_copies_dir=settings.state_dir / "engine-adapters",
         )
         registry.load_store()
         engine.on_restart(registry.forget_engine_state)

@@ -4,6 +4,7 @@ engine is tested against vLLM in the `engine` group."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -242,3 +243,46 @@ def test_a_refused_load_registers_nothing(make_gateway, fake_adapter: Path):
         assert admin.get("/v1/adapters/bot").status_code == 404
     gateway.engine.refuse_loads = False
     assert gateway.register("bot", fake_adapter).status_code == 201
+
+
+def test_a_deleted_versions_files_stay_for_the_engine_until_it_unloads(make_gateway, fake_adapter: Path):
+    """vLLM may re-read an adapter's files while a request waits in it for a slot (its CPU cache evicted the
+    adapter); deleting the version must not pull the files from under it (a soak run crashed the engine core so)."""
+    gateway = make_gateway()
+    engine = gateway.engine
+    assert gateway.register("bot", fake_adapter).status_code == 201
+    engine.hold()
+    running = in_background(chat, gateway, "bot")
+    wait_for(lambda: engine.running == 1, what="the request to reach the engine")
+    engine_path = engine.loaded["bot@1"]
+    with gateway.admin() as admin:
+        assert admin.delete("/v1/adapters/bot").status_code in (200, 204)
+    assert not list(gateway.settings.store_dir.glob("bot/1/adapter_config.json")), "the store's copy is gone"
+    assert (engine_path / "adapter_config.json").is_file(), "the engine's copy stays while the engine holds it"
+    engine.release()
+    running["thread"].join(30)
+    wait_for(lambda: engine.unload_calls == ["bot@1"], what="the unload after the last request")
+    wait_for(lambda: not engine_path.exists(), what="the engine's copy to be removed after the unload")
+
+
+class _DyingEngine(FakeEngine):
+    """Answers generation the way vLLM does when its engine core has died: a 500 naming its internals."""
+
+    async def generate(self, endpoint, body):
+        from quiver.fake_engine import _FakeResponse
+
+        error = {"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+                           "type": "InternalServerError", "param": None, "code": 500}}
+        return _FakeResponse(self, 500, None, json.dumps(error).encode())
+
+
+def test_an_engine_failure_is_a_retryable_503_never_a_500(make_gateway):
+    gateway = make_gateway(engine=_DyingEngine(BASE))
+    response = httpx.post(f"{gateway.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": BASE, "messages": MESSAGES})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert response.json()["error"]["code"] == "engine_unavailable"
+    assert "EngineCore" not in response.text
+    metrics = httpx.get(f"{gateway.base_url}/metrics").text
+    assert f'quiver_requests_total{{adapter="{BASE}",endpoint="chat/completions",model="{BASE}",status="503"}} 1.0' in metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -29,6 +30,13 @@ from quiver.errors import APIError, DomainError, InvalidRequest, NotFound, Stora
 from quiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)  # same filesystem: no bytes copied, and deleting the store's file keeps this one
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def engine_name(name: str, version: int) -> str:
@@ -88,8 +96,14 @@ class AdapterRegistry:
         max_rank: int,
         max_upload_bytes: int,
         metrics: Metrics,
+        engine_copies_dir: Path | None = None,
     ) -> None:
         self.store = store
+        # The engine loads each version from a copy of its own here (hard links where possible), removed only
+        # once the engine has unloaded it: vLLM may re-read an adapter's files long after loading it (a request
+        # queued in the engine for a slot, after its CPU cache evicted the adapter), and deleting a version
+        # removes the store's files at once. Without it, such a re-read killed the engine core (a soak found it).
+        self.engine_copies_dir = engine_copies_dir
         self.engine = engine
         self.base = base
         self.base_model_name = base_model_name
@@ -106,6 +120,9 @@ class AdapterRegistry:
     # --- start-up and engine restarts --------------------------------------------------------------
 
     def load_store(self) -> None:
+        if self.engine_copies_dir is not None:  # a new engine process will load what it needs again
+            shutil.rmtree(self.engine_copies_dir, ignore_errors=True)
+            self.engine_copies_dir.mkdir(parents=True, exist_ok=True)
         self.store.prepare()
         self._adapters = self.store.scan()
         self._update_gauge()
@@ -209,7 +226,7 @@ class AdapterRegistry:
     async def _load(self, name: str, version: int) -> None:
         key = engine_name(name, version)
         # Off the event loop: a remote store may first have to download the version.
-        path = await asyncio.to_thread(self.store.local_path, name, version)
+        path = await asyncio.to_thread(self._engine_copy, name, version)
         try:
             await self.engine.load_adapter(key, path)
         except AdapterAlreadyLoaded:
@@ -226,15 +243,36 @@ class AdapterRegistry:
     async def _unload(self, key: str) -> None:
         self._retired.discard(key)
         self._load_locks.pop(key, None)
-        if key not in self._loaded:
-            return
-        self._loaded.discard(key)
+        if key in self._loaded:
+            self._loaded.discard(key)
+            try:
+                await self.engine.unload_adapter(key)
+            except AdapterNotFound:
+                pass  # a restarted engine never had it
+            except (EngineUnavailable, EngineRejected):
+                log.warning("could not unload %s from the engine (it may be restarting)", key)
+        if self.engine_copies_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self.engine_copies_dir / key, True)
+
+    def _engine_copy(self, name: str, version: int) -> Path:
+        """The folder the engine loads `name@version` from (see `engine_copies_dir`)."""
+        source = self.store.local_path(name, version)  # a remote store may first download the version
+        if self.engine_copies_dir is None:
+            return source
+        target = self.engine_copies_dir / engine_name(name, version)
+        if target.is_dir():
+            return target  # versions are immutable
+        partial = self.engine_copies_dir / f".{target.name}.{os.getpid()}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
         try:
-            await self.engine.unload_adapter(key)
-        except AdapterNotFound:
-            pass  # a restarted engine never had it
-        except (EngineUnavailable, EngineRejected):
-            log.warning("could not unload %s from the engine (it may be restarting)", key)
+            shutil.copytree(source, partial, copy_function=_link_or_copy)
+            os.replace(partial, target)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            log.warning("could not copy %s for the engine: %s", target.name, exc)
+            raise Unavailable(f"`{target.name}` could not be prepared for the engine; try again shortly",
+                              code="store_unavailable") from None
+        return target
 
     async def _retire(self, key: str) -> None:
         if self._in_flight.get(key):

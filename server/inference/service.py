@@ -114,9 +114,11 @@ class InferenceService:
             raise engine_unavailable() from None
 
     def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float) -> Response:
-        self._record(model, target, endpoint, status, started)
         if status != 200:
-            return _engine_error(status, content)
+            response = _engine_error(status, content)
+            self._record(model, target, endpoint, response.status_code, started)
+            return response
+        self._record(model, target, endpoint, status, started)
         try:
             usage = json.loads(content).get("usage")
         except ValueError:
@@ -235,7 +237,13 @@ class _RelayResponse(StreamingResponse):
 
 
 def _engine_error(status: int, content: bytes) -> JSONResponse:
-    """The engine's error, re-wrapped in the envelope quiver uses everywhere."""
+    """The engine's error, re-wrapped in the envelope quiver uses everywhere. A 4xx is the caller's (vLLM's own
+    validation) and passes through; a 5xx is the engine failing (e.g. its core died and the supervisor is
+    restarting it): the caller gets the same retryable 503 as for an unreachable engine, never a 500, and none
+    of the engine's internals."""
+    if status >= 500:
+        unavailable = engine_unavailable()
+        return JSONResponse(error_body(unavailable.status, unavailable.message, unavailable.code),
+                            status_code=unavailable.status, headers=unavailable.headers)
     error = parse_engine_error(status, content)
-    code = "engine_error" if status >= 500 else None
-    return JSONResponse(error_body(status, error.message, code, error.param), status_code=status)
+    return JSONResponse(error_body(status, error.message, None, error.param), status_code=status)
