@@ -141,7 +141,7 @@ def gateway(model_dir: Path, tmp_path: Path):
     from fastapi.testclient import TestClient
 
     from quiver.adapters.service import AdapterRegistry
-    from quiver.adapters.store import open_store
+    from quiver.adapters.store_factory import open_store
     from quiver.adapters.validation import BaseModelSpec
     from quiver.app import create_app
     from quiver.engine import EngineSupervisor
