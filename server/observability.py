@@ -111,6 +111,13 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO, stream=None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # uvicorn's own loggers may have been given handlers, or disabled, by an earlier logging configuration in
+    # this process (uvicorn's default dictConfig, a library's): they must reach the root handler above.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.disabled = False
 
 
 def engine_headers() -> dict[str, str]:
