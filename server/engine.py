@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quiver.common.base_model import chat_template_file, tool_call_parser
 from quiver.engine_client import (
     EngineError,
     EngineResponse,
@@ -82,7 +83,17 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--max-loras", str(settings.max_loras),
         "--max-lora-rank", str(settings.max_lora_rank),
         "--disable-uvicorn-access-log",
+        # Sampling defaults for requests that set none come from the model folder's generation_config.json
+        # (vLLM's default too; said here because the default model's folder is written to carry them).
+        "--generation-config", "auto",
     ]
+    # The same template the trainer renders with, and the parser that reads the tool calls it teaches.
+    template = chat_template_file(model_dir, settings)
+    if template is not None:
+        command += ["--chat-template", str(template)]
+    parser = tool_call_parser(model_dir, settings)
+    if parser is not None:
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     if settings.max_cpu_loras is not None:
         command += ["--max-cpu-loras", str(settings.max_cpu_loras)]
     if settings.tensor_parallel_size > 1:

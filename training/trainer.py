@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PrinterCallback, TrainerCallback
 
-from quiver.common.base_model import served_base_model
+from quiver.common.base_model import chat_template_file, served_base_model
 from quiver.common.files import file_sha256
 from quiver.training.config import TrainConfig
 from quiver.training.curve import curve_from_log_history, curve_warnings, save_curve
@@ -51,6 +51,9 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = chat_template_file(model_dir)
+    if template is not None:  # the engine serves with the same file (`--chat-template`)
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
     if not tokenizer.chat_template:
         raise ValueError(f"{model_dir} has no chat template; quiver trains on chat-formatted data")
     return tokenizer
