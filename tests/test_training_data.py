@@ -77,7 +77,12 @@ def test_valid_tool_conversation_and_text_parts_parse(tmp_path):
     assert report.examples[0].messages[0]["content"] == "Weather in Oslo?"
 
 
-def test_tools_the_template_cannot_render_are_an_error_with_the_tokenizer(tmp_path, tokenizer):
+def test_tools_the_template_cannot_render_are_an_error_with_the_tokenizer(tmp_path, base_model_dir):
+    from transformers import AutoTokenizer
+
+    # The model folder's own template (SmolLM2's, without tools), as any other base model without tool support has;
+    # quiver's default model gets the tools template (tests/test_tools.py).
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     row = {"messages": [USER, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "call_1", "content": "3C"}, ASSISTANT]}
     report = check_dataset(write_lines(tmp_path / "tools.jsonl", [row]), tokenizer, 512)
     assert [(i.code, i.line) for i in report.errors] == [("tools_unsupported", 1)]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from quiver.training.encoding import TemplateError, encode_example
+from quiver.training.tool_schema import SchemaProblem, ToolSchemas
 from quiver.training.example import Example
 
 if TYPE_CHECKING:
@@ -196,14 +197,20 @@ def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
     messages, tools = row["messages"], row.get("tools")
     if not isinstance(messages, list) or not messages:
         return error("invalid_messages", "`messages` must be a non-empty list")
+    schemas: ToolSchemas | None = None
     if tools is not None:
         tool_issue = _check_tools(tools)
         if tool_issue:
             return error("invalid_tools", tool_issue)
+        try:
+            schemas = ToolSchemas(tools)
+        except SchemaProblem as exc:
+            return error("invalid_tools", str(exc))
 
     issues: list[Issue] = []
     normalized: list[dict[str, Any]] = []
     call_ids: set[str] = set()
+    answered: set[str] = set()
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -231,7 +238,19 @@ def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
             problem = _check_tool_calls(message["tool_calls"])
             if problem:
                 return error("invalid_tool_calls", f"{where}: {problem}")
-            call_ids.update(call["id"] for call in message["tool_calls"])
+            for position, call in enumerate(message["tool_calls"]):
+                if call["id"] in call_ids:
+                    return error("duplicate_tool_call_id", f"{where}.tool_calls[{position}]: id {call['id']!r} is used twice")
+                call_ids.add(call["id"])
+                if schemas is None:
+                    issues.append(Issue("warning", "undeclared_tool", f"{where}.tool_calls[{position}] calls "
+                                        f"{call['function']['name']!r} but the example declares no `tools`: the "
+                                        "model learns a call it was never shown, and its arguments go unchecked", line))
+                    continue
+                try:
+                    schemas.check_call(call["function"]["name"], json.loads(call["function"]["arguments"]))
+                except SchemaProblem as exc:
+                    return error(exc.code, f"{where}.tool_calls[{position}]: {exc}")
             out["tool_calls"] = message["tool_calls"]
         if role == "tool":
             call_id = message.get("tool_call_id")
@@ -239,6 +258,9 @@ def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
                 return error("missing_tool_call_id", f"{where}: a tool message needs `tool_call_id`")
             if call_id not in call_ids:
                 return error("unknown_tool_call_id", f"{where}: `tool_call_id` {call_id!r} answers no earlier tool call")
+            if call_id in answered:
+                return error("duplicate_tool_result", f"{where}: tool call {call_id!r} already has its result")
+            answered.add(call_id)
             out["tool_call_id"] = call_id
         elif "tool_call_id" in message:
             return error("unknown_key", f"{where}: `tool_call_id` is only allowed on tool messages")
@@ -251,6 +273,9 @@ def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
             return error("missing_content", f"{where} ({role}) has empty content")
         normalized.append(out)
 
+    unanswered = sorted(call_ids - answered)
+    if unanswered:
+        return error("missing_tool_result", f"tool call(s) {unanswered} have no `tool` message with their result")
     assistants = [m for m in normalized if m["role"] == "assistant"]
     if not assistants:
         return error("no_assistant_message", "no assistant message: nothing to learn from")
@@ -307,9 +332,18 @@ def _check_tool_calls(tool_calls: Any) -> str | None:
         if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
             return f"tool_calls[{index}].function needs string `name` and `arguments` (a JSON string)"
         try:
-            json.loads(function["arguments"])
-        except json.JSONDecodeError:
-            return f"tool_calls[{index}].function.arguments is not valid JSON"
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError as exc:
+            return f"tool_calls[{index}].function.arguments is not valid JSON ({exc.msg} at column {exc.colno})"
+        except RecursionError:
+            return f"tool_calls[{index}].function.arguments is nested deeper than {MAX_JSON_DEPTH} levels"
+        if json_depth(arguments) > MAX_JSON_DEPTH:
+            return f"tool_calls[{index}].function.arguments is nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(arguments, str):
+            # OpenAI's arguments are an object encoded once; a string inside the string is an object encoded twice.
+            return f"tool_calls[{index}].function.arguments is JSON-encoded twice (a string holding JSON); encode the object once"
+        if not isinstance(arguments, dict):
+            return f"tool_calls[{index}].function.arguments must encode a JSON object, got {type(arguments).__name__}"
     return None
 
 

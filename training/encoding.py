@@ -9,6 +9,7 @@ including this turn" are exactly what the model must produce, end-of-turn token 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,22 @@ class Encoded:
     assistant_masks: list[int]
 
 
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    plain = {k: v for k, v in message.items() if k != "weight"}
+    if plain.get("tool_calls"):
+        # Arguments arrive as OpenAI's JSON string and are decoded once into an object here, as vLLM does for the
+        # chats it serves (renderers/chat_utils.py, _postprocess_messages): the template then writes the call
+        # exactly as the served prompt shows it and as the engine's tool parser reads it back.
+        plain["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+            if isinstance(call["function"].get("arguments"), str) else call
+            for call in plain["tool_calls"]
+        ]
+    return plain
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Any, **kwargs: Any) -> str:
-    plain = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    plain = [_template_message(m) for m in messages]
     try:
         return tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, **kwargs)
     except Exception as exc:  # jinja raises TemplateError, TypeError, ... depending on what the template does
