@@ -1,11 +1,15 @@
 """Write the example datasets shipped with quiver. Deterministic: the same seed gives byte-identical files.
 
-    python examples/generate.py            # writes examples/json-extract.jsonl and examples/pirate.jsonl
+    python examples/generate.py            # writes examples/json-extract.jsonl, pirate.jsonl and tools.jsonl
 
 - json-extract: a contact's details from an email, signature, voicemail note or chat message, as one JSON object
   with fixed keys (null when not stated). A strict output format: exact match and key match are measurable.
 - pirate: office announcements rewritten in the voice of "Captain Quill", every fact kept. A voice/style task
   whose rewrite is rule-based, so held-out answers are checkable too.
+- tools: an office assistant with two tools, a weather lookup (`city` required, `unit` optional) and a calendar
+  booking (`title`, `date`, `time` required; `duration_minutes`, `attendees` optional), in OpenAI's format: the
+  call, the tool's result, the final answer; and questions that need no tool. Right tool, exact arguments and
+  "no call" are measurable.
 """
 
 from __future__ import annotations
@@ -206,6 +210,140 @@ def pirate_examples(rng: random.Random) -> list[dict]:
     return rows
 
 
+TOOLS_SYSTEM = "You are an office assistant. Call a tool when the request needs one; otherwise answer directly."
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "the city name"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "default celsius"},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }},
+    {"type": "function", "function": {
+        "name": "book_meeting",
+        "description": "Book a meeting in the user's calendar.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string"},
+                "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "description": "YYYY-MM-DD"},
+                "time": {"type": "string", "pattern": "^[0-9]{2}:[0-9]{2}$", "description": "HH:MM, 24-hour"},
+                "duration_minutes": {"type": "integer", "minimum": 5, "maximum": 480},
+                "attendees": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["title", "date", "time"],
+            "additionalProperties": False,
+        },
+    }},
+]
+CONDITIONS = ["sunny", "cloudy", "light rain", "windy", "foggy", "clear", "snowing", "overcast"]
+WEATHER_ASKS = [
+    ("What's the weather like in {city}?", False),
+    ("Is it raining in {city} right now?", False),
+    ("How warm is it in {city} today?", False),
+    ("Can you check the weather in {city} for me?", False),
+    ("What's the temperature in {city} in {unit}?", True),
+    ("Tell me the current weather in {city}, in {unit} please.", True),
+]
+MEETING_TITLES = ["Budget review", "Design sync", "Quarterly planning", "Hiring debrief", "Client call",
+                  "Sprint retro", "Vendor demo", "Team lunch", "Roadmap workshop", "Onboarding chat"]
+BOOKING_TIMES = ["09:00", "09:30", "10:00", "11:15", "13:00", "14:30", "15:45", "16:00"]
+NO_TOOL_ASKS = [
+    ("What is {a} plus {b}?", "{a} plus {b} is {sum}."),
+    ("Say hello to {name}.", "Hello, {name}! Nice to meet you."),
+    ("How many minutes are in {h} hours?", "There are {minutes} minutes in {h} hours."),
+    ("Thanks, that's all for now.", "You're welcome! Let me know if you need anything else."),
+    ("What can you help me with?", "I can check the weather in a city and book meetings in your calendar."),
+]
+
+
+def _call(call_id: str, name: str, arguments: dict) -> dict:
+    # OpenAI's format: the arguments are a JSON string (the object encoded once).
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def _tool_turns(question: str, call: dict, result: dict, answer: str) -> list[dict]:
+    return [
+        {"role": "system", "content": TOOLS_SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def _weather_example(rng: random.Random, call_id: str) -> dict:
+    city = rng.choice(CITIES)
+    template, with_unit = rng.choice(WEATHER_ASKS)
+    unit = rng.choice(["celsius", "fahrenheit"]) if with_unit else None
+    arguments = {"city": city} | ({"unit": unit} if unit else {})
+    celsius = rng.randrange(-5, 34)
+    temperature, symbol = (round(celsius * 9 / 5 + 32), "°F") if unit == "fahrenheit" else (celsius, "°C")
+    conditions = rng.choice(CONDITIONS)
+    result = {"city": city, "temperature": temperature, "unit": unit or "celsius", "conditions": conditions}
+    answer = f"It is {temperature} {symbol} and {conditions} in {city} right now."
+    return {"messages": _tool_turns(template.format(city=city, unit=unit), _call(call_id, "get_weather", arguments),
+                                    result, answer), "tools": TOOLS}
+
+
+def _booking_example(rng: random.Random, call_id: str) -> dict:
+    title = rng.choice(MEETING_TITLES)
+    date = f"2026-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+    time = rng.choice(BOOKING_TIMES)
+    arguments: dict = {"title": title, "date": date, "time": time}
+    question = f"Book a meeting called \"{title}\" on {date} at {time}"
+    if rng.random() < 0.5:
+        arguments["duration_minutes"] = rng.choice([15, 30, 45, 60, 90])
+        question += f" for {arguments['duration_minutes']} minutes"
+    if rng.random() < 0.5:
+        people = rng.sample(FIRST, rng.randrange(1, 4))
+        arguments["attendees"] = people
+        question += " with " + (people[0] if len(people) == 1 else ", ".join(people[:-1]) + " and " + people[-1])
+    question += "."
+    event_id = f"evt_{rng.randrange(10000, 99999)}"
+    answer = f"Done: \"{title}\" is booked on {date} at {time}."
+    return {"messages": _tool_turns(question, _call(call_id, "book_meeting", arguments),
+                                    {"status": "booked", "event_id": event_id}, answer), "tools": TOOLS}
+
+
+def _no_tool_example(rng: random.Random) -> dict:
+    question, answer = rng.choice(NO_TOOL_ASKS)
+    a, b, h = rng.randrange(2, 50), rng.randrange(2, 50), rng.randrange(2, 9)
+    values = {"a": a, "b": b, "sum": a + b, "name": rng.choice(FIRST), "h": h, "minutes": 60 * h}
+    return {"messages": [
+        {"role": "system", "content": TOOLS_SYSTEM},
+        {"role": "user", "content": question.format(**values)},
+        {"role": "assistant", "content": answer.format(**values)},
+    ], "tools": TOOLS}
+
+
+def tools_examples(rng: random.Random) -> list[dict]:
+    """35 % weather lookups, 35 % bookings, 30 % questions that need no tool; no duplicates."""
+    rows: list[dict] = []
+    seen: set[str] = set()
+    while len(rows) < EXAMPLES_PER_TASK:
+        kind = rng.random()
+        call_id = f"call_{len(rows) + 1:03d}"
+        if kind < 0.35:
+            row = _weather_example(rng, call_id)
+        elif kind < 0.7:
+            row = _booking_example(rng, call_id)
+        else:
+            row = _no_tool_example(rng)
+        prompt = row["messages"][1]["content"]
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append(row)
+    return rows
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
@@ -213,6 +351,7 @@ def write(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     write(HERE / "json-extract.jsonl", json_extract_examples(random.Random(SEED)))
     write(HERE / "pirate.jsonl", pirate_examples(random.Random(SEED + 1)))
+    write(HERE / "tools.jsonl", tools_examples(random.Random(SEED + 2)))
 
 
 if __name__ == "__main__":
