@@ -243,3 +243,23 @@ def test_an_adapter_trained_on_tool_calls_returns_them_as_openai_tool_calls(
     calls, content, finish = _stream_tool_calls(client.chat.completions.create(**request, stream=True))
     assert finish == "tool_calls" and not content.strip()
     assert calls == [("get_weather", choice.message.tool_calls[0].function.arguments)]
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+
+
+def test_tool_scores_reward_the_right_call_and_no_call_when_none_is_needed() -> None:
+    from quiver.training.evaluate import ToolAnswer, score_tool_calls
+
+    expected = [[("get_weather", {"city": "Oslo", "unit": "celsius"})], [("book_meeting", {"title": "Sync"})], []]
+    perfect = [ToolAnswer([("get_weather", '{"city": "Oslo", "unit": "celsius"}')]),
+               ToolAnswer([("book_meeting", '{"title": "Sync"}')]), ToolAnswer([])]
+    assert score_tool_calls(expected, perfect) == {
+        "tool_examples": 3, "tool_call_decision": 1.0, "tool_right_tool": 1.0, "tool_arguments_exact": 1.0,
+        "tool_argument_fields": 1.0, "tool_valid_json": 1.0, "tool_no_call_when_none_needed": 1.0}
+    # One argument wrong, the wrong tool, and a call where none was needed (whose text the parser could not read).
+    flawed = [ToolAnswer([("get_weather", '{"city": "Oslo", "unit": "fahrenheit"}')]),
+              ToolAnswer([("get_weather", '{"title": "Sync"}')]), ToolAnswer([None])]
+    assert score_tool_calls(expected, flawed) == {
+        "tool_examples": 3, "tool_call_decision": 0.6667, "tool_right_tool": 0.5, "tool_arguments_exact": 0.0,
+        "tool_argument_fields": 0.3333, "tool_valid_json": 0.6667, "tool_no_call_when_none_needed": 0.0}

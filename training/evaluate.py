@@ -62,6 +62,79 @@ def score(expected: list[str], answers: list[Answer]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+@dataclass
+class ToolAnswer:
+    """The calls a reply made, as the server returned them: (name, arguments JSON text); None: unparsed call text."""
+
+    calls: list[tuple[str, str] | None]
+
+
+Call = tuple[str, Any]  # an expected call: tool name, decoded arguments
+
+
+def _decision_turn(example: Example) -> tuple[list[dict[str, Any]], list[Call]] | None:
+    """For an example with tools: the context up to the assistant's first reply to the last user message, and the
+    calls expected there (none: the question needs no tool). That reply is where the tool choice is made."""
+    if not example.tools:
+        return None
+    messages = example.messages
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        return None
+    reply = next((i for i in range(last_user + 1, len(messages)) if messages[i]["role"] == "assistant"), None)
+    if reply is None:
+        return None
+    context = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:reply]]
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in messages[reply].get("tool_calls") or []]
+    return context, calls
+
+
+def _decoded_arguments(text: str | None) -> dict[str, Any] | None:
+    value = _parse_json(text) if isinstance(text, str) else None
+    return value if isinstance(value, dict) else None
+
+
+def score_tool_calls(expected: list[list[Call]], answers: list[ToolAnswer]) -> dict[str, Any]:
+    """Tool choice and arguments at the decision turn: called when (and only when) a call was expected, the right
+    tool, arguments valid JSON, exactly the expected ones and field by field."""
+    pairs = list(zip(expected, answers))
+    needed = [(e, a) for e, a in pairs if e]
+    not_needed = [a for e, a in pairs if not e]
+    made = [a for a in answers if a.calls]
+    metrics: dict[str, Any] = {
+        "tool_examples": len(pairs),
+        "tool_call_decision": statistics.fmean(bool(e) == bool(a.calls) for e, a in pairs),
+    }
+    if needed:
+        def matches(e: list[Call], a: ToolAnswer) -> list[tuple[Call, tuple[str, str] | None]]:
+            return [(call, a.calls[i] if i < len(a.calls) else None) for i, call in enumerate(e)]
+
+        metrics["tool_right_tool"] = statistics.fmean(
+            all(got is not None and got[0] == want[0] for want, got in matches(e, a)) for e, a in needed)
+        metrics["tool_arguments_exact"] = statistics.fmean(
+            len(a.calls) == len(e) and all(got is not None and got[0] == want[0] and _decoded_arguments(got[1]) == want[1]
+                                           for want, got in matches(e, a)) for e, a in needed)
+        fields = [
+            got is not None and got[0] == want[0] and (_decoded_arguments(got[1]) or {}).get(key, object()) == value
+            for e, a in needed for want, got in matches(e, a) for key, value in want[1].items()
+        ]
+        if fields:
+            metrics["tool_argument_fields"] = statistics.fmean(fields)
+    if made:
+        metrics["tool_valid_json"] = statistics.fmean(
+            all(call is not None and _decoded_arguments(call[1]) is not None for call in a.calls) for a in made)
+    if not_needed:
+        metrics["tool_no_call_when_none_needed"] = statistics.fmean(not a.calls for a in not_needed)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _describe_calls(calls: list[tuple[str, str] | None] | list[Call]) -> str:
+    if not calls:
+        return "(no call)"
+    return "\n".join("(unparsed call text)" if c is None else f"{c[0]}({c[1] if isinstance(c[1], str) else json.dumps(c[1])})"
+                     for c in calls)
+
+
 def evaluate_run(
     run_dir: Path,
     url: str,
@@ -92,17 +165,38 @@ def evaluate_run(
         )
         return Answer(completion.choices[0].message.content or "", completion.usage.completion_tokens)
 
+    def ask_tools(model: str, example: Example) -> ToolAnswer:
+        context, _ = _decision_turn(example)
+        completion = client.chat.completions.create(
+            model=model, messages=context, tools=example.tools, temperature=0, max_tokens=max_tokens
+        )
+        message = completion.choices[0].message
+        calls: list[tuple[str, str] | None] = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        if not calls and "<tool_call>" in (message.content or ""):
+            calls = [None]  # a call the server's tool parser could not read: made, but not valid
+        return ToolAnswer(calls)
+
+    tool_examples = [e for e in read_examples(run_dir / SPLIT_DIR / "test.jsonl") if _decision_turn(e)]
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         answers = {
             role: list(pool.map(lambda e, m=model: ask(m, e), examples))
             for role, model in (("base", base_model), ("adapter", adapter_model))
         }
+        tool_answers = {
+            role: list(pool.map(lambda e, m=model: ask_tools(m, e), tool_examples))
+            for role, model in (("base", base_model), ("adapter", adapter_model))
+        }
     expected = [_context_and_expected(e)[1] for e in examples]
+    expected_calls = [_decision_turn(e)[1] for e in tool_examples]
     report = {
         "url": url,
         "models": {"base": base_model, "adapter": adapter_model},
         "decoding": {"temperature": 0, "max_tokens": max_tokens},
-        "metrics": {role: score(expected, role_answers) for role, role_answers in answers.items()},
+        "metrics": {
+            role: score(expected, role_answers)
+            | (score_tool_calls(expected_calls, tool_answers[role]) if tool_examples else {})
+            for role, role_answers in answers.items()
+        },
         "samples": [
             {
                 "line": e.line,
@@ -114,6 +208,17 @@ def evaluate_run(
             for i, e in enumerate(examples[:samples])
         ],
     }
+    if tool_examples:
+        report["tool_samples"] = [
+            {
+                "line": e.line,
+                "prompt": _decision_turn(e)[0][-1]["content"],
+                "expected": _describe_calls(expected_calls[i]),
+                "base": _describe_calls(tool_answers["base"][i].calls),
+                "adapter": _describe_calls(tool_answers["adapter"][i].calls),
+            }
+            for i, e in enumerate(tool_examples[:samples])
+        ]
     (run_dir / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (run_dir / "eval_report.md").write_text(render_markdown(report, manifest["name"]))
     update_manifest(run_dir, eval={"models": report["models"], "metrics": report["metrics"]})
@@ -132,6 +237,9 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
     ]
     lines += [f"| {metric} | {base[metric]} | {adapter[metric]} |" for metric in base if metric != "examples"]
     lines += ["", "## Samples", ""]
+    for sample in report.get("tool_samples", []):
+        lines += [f"### tool choice, test example {sample['line']}", "", "**prompt**", "", _quote(sample["prompt"]), ""]
+        lines += [f"**{who}**: `{sample[who]}`\n" for who in ("expected", "base", "adapter")]
     for sample in report["samples"]:
         lines += [
             f"### test example {sample['line']}",
