@@ -14,6 +14,10 @@ from training_fixtures import REPO, base_model_dir, chat, tokenizer, write_lines
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+# A tool with a real parameter schema: calls are checked against it.
+SCHEMA_TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]+$"}}, "required": ["city"],
+    "additionalProperties": False}}}]
 USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
 
@@ -43,6 +47,20 @@ ERROR_CASES = {
             ASSISTANT,
         ]
     },
+    "invalid_arguments": {"messages": [USER, {"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"name": "weather", "arguments": '{"city": 7}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3C"}, ASSISTANT], "tools": SCHEMA_TOOLS},
+    "unknown_tool": {"messages": [USER, {"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"name": "stocks", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3C"}, ASSISTANT], "tools": SCHEMA_TOOLS},
+    "missing_tool_result": {"messages": [USER, {"role": "assistant", "tool_calls": [CALL]}, ASSISTANT], "tools": SCHEMA_TOOLS},
+    "duplicate_tool_call_id": {"messages": [USER, {"role": "assistant", "tool_calls": [CALL, CALL]},
+                                            {"role": "tool", "tool_call_id": "call_1", "content": "3C"}, ASSISTANT],
+                               "tools": SCHEMA_TOOLS},
+    "duplicate_tool_result": {"messages": [USER, {"role": "assistant", "tool_calls": [CALL]},
+                                           {"role": "tool", "tool_call_id": "call_1", "content": "3C"},
+                                           {"role": "tool", "tool_call_id": "call_1", "content": "4C"}, ASSISTANT],
+                              "tools": SCHEMA_TOOLS},
     "missing_response": {"prompt": "hi"},
     "ambiguous_response": {"prompt": "hi", "response": "a", "completion": "b"},
 }
@@ -175,3 +193,59 @@ def test_cli_data_check_reports_and_exits_nonzero_on_errors(tmp_path):
     assert {"severity": "error", "code": "invalid_json", "line": 2} == {
         k: v for k, v in report["issues"][0].items() if k != "message"
     }
+
+
+def _tool_row(arguments: str, tools: list = SCHEMA_TOOLS) -> dict:
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": arguments}}
+    return {"messages": [USER, {"role": "assistant", "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call_1", "content": "3C"}, ASSISTANT], "tools": tools}
+
+
+@pytest.mark.parametrize("arguments, code, says", [
+    ('{"city": "Oslo"}', None, None),
+    ('"{\\"city\\": \\"Oslo\\"}"', "invalid_tool_calls", "encoded twice"),
+    ('{"city": "Oslo", "unit": "c"}', "invalid_arguments", "'unit' was unexpected"),
+    ("{}", "invalid_arguments", "'city' is a required property"),
+    ('{"city": "oslo"}', "invalid_arguments", "does not match"),
+    ("[1, 2]", "invalid_tool_calls", "must encode a JSON object"),
+    ("{'city': 'Oslo'}", "invalid_tool_calls", "not valid JSON"),
+    ("[" * 5000 + "]" * 5000, "invalid_tool_calls", "nested deeper"),
+])
+def test_tool_call_arguments_are_checked_against_the_tools_schema(tmp_path, arguments, code, says):
+    report = check_dataset(write_lines(tmp_path / "tools.jsonl", [_tool_row(arguments)]))
+    if code is None:
+        assert report.ok, [str(i) for i in report.issues]
+        return
+    assert [(i.code, i.line) for i in report.errors] == [(code, 1)]
+    assert says in report.errors[0].message
+
+
+@pytest.mark.parametrize("parameters, says", [
+    ({"type": "no-such-type"}, "not a valid JSON Schema"),
+    ({"$ref": "https://example.com/schema.json"}, "remote references are not fetched"),
+    ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties"),
+    ({"type": "object", "properties": {"city": {"pattern": "(?=x)"}}}, "RE2"),
+])
+def test_hostile_or_broken_tool_schemas_are_refused_without_network_or_backtracking(tmp_path, parameters, says):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": parameters}}]
+    report = check_dataset(write_lines(tmp_path / "tools.jsonl", [_tool_row('{"city": "Oslo"}', tools)]))
+    assert [(i.code, i.line) for i in report.errors] == [("invalid_tools", 1)]
+    assert says in report.errors[0].message
+
+
+def test_a_catastrophic_pattern_runs_in_linear_time(tmp_path):
+    import time
+
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "pattern": "^(a+)+$"}}}}}]
+    started = time.monotonic()
+    report = check_dataset(write_lines(tmp_path / "tools.jsonl", [_tool_row(json.dumps({"city": "a" * 5000 + "!"}), tools)]))
+    assert time.monotonic() - started < 5  # Python's `re` would not finish
+    assert [i.code for i in report.errors] == ["invalid_arguments"]
+
+
+def test_calls_without_declared_tools_are_a_warning(tmp_path):
+    row = _tool_row('{"city": "Oslo"}')
+    del row["tools"]
+    report = check_dataset(write_lines(tmp_path / "tools.jsonl", [row]))
+    assert report.ok and [(i.code, i.line) for i in report.warnings if i.code == "undeclared_tool"] == [("undeclared_tool", 1)]
