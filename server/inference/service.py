@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator, Callable
@@ -21,8 +22,10 @@ from quiver.inference.protocol import _GenerationRequest
 from quiver.metrics import UNKNOWN_MODEL, Metrics
 from quiver.usage.service import UsageLedger
 
-_USAGE_MARK = b'"usage":{'
-_EMPTY_CHOICES = b'"choices":[]'
+# Whitespace allowed: vLLM writes compact JSON, other servers (and the fake engine) `": "`; a miss here would
+# leave a stream's tokens uncounted.
+_USAGE_MARK = re.compile(rb'"usage"\s*:\s*\{')
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _DONE = b"data: [DONE]"
 _CLIENT_GONE = "499"
 # A failure the version is to blame for although it is a 4xx: the engine refused to load it.
@@ -177,14 +180,14 @@ class InferenceService:
 
     def _keep_event(self, event: bytes, request: _GenerationRequest, target: Target, key: str) -> bool:
         # Only the usage chunk is parsed; every other chunk passes through untouched.
-        if _USAGE_MARK not in event:
+        if not _USAGE_MARK.search(event):
             return True
         try:
             payload = json.loads(event.partition(b"data:")[2])
         except ValueError:
             return True
         self._count_tokens(target, payload.get("usage"), key)
-        return request.wants_usage or _EMPTY_CHOICES not in event
+        return request.wants_usage or not _EMPTY_CHOICES.search(event)
 
     def _record(self, model: str, target: Target, endpoint: str, status: int | str, started: float,
                 key: str) -> None:
