@@ -394,7 +394,7 @@ class AdapterRegistry:
             adapter.current = version
             canary = self._canaries.get(name)
             if canary is not None and canary.active and canary.version == version:
-                await self._end_canary(name, "promoted")  # the canary's version is current now: nothing to split
+                await self._end_canary_after(name, "promoted")  # its version is current: nothing left to split
             return self._describe(adapter)
 
     async def delete(self, name: str, version: int | None = None) -> None:
@@ -427,14 +427,13 @@ class AdapterRegistry:
             canary = self._canaries.get(name)
             if canary is not None and canary.active and (canary.version in doomed or name not in self._adapters
                                                          or self._adapters[name].current is None):
-                await self._end_canary(name, "version_deleted")
+                await self._end_canary_after(name, "version_deleted")
             for number in doomed:
                 await self._retire(engine_name(name, number))
             self._update_gauge()
 
     def _update_gauge(self) -> None:
         self.metrics.adapters_registered.set(len(self._adapters))
-
 
     # --- canaries (see quiver.adapters.canary) -----------------------------------------------------
 
@@ -522,6 +521,14 @@ class AdapterRegistry:
         level = logging.WARNING if reason.startswith("rolled_back") else logging.INFO
         log.log(level, "canary %s@%d ended: %s", name, canary.version, reason)
         return canary
+
+    async def _end_canary_after(self, name: str, reason: str) -> None:
+        """Record the end of a canary that a promote or delete made moot: the change itself is done, and an
+        unrecorded end changes nothing (`_active_canary` ignores such a record), so a failure is only logged."""
+        try:
+            await self._end_canary(name, reason)
+        except (DomainError, OSError):
+            log.exception("could not record the end of %s's canary (%s)", name, reason)
 
     async def _write_canary(self, canary: Canary) -> None:
         raw = canary.model_dump_json(exclude={"window"}, indent=2).encode()
