@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -273,6 +274,30 @@ def test_a_failing_canary_rolls_back_by_itself(make_gateway, fake_adapter):
     # Pinned requests still reach the version (it is not deleted, only out of the split).
     with pytest.raises(openai.APIStatusError):
         ask(gateway, "bot@2", client=client)
+
+
+def test_a_canary_whose_files_are_gone_rolls_back(make_gateway, fake_adapter, tmp_path):
+    """The other way a version fails: it cannot be loaded. Its files vanish from the store (a damaged volume)
+    and the engine restarts, so each request for it must load it again, and fails."""
+    engine = FakeEngine(BASE)
+    gateway = make_gateway(engine)
+    two_versions(gateway, fake_adapter)
+    rollback = {"window_s": 60, "min_requests": 5, "max_error_rate_margin": 0.5}
+    assert put_canary(gateway, version=2, weight=0.5, rollback=rollback).status_code == 200
+    shutil.rmtree(tmp_path / "store" / "bot" / "2")
+    shutil.rmtree(tmp_path / "state" / "engine-adapters" / "bot@2")
+    engine.threadsafe(engine.restart)
+    client = gateway.openai()
+    failed = 0
+    for _ in range(40):
+        try:
+            assert answered_by(ask(gateway, client=client)) == "bot@1"
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and exc.code == "store_unavailable"
+            failed += 1
+    assert 5 <= failed <= 8
+    with gateway.admin() as admin:
+        assert admin.get("/v1/adapters/bot/canary").json()["ended_reason"].startswith("rolled_back")
 
 
 def test_a_healthy_canary_keeps_running_and_is_promoted(make_gateway, fake_adapter):

@@ -158,6 +158,9 @@ class AdapterRegistry:
         async with self._write_lock:
             scanned = await asyncio.to_thread(self.store.scan)
             self._canaries = await asyncio.to_thread(self._read_canaries, scanned)
+            # Windows of canaries ended or replaced by another replica are dropped.
+            self._watches = {name: watch for name, watch in self._watches.items()
+                             if self._canaries.get(name) == watch.canary}
             gone = [
                 engine_name(name, version)
                 for name, adapter in self._adapters.items()

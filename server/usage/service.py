@@ -107,8 +107,8 @@ class UsageLedger:
         for row in found:
             named = dict(zip(groups, row[:len(groups)]))
             sums = dict(zip(_FIELDS, (int(v or 0) for v in row[len(groups):])))
-            if not columns and not sums["requests"] and not any(sums.values()):
-                continue  # no traffic at all: no row, as with groups
+            if not any(sums.values()):
+                continue  # totals over no traffic at all (SQL's SUM of nothing): no row, as with groups
             result.append(UsageRow(**named, **sums, total_tokens=sums["prompt_tokens"] + sums["completion_tokens"]))
         return result
 
