@@ -34,6 +34,8 @@ from quiver.limits import BodySizeLimit
 from quiver.metrics import Metrics
 from quiver.observability import RequestIdMiddleware, install_tracing, tracing_endpoint
 from quiver.settings import Settings
+from quiver.usage.router import router as usage_router
+from quiver.usage.service import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         engine.on_restart(registry.forget_engine_state)
         state.engine, state.registry = engine, registry
         limiter = RequestLimiter(settings.max_running_requests, settings.max_waiting_requests, state.metrics)
+        state.usage = UsageLedger(settings.state_dir / "usage.sqlite3", settings.usage_retention_days * 86_400)
         state.inference = InferenceService(
             engine, registry, state.metrics, limiter,
             max_completion_tokens=settings.max_completion_tokens or settings.max_model_len,
-            max_n=settings.max_n,
+            max_n=settings.max_n, usage=state.usage,
         )
         state.files = FileService(settings.finetuning_dir / "files", settings.max_upload_bytes)
         state.jobs = JobService(settings.finetuning_dir / "jobs", state.files, registry, model_dir)
@@ -76,12 +79,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             state.jobs.start()
             if settings.store_poll_s:
                 background.append(asyncio.create_task(registry.watch_store(settings.store_poll_s)))
+            background.append(asyncio.create_task(state.usage.run()))
             yield
         finally:
             for task in background:
                 task.cancel()
             await state.jobs.stop()
             await engine.stop()
+            await asyncio.to_thread(state.usage.close)
 
     # FastAPIOffline: /docs and /redoc load their scripts and styles from quiver itself (files shipped in the
     # fastapi-offline package), not from a CDN, so they work on a cluster without internet access.
@@ -110,6 +115,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(inference_router)
     app.include_router(adapters_router)
     app.include_router(finetuning_router)
+    app.include_router(usage_router)
     app.include_router(console_router)  # the web console at /console (and `/` redirects there)
 
     @app.get("/health", tags=["operations"])

@@ -41,6 +41,8 @@ class ModelScope:
 
 
 EVERY_MODEL = ModelScope()
+# The usage ledger's name for every caller when auth is off.
+ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ def _digest(key: str) -> bytes:
     # Keys are compared as fixed-length digests: compare_digest on raw keys of unequal length returns early,
     # which would reveal a key's length.
     return hashlib.sha256(key.encode()).digest()
+
+
+def key_fingerprint(digest: bytes) -> str:
+    """How usage names a key: `key-` + 12 hex digits of its sha256 (`sha256sum` of the key, cut short)."""
+    return "key-" + digest.hex()[:12]
 
 
 class Auth:
@@ -95,6 +102,13 @@ class Auth:
 
     async def inference(self, request: Request) -> ModelScope:
         return self._authenticate(request).scope if self.enabled else EVERY_MODEL
+
+    async def caller(self, request: Request) -> tuple[str, bool]:
+        """The key's fingerprint and whether it is an admin key; (ANONYMOUS, True) with auth off."""
+        if not self.enabled:
+            return ANONYMOUS, True
+        digest, identity = self._identify(request)
+        return key_fingerprint(digest), identity.admin
 
     async def admin(self, request: Request) -> None:
         if not self.enabled:
@@ -178,6 +192,11 @@ class AuthGate:
 async def inference_auth(request: Request) -> ModelScope:
     """A dependency: authenticates an inference request and gives the models its key may use."""
     return await request.app.state.auth.inference(request)
+
+
+async def caller_identity(request: Request) -> tuple[str, bool]:
+    """A dependency: the caller's key fingerprint (for usage) and whether it is an admin key."""
+    return await request.app.state.auth.caller(request)
 
 
 async def admin_auth(request: Request) -> None:

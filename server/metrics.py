@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 # The `*_created` series double every counter's output for little use.
@@ -44,6 +46,49 @@ class Metrics:
             "quiver_rejected_requests", "Requests turned away before the engine (overload, draining).", ["reason"],
             registry=r,
         )
+        # Per version (`name@N`, or the base model's name): what each version costs and how it fares, e.g. a
+        # canary against the current version. Label values come only from the registry's resolved targets,
+        # and a deleted version's series are removed (`forget_version`): the label set stays bounded.
+        self.version_requests = Counter(
+            "quiver_version_requests", "Generation requests by the version that answered and HTTP status.",
+            ["version", "status"], registry=r,
+        )
+        self.version_errors = Counter(
+            "quiver_version_errors", "Requests failed by the version (5xx, or the engine could not load it); "
+            "the caller's own 4xx are not counted.", ["version"], registry=r,
+        )
+        self.version_prompt_tokens = Counter("quiver_version_prompt_tokens", "Prompt tokens processed.", ["version"],
+                                             registry=r)
+        self.version_completion_tokens = Counter(
+            "quiver_version_completion_tokens", "Completion tokens generated (streaming included).", ["version"],
+            registry=r,
+        )
+        self.version_request_duration = Histogram(
+            "quiver_version_request_duration_seconds", "End-to-end request latency.", ["version"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.canary_rollbacks = Counter(
+            "quiver_canary_rollbacks", "Canaries ended automatically for their error rate.", ["adapter"], registry=r,
+        )
+        self._version_statuses: dict[str, set[str]] = {}
+
+    def count_version_request(self, version: str, status: str, error: bool, duration_s: float | None) -> None:
+        self._version_statuses.setdefault(version, set()).add(status)
+        self.version_requests.labels(version, status).inc()
+        if error:
+            self.version_errors.labels(version).inc()
+        if duration_s is not None:
+            self.version_request_duration.labels(version).observe(duration_s)
+
+    def forget_version(self, version: str) -> None:
+        """Drop a deleted version's series (its numbers are never given out again)."""
+        for status in self._version_statuses.pop(version, ()):
+            with suppress(KeyError):
+                self.version_requests.remove(version, status)
+        for metric in (self.version_errors, self.version_prompt_tokens, self.version_completion_tokens,
+                       self.version_request_duration):
+            with suppress(KeyError):
+                metric.remove(version)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

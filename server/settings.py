@@ -78,6 +78,8 @@ class Settings(BaseModelSettings):
     max_completion_tokens: int | None = Field(None, ge=1, description="cap on max_tokens; default max_model_len")
     max_n: int = Field(8, ge=1, description="cap on `n` (choices per request)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    # The usage ledger (GET /v1/usage): per-minute buckets in <state_dir>/usage.sqlite3, kept this long.
+    usage_retention_days: int = Field(90, ge=1, le=3650, description="how long per-minute usage is kept")
 
     # The vLLM engine.
     engine_port: int | None = Field(None, ge=1, le=65535, description="private loopback port; free one if unset")

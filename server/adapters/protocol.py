@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quiver.adapters.canary import Canary
+
 
 class StoredFile(BaseModel):
     name: str
@@ -40,6 +42,8 @@ class Adapter(BaseModel):
         description="the version the bare name serves; null after the current version was deleted (or when "
                     "every version was registered with make_current=false) until one is promoted")
     versions: list[AdapterVersion]
+    canary: Canary | None = Field(None, description="the name's canary: the running one, or the last one and why "
+                                                    "it ended (`PUT /v1/adapters/{name}/canary`)")
 
 
 class AdapterList(BaseModel):

@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
+from quiver.adapters.canary import Canary, CanaryRequest
 from quiver.adapters.model_id import parse_adapter_name, parse_adapter_ref
 from quiver.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
 from quiver.adapters.service import AdapterRegistry
@@ -53,3 +54,28 @@ async def delete_adapter(ref: str, registry: Registry) -> Deleted:
 @router.post("/{name}/promote", responses=error_responses(400, 404, 413))
 async def promote_adapter(name: str, body: PromoteRequest, registry: Registry) -> Adapter:
     return await registry.promote(parse_adapter_name(name), body.version)
+
+
+@router.get("/{name}/canary", responses=error_responses(400, 404))
+async def get_canary(name: str, registry: Registry) -> Canary:
+    """The running canary (with this replica's error-rate window per version), or the last one and why it ended."""
+    return registry.get_canary(parse_adapter_name(name))
+
+
+@router.put("/{name}/canary", responses=error_responses(400, 404, 409, 413))
+async def set_canary(name: str, body: CanaryRequest, registry: Registry) -> Canary:
+    """Send `weight` of the bare name's traffic to `version` (sticky per `user` / `x-quiver-session`), with
+    automatic rollback when its error rate exceeds the current version's by `rollback.max_error_rate_margin`."""
+    return await registry.set_canary(parse_adapter_name(name), body)
+
+
+@router.delete("/{name}/canary", responses=error_responses(400, 404))
+async def end_canary(name: str, registry: Registry) -> Canary:
+    """End the canary: all of the bare name's traffic goes to the current version again."""
+    return await registry.end_canary(parse_adapter_name(name))
+
+
+@router.post("/{name}/canary/promote", responses=error_responses(400, 404))
+async def promote_canary(name: str, registry: Registry) -> Adapter:
+    """Make the canary's version current; the canary ends as `promoted`."""
+    return await registry.promote_canary(parse_adapter_name(name))

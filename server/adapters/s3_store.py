@@ -47,6 +47,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from quiver.adapters.protocol import AdapterVersion
 from quiver.adapters.store import (
+    CANARY,
     INDEX,
     MANIFEST,
     AdapterStore,
@@ -460,6 +461,16 @@ class S3AdapterStore(AdapterStore):
         with self._lock:
             self._pending.discard((name, version))
         discard(self.cache_path(name, version), self.cache_dir / _TRASH)
+
+    def read_canary(self, name: str) -> bytes | None:
+        with self._reaching(f"reading {name}/{CANARY}"):
+            got = self._get(self._key(name, CANARY))
+        return got[0] if got is not None else None
+
+    def write_canary(self, name: str, raw: bytes) -> None:
+        with self._reaching(f"writing {name}/{CANARY}"):  # one PUT: readers see the old or the new object
+            self._client.put_object(Bucket=self.bucket, Key=self._key(name, CANARY), Body=raw,
+                                    ContentType="application/json")
 
 
 def _unsafe_file_name(name: str) -> bool:

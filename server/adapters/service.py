@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import shutil
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, BinaryIO
 
+from quiver.adapters.canary import Canary, CanaryRequest, CanaryWatch, choose_version
 from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
@@ -26,7 +28,8 @@ from quiver.adapters.uploads import stage_upload
 from quiver.adapters.validation import BaseModelSpec, NameConflict, check_adapter_name, validate_adapter_dir
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine_client import AdapterAlreadyLoaded, AdapterNotFound, EngineClient, EngineRejected, EngineUnavailable
-from quiver.errors import APIError, DomainError, InvalidRequest, NotFound, StorageFull, Unavailable
+from quiver.errors import APIError, Conflict, DomainError, InvalidRequest, NotFound, StorageFull, Unavailable
+from quiver.limits import loads_bounded
 from quiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class Target:
     adapter: str | None = None
     version: int | None = None
     pinned: bool = False  # asked for as `name@N` (not the bare name)
+    split: bool = False  # a canary chose between the current version and the canary (bare name, canary on)
 
     @property
     def label(self) -> str:
@@ -86,6 +90,22 @@ def version_not_found(name: str, version: int) -> NotFound:
     return NotFound(f"`{name}` has no version {version}", code="version_not_found", param="version")
 
 
+def canary_not_found(name: str) -> NotFound:
+    return NotFound(f"`{name}` has no canary running", code="canary_not_found", param="name")
+
+
+def parse_canary(name: str, raw: bytes | None) -> Canary | None:
+    """A stored canary record, or None when absent or unreadable (logged: it must not stop the registry)."""
+    if raw is None:
+        return None
+    try:
+        canary = Canary.model_validate(loads_bounded(raw))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        log.warning("ignoring the canary record of %s: %s", name, str(exc)[:200])
+        return None
+    return canary if canary.name == name else None
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -116,6 +136,10 @@ class AdapterRegistry:
         self._in_flight: Counter[str] = Counter()
         self._retired: set[str] = set()  # deleted versions waiting for their last request to finish
         self._write_lock = asyncio.Lock()
+        self._canaries: dict[str, Canary] = {}  # the store's canary records (ended ones too), by adapter name
+        self._watches: dict[str, CanaryWatch] = {}  # this replica's error-rate windows of the active canaries
+        self._rng = random.Random()
+        self._rollbacks: set[asyncio.Task] = set()
 
     # --- start-up and engine restarts --------------------------------------------------------------
 
@@ -125,6 +149,7 @@ class AdapterRegistry:
             self.engine_copies_dir.mkdir(parents=True, exist_ok=True)
         self.store.prepare()
         self._adapters = self.store.scan()
+        self._canaries = self._read_canaries(self._adapters)
         self._update_gauge()
         log.info("registry: %d adapters from %s", len(self._adapters), self.store.location)
 
@@ -132,6 +157,10 @@ class AdapterRegistry:
         """Adopt what other replicas sharing the store registered, promoted or deleted."""
         async with self._write_lock:
             scanned = await asyncio.to_thread(self.store.scan)
+            self._canaries = await asyncio.to_thread(self._read_canaries, scanned)
+            # Windows of canaries ended or replaced by another replica are dropped.
+            self._watches = {name: watch for name, watch in self._watches.items()
+                             if self._canaries.get(name) == watch.canary}
             gone = [
                 engine_name(name, version)
                 for name, adapter in self._adapters.items()
@@ -171,9 +200,11 @@ class AdapterRegistry:
             record.model_copy(update={"current": version == adapter.current})
             for version, record in sorted(adapter.versions.items())
         ]
-        return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions)
+        return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions,
+                       canary=self._canaries.get(adapter.name))
 
-    def resolve(self, model: str, scope: ModelScope = EVERY_MODEL) -> Target:
+    def resolve(self, model: str, scope: ModelScope = EVERY_MODEL, caller: str | None = None) -> Target:
+        """`caller` (a user or session id) keeps one caller on one side of a canary; see `quiver.adapters.canary`."""
         ref = parse_model_id(model, self.base_model_name)
         if ref.is_base:
             return Target(engine_model=ref.name)
@@ -185,8 +216,11 @@ class AdapterRegistry:
         version = adapter.current if ref.version is None else ref.version
         if version is None or version not in adapter.versions:
             raise model_not_found(model)
+        canary = self._active_canary(adapter) if ref.version is None else None  # a pin is never split
+        if canary is not None:
+            version = choose_version(canary, version, caller, self._rng)
         return Target(engine_model=engine_name(ref.name, version), adapter=ref.name, version=version,
-                      pinned=ref.version is not None)
+                      pinned=ref.version is not None, split=canary is not None)
 
     # --- serving -----------------------------------------------------------------------------------
 
@@ -253,6 +287,7 @@ class AdapterRegistry:
                 log.warning("could not unload %s from the engine (it may be restarting)", key)
         if self.engine_copies_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self.engine_copies_dir / key, True)
+        self.metrics.forget_version(key)
 
     def _engine_copy(self, name: str, version: int) -> Path:
         """The folder the engine loads `name@version` from (see `engine_copies_dir`)."""
@@ -360,6 +395,9 @@ class AdapterRegistry:
             except OSError as exc:
                 raise storage_error(exc) from None
             adapter.current = version
+            canary = self._canaries.get(name)
+            if canary is not None and canary.active and canary.version == version:
+                await self._end_canary_after(name, "promoted")  # its version is current: nothing left to split
             return self._describe(adapter)
 
     async def delete(self, name: str, version: int | None = None) -> None:
@@ -389,6 +427,10 @@ class AdapterRegistry:
                     # the bare name is a 404 until an explicit promote (`name@N` still serves).
                     adapter.current = None
                 await asyncio.to_thread(self.store.set_current, name, adapter.current)
+            canary = self._canaries.get(name)
+            if canary is not None and canary.active and (canary.version in doomed or name not in self._adapters
+                                                         or self._adapters[name].current is None):
+                await self._end_canary_after(name, "version_deleted")
             for number in doomed:
                 await self._retire(engine_name(name, number))
             self._update_gauge()
@@ -396,3 +438,139 @@ class AdapterRegistry:
     def _update_gauge(self) -> None:
         self.metrics.adapters_registered.set(len(self._adapters))
 
+    # --- canaries (see quiver.adapters.canary) -----------------------------------------------------
+
+    def _read_canaries(self, adapters: dict[str, StoredAdapter]) -> dict[str, Canary]:
+        records = {name: parse_canary(name, self.store.read_canary(name)) for name in adapters}
+        return {name: canary for name, canary in records.items() if canary is not None}
+
+    def _canary_running(self, name: str) -> bool:
+        canary = self._canaries.get(name)
+        return canary is not None and canary.active
+
+    def _active_canary(self, adapter: StoredAdapter) -> Canary | None:
+        """The canary that splits the bare name's traffic now, if any. A record whose version was deleted or
+        has become current (by another replica, say) splits nothing."""
+        canary = self._canaries.get(adapter.name)
+        if (canary is None or not canary.active or adapter.current is None or canary.version == adapter.current
+                or canary.version not in adapter.versions):
+            return None
+        return canary
+
+    def get_canary(self, name: str) -> Canary:
+        adapter = self._adapters.get(name)
+        canary = self._canaries.get(name)
+        if adapter is None:
+            raise adapter_not_found(name)
+        if canary is None:
+            raise canary_not_found(name)
+        watch = self._watches.get(name)
+        if watch is None or watch.canary != canary:
+            return canary
+        stats = watch.stats(adapter.current)
+        return canary.model_copy(update={"window": {engine_name(name, v): s for v, s in stats.items()}})
+
+    async def set_canary(self, name: str, request: CanaryRequest) -> Canary:
+        """Start (or re-weight) a canary: `request.weight` of the bare name's traffic goes to `request.version`."""
+        async with self._write_lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise adapter_not_found(name)
+            if request.version not in adapter.versions:
+                raise version_not_found(name, request.version)
+            if adapter.current is None:
+                raise Conflict(f"`{name}` has no current version to compare a canary with: promote one first",
+                               code="no_current_version", param="name")
+            if request.version == adapter.current:
+                raise Conflict(f"version {request.version} is already `{name}`'s current version",
+                               code="canary_is_current", param="version")
+            # Before any traffic: the engine has the last word on what it can serve.
+            await self._ensure_loaded(name, request.version)
+            running = self._canaries.get(name)
+            same = running is not None and running.active and running.version == request.version
+            canary = Canary(name=name, version=request.version, weight=request.weight, rollback=request.rollback,
+                            # re-weighting the same canary keeps its start (and this replica's window)
+                            started_at=running.started_at if same else int(time.time()))
+            await self._write_canary(canary)
+            if not same:
+                self._watches.pop(name, None)
+            log.info("canary on %s: version %d gets %.1f%% of the traffic (current: %s)", name, canary.version,
+                     100 * canary.weight, adapter.current)
+            return canary
+
+    async def end_canary(self, name: str, reason: str = "ended") -> Canary:
+        async with self._write_lock:
+            if name not in self._adapters:
+                raise adapter_not_found(name)
+            if not self._canary_running(name):
+                raise canary_not_found(name)
+            return await self._end_canary(name, reason)
+
+    async def promote_canary(self, name: str) -> Adapter:
+        """Make the running canary's version current; the canary ends as `promoted`."""
+        canary = self._canaries.get(name)
+        if name not in self._adapters:
+            raise adapter_not_found(name)
+        if canary is None or not canary.active:
+            raise canary_not_found(name)
+        return await self.promote(name, canary.version)  # ends the canary (see `promote`)
+
+    async def _end_canary(self, name: str, reason: str) -> Canary:
+        """Under the write lock. The ended record stays in the store: what ran and why it ended."""
+        canary = self._canaries[name].model_copy(update={"active": False, "ended_at": int(time.time()),
+                                                         "ended_reason": reason, "window": None})
+        await self._write_canary(canary)
+        self._watches.pop(name, None)
+        level = logging.WARNING if reason.startswith("rolled_back") else logging.INFO
+        log.log(level, "canary %s@%d ended: %s", name, canary.version, reason)
+        return canary
+
+    async def _end_canary_after(self, name: str, reason: str) -> None:
+        """Record the end of a canary that a promote or delete made moot: the change itself is done, and an
+        unrecorded end changes nothing (`_active_canary` ignores such a record), so a failure is only logged."""
+        try:
+            await self._end_canary(name, reason)
+        except (DomainError, OSError):
+            log.exception("could not record the end of %s's canary (%s)", name, reason)
+
+    async def _write_canary(self, canary: Canary) -> None:
+        raw = canary.model_dump_json(exclude={"window"}, indent=2).encode()
+        try:
+            await asyncio.to_thread(self.store.write_canary, canary.name, raw)
+        except OSError as exc:
+            raise storage_error(exc) from None
+        self._canaries[canary.name] = canary
+
+    def record_outcome(self, target: Target, error: bool) -> None:
+        """One split request finished (`error`: the version is to blame); may start an automatic rollback."""
+        if not target.split or target.adapter is None or target.version is None:
+            return
+        adapter = self._adapters.get(target.adapter)
+        canary = self._active_canary(adapter) if adapter is not None else None
+        if canary is None or adapter is None or adapter.current is None:
+            return
+        watch = self._watches.get(canary.name)
+        if watch is None or watch.canary != canary:
+            watch = self._watches[canary.name] = CanaryWatch(canary)
+        watch.record(target.version, error)
+        reason = watch.verdict(adapter.current)
+        if reason is not None:
+            watch.ending = True
+            task = asyncio.get_running_loop().create_task(self._roll_back(canary, reason))
+            self._rollbacks.add(task)
+            task.add_done_callback(self._rollbacks.discard)
+
+    async def _roll_back(self, canary: Canary, reason: str) -> None:
+        try:
+            async with self._write_lock:
+                # Ended or replaced meanwhile, here or by another replica (the store has the last word).
+                stored = await asyncio.to_thread(lambda: parse_canary(canary.name, self.store.read_canary(canary.name)))
+                if self._canaries.get(canary.name) != canary or stored != canary:
+                    return
+                await self._end_canary(canary.name, reason)
+            self.metrics.canary_rollbacks.labels(adapter=canary.name).inc()
+        except Exception:  # the store may be down: the canary keeps running and is judged again
+            log.exception("rolling back the canary %s@%d failed", canary.name, canary.version)
+            watch = self._watches.get(canary.name)
+            if watch is not None:
+                watch.ending = False

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from quiver.adapters.protocol import AdapterVersion
-from quiver.common.files import file_sha256, write_json_atomic  # noqa: F401  (re-exported for the stores)
+from quiver.common.files import file_sha256, write_bytes_atomic, write_json_atomic  # noqa: F401  (re-exported for the stores)
 from quiver.errors import Unavailable
 from quiver.limits import loads_bounded
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
+CANARY = "canary.json"  # the adapter's canary record (quiver.adapters.canary), beside index.json
 _STAGING = ".staging"
 _TRASH = ".trash"
 _CORRUPT = ".corrupt"
@@ -149,6 +150,14 @@ class AdapterStore(ABC):
         for version in versions:
             self.remove_version(name, version)
         self.set_current(name, None)
+
+    @abstractmethod
+    def read_canary(self, name: str) -> bytes | None:
+        """The raw canary record of `name`, or None when it never had one."""
+
+    @abstractmethod
+    def write_canary(self, name: str, raw: bytes) -> None:
+        """Replace the canary record of `name` (atomically: readers see the old or the new one)."""
 
 
 class LocalAdapterStore(AdapterStore):
@@ -275,6 +284,16 @@ class LocalAdapterStore(AdapterStore):
         # Un-commit first, so a crash mid-delete cannot leave a half-present version.
         (folder / MANIFEST).unlink(missing_ok=True)
         discard(folder, self.root / _TRASH)
+
+    def read_canary(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name / CANARY).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_canary(self, name: str, raw: bytes) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(self.root / name / CANARY, raw)
 
 
 def discard(folder: Path, trash_root: Path) -> None:

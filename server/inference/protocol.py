@@ -35,6 +35,12 @@ class _GenerationRequest(BaseModel):
         return body
 
     @property
+    def caller_id(self) -> str | None:
+        """OpenAI's `user` field (an end-user id), when it is a string: keeps a user on one side of a canary."""
+        user = (self.model_extra or {}).get("user")
+        return user if isinstance(user, str) and user else None
+
+    @property
     def wants_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 

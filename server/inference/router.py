@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.service import AdapterRegistry, model_not_found
-from quiver.auth import ModelScope, inference_auth
+from quiver.auth import ModelScope, caller_identity, inference_auth
 from quiver.errors import error_responses
 from quiver.inference.protocol import (
     ChatCompletion,
@@ -47,16 +47,21 @@ Scope = Annotated[ModelScope, Depends(inference_auth)]
 Inference = Annotated[InferenceService, Depends(_inference)]
 Registry = Annotated[AdapterRegistry, Depends(_registry)]
 StartedAt = Annotated[int, Depends(_started_at)]
+Caller = Annotated[tuple[str, bool], Depends(caller_identity)]
+# A caller's session id: keeps it on one side of a canary (before OpenAI's `user` field); any string, only hashed.
+Session = Annotated[str | None, Header(alias="x-quiver-session", include_in_schema=True)]
 
 
 @router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
-async def create_chat_completion(body: ChatCompletionRequest, inference: Inference, scope: Scope) -> Response:
-    return await inference.forward("chat/completions", body, scope)
+async def create_chat_completion(body: ChatCompletionRequest, inference: Inference, scope: Scope, caller: Caller,
+                                 x_quiver_session: Session = None) -> Response:
+    return await inference.forward("chat/completions", body, scope, x_quiver_session, caller[0])
 
 
 @router.post("/completions", response_model=None, responses=_generation_responses(Completion))
-async def create_completion(body: CompletionRequest, inference: Inference, scope: Scope) -> Response:
-    return await inference.forward("completions", body, scope)
+async def create_completion(body: CompletionRequest, inference: Inference, scope: Scope, caller: Caller,
+                            x_quiver_session: Session = None) -> Response:
+    return await inference.forward("completions", body, scope, x_quiver_session, caller[0])
 
 
 def _model_cards(registry: AdapterRegistry, started_at: int, scope: ModelScope) -> list[ModelCard]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator, Callable
@@ -13,17 +14,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from quiver.adapters.service import AdapterRegistry, Target
-from quiver.auth import EVERY_MODEL, ModelScope
+from quiver.auth import ANONYMOUS, EVERY_MODEL, ModelScope
 from quiver.engine_client import Engine, EngineError, EngineResponse, parse_engine_error
 from quiver.errors import DomainError, InvalidRequest, Unavailable, error_body
 from quiver.inference.limiter import RequestLimiter
 from quiver.inference.protocol import _GenerationRequest
 from quiver.metrics import UNKNOWN_MODEL, Metrics
+from quiver.usage.service import UsageLedger
 
-_USAGE_MARK = b'"usage":{'
-_EMPTY_CHOICES = b'"choices":[]'
+# Whitespace allowed: vLLM writes compact JSON, other servers (and the fake engine) `": "`; a miss here would
+# leave a stream's tokens uncounted.
+_USAGE_MARK = re.compile(rb'"usage"\s*:\s*\{')
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _DONE = b"data: [DONE]"
 _CLIENT_GONE = "499"
+# A failure the version is to blame for although it is a 4xx: the engine refused to load it.
+_VERSION_FAILURES = ("engine_rejected",)
 
 
 def engine_unavailable() -> Unavailable:
@@ -33,13 +39,15 @@ def engine_unavailable() -> Unavailable:
 
 class InferenceService:
     def __init__(self, engine: Engine, registry: AdapterRegistry, metrics: Metrics,
-                 limiter: RequestLimiter, max_completion_tokens: int, max_n: int) -> None:
+                 limiter: RequestLimiter, max_completion_tokens: int, max_n: int,
+                 usage: UsageLedger | None = None) -> None:
         self.engine = engine
         self.registry = registry
         self.metrics = metrics
         self.limiter = limiter
         self.max_completion_tokens = max_completion_tokens
         self.max_n = max_n
+        self.usage = usage
         self.draining = False
 
     @property
@@ -64,7 +72,10 @@ class InferenceService:
             raise InvalidRequest(f"`n` is {request.n}; this server allows at most {self.max_n}", code="n_too_large",
                                  param="n")
 
-    async def forward(self, endpoint: str, request: _GenerationRequest, scope: ModelScope = EVERY_MODEL) -> Response:
+    async def forward(self, endpoint: str, request: _GenerationRequest, scope: ModelScope = EVERY_MODEL,
+                      session: str | None = None, key: str = ANONYMOUS) -> Response:
+        """`session` (else the request's `user`) keeps a caller on one side of a canary; `key` is the caller's
+        key fingerprint, for usage."""
         started = time.perf_counter()
         target: Target | None = None
         try:
@@ -73,7 +84,7 @@ class InferenceService:
                 raise Unavailable("the server is shutting down", code="server_draining")
             if not self.engine.ready:
                 raise engine_unavailable()
-            target = self.registry.resolve(request.model, scope)
+            target = self.registry.resolve(request.model, scope, session or request.caller_id)
             self._check_caps(request)
             body = request.engine_body(target.engine_model)
             # Held until the response is complete (for a stream, until its last chunk).
@@ -86,22 +97,22 @@ class InferenceService:
                 await stack.aclose()
                 raise
         except DomainError as exc:
-            self._count(request.model, target, endpoint, exc.status)
+            self._count(request.model, target, endpoint, exc.status, key, blamed=exc.code in _VERSION_FAILURES)
             raise
         if upstream.status != 200 or not request.stream:
             try:
                 content = await upstream.read()
             except EngineError:  # unreachable, broken, or silent past the read timeout (hung)
-                self._count(request.model, target, endpoint, 503)
+                self._count(request.model, target, endpoint, 503, key)
                 raise engine_unavailable() from None
             finally:
                 upstream.close()
                 await stack.aclose()
-            return self._finish(request.model, target, endpoint, upstream.status, content, started)
+            return self._finish(request.model, target, endpoint, upstream.status, content, started, key)
         release = _Release(upstream, stack,
-                           lambda status: self._record(request.model, target, endpoint, status, started))
+                           lambda status: self._record(request.model, target, endpoint, status, started, key))
         return _RelayResponse(
-            self._relay(upstream, release, request, target, started),
+            self._relay(upstream, release, request, target, started, key),
             release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -113,17 +124,18 @@ class InferenceService:
         except EngineError:
             raise engine_unavailable() from None
 
-    def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float) -> Response:
+    def _finish(self, model: str, target: Target, endpoint: str, status: int, content: bytes, started: float,
+                key: str) -> Response:
         if status != 200:
             response = _engine_error(status, content)
-            self._record(model, target, endpoint, response.status_code, started)
+            self._record(model, target, endpoint, response.status_code, started, key)
             return response
-        self._record(model, target, endpoint, status, started)
+        self._record(model, target, endpoint, status, started, key)
         try:
             usage = json.loads(content).get("usage")
         except ValueError:
             usage = None
-        self._count_tokens(target, usage)
+        self._count_tokens(target, usage, key)
         return Response(content, media_type="application/json")
 
     async def _relay(
@@ -133,6 +145,7 @@ class InferenceService:
         request: _GenerationRequest,
         target: Target,
         started: float,
+        key: str,
     ) -> AsyncIterator[bytes]:
         status = "200"
         pending = b""
@@ -148,7 +161,7 @@ class InferenceService:
                 pending += chunk
                 *events, pending = pending.split(b"\n\n")
                 done = done or any(event.strip() == _DONE for event in events)
-                out = [event + b"\n\n" for event in events if self._keep_event(event, request, target)]
+                out = [event + b"\n\n" for event in events if self._keep_event(event, request, target, key)]
                 if out:
                     yield b"".join(out)
             if pending.strip():
@@ -165,32 +178,49 @@ class InferenceService:
         finally:
             await release(status)
 
-    def _keep_event(self, event: bytes, request: _GenerationRequest, target: Target) -> bool:
+    def _keep_event(self, event: bytes, request: _GenerationRequest, target: Target, key: str) -> bool:
         # Only the usage chunk is parsed; every other chunk passes through untouched.
-        if _USAGE_MARK not in event:
+        if not _USAGE_MARK.search(event):
             return True
         try:
             payload = json.loads(event.partition(b"data:")[2])
         except ValueError:
             return True
-        self._count_tokens(target, payload.get("usage"))
-        return request.wants_usage or _EMPTY_CHOICES not in event
+        self._count_tokens(target, payload.get("usage"), key)
+        return request.wants_usage or not _EMPTY_CHOICES.search(event)
 
-    def _record(self, model: str, target: Target, endpoint: str, status: int | str, started: float) -> None:
-        self._count(model, target, endpoint, status)
-        self.metrics.request_duration.labels(adapter=target.label).observe(time.perf_counter() - started)
+    def _record(self, model: str, target: Target, endpoint: str, status: int | str, started: float,
+                key: str) -> None:
+        duration = time.perf_counter() - started
+        self._count(model, target, endpoint, status, key, duration_s=duration)
+        self.metrics.request_duration.labels(adapter=target.label).observe(duration)
 
-    def _count(self, model: str, target: Target | None, endpoint: str, status: int | str) -> None:
+    def _count(self, model: str, target: Target | None, endpoint: str, status: int | str, key: str,
+               blamed: bool = False, duration_s: float | None = None) -> None:
+        """Every finished request, once: metrics per adapter and per version, usage, the canary's window."""
         # Labels come from the registry (what `model` resolved to, spelled canonically), never the caller's
         # string: `name@01`, `name@001`... would each open a series. Anything unresolved is UNKNOWN_MODEL.
         self.metrics.requests.labels(target.model_label if target else UNKNOWN_MODEL,
                                      target.label if target else UNKNOWN_MODEL, endpoint, str(status)).inc()
+        if target is None:
+            return
+        # The version's fault: the engine failed (5xx; a client that hung up, 499, is not) or refused to load it.
+        error = blamed or int(status) >= 500
+        self.metrics.count_version_request(target.engine_model, str(status), error, duration_s)
+        if self.usage is not None:
+            self.usage.add(key, target.label, target.engine_model, requests=1, errors=int(error))
+        self.registry.record_outcome(target, error)
 
-    def _count_tokens(self, target: Target, usage: Any) -> None:
+    def _count_tokens(self, target: Target, usage: Any, key: str) -> None:
         if not isinstance(usage, dict):
             return
-        self.metrics.prompt_tokens.labels(adapter=target.label).inc(usage.get("prompt_tokens") or 0)
-        self.metrics.completion_tokens.labels(adapter=target.label).inc(usage.get("completion_tokens") or 0)
+        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        self.metrics.prompt_tokens.labels(adapter=target.label).inc(prompt)
+        self.metrics.completion_tokens.labels(adapter=target.label).inc(completion)
+        self.metrics.version_prompt_tokens.labels(target.engine_model).inc(prompt)
+        self.metrics.version_completion_tokens.labels(target.engine_model).inc(completion)
+        if self.usage is not None:
+            self.usage.add(key, target.label, target.engine_model, prompt_tokens=prompt, completion_tokens=completion)
 
 
 class _Release:

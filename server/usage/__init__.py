@@ -1,0 +1,1 @@
+"""Usage: tokens and requests per API key and adapter version over time."""
