@@ -1,7 +1,7 @@
 """Many adapters: Zipf traffic (s = 1.1) over 10 / 100 / 1,000 registered adapters against uniform traffic over 4,
 side by side on one server per engine configuration, alternating round by round.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m loadtests.many_adapters run --out loadtests/results/2026-12-02-many-adapters \
+    HF_HUB_OFFLINE=1 .venv/bin/python -m loadtests.many_adapters --out loadtests/results/2026-12-02-many-adapters \
         --config slots4:QUIVER_MAX_LORAS=4 --config slots16:QUIVER_MAX_LORAS=16,QUIVER_MAX_CPU_LORAS=1024
 
 Each configuration gets a fresh server (engine settings as given) over one shared store: the 1,000 adapters are
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -50,13 +52,54 @@ def register_all(base_url: str, folders: list[Path], workers: int = 4) -> list[s
         return list(pool.map(one, folders))
 
 
-def run_side(work: Workload, pid: int) -> dict:
-    with PeakRss(pid) as rss:
+class EngineQueue:
+    """Samples the engine's own scheduler gauges (vllm:num_requests_running / _waiting) every 0.5 s: how many
+    requests the scheduler held back, e.g. because their adapter had no free slot in the batch."""
+
+    def __init__(self, engine_url: str, engine_key: str) -> None:
+        self.url, self.headers = f"{engine_url}/metrics", {"Authorization": f"Bearer {engine_key}"}
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                try:
+                    text = client.get(self.url, headers=self.headers).text
+                    gauges = {name: float(value) for name, value in re.findall(
+                        r"^vllm:num_requests_(running|waiting)\{[^}]*\} ([0-9.e+-]+)$", text, re.MULTILINE)}
+                    if gauges:
+                        self.samples.append((gauges.get("running", 0.0), gauges.get("waiting", 0.0)))
+                except httpx.HTTPError:
+                    pass
+                self._stop.wait(0.5)
+
+    def summary(self) -> dict:
+        busy = [s for s in self.samples if s[0] + s[1] > 0]
+        if not busy:
+            return {"mean_running": None, "mean_waiting": None}
+        return {"mean_running": round(statistics.mean(s[0] for s in busy), 1),
+                "mean_waiting": round(statistics.mean(s[1] for s in busy), 1)}
+
+    def __enter__(self) -> "EngineQueue":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_side(work: Workload, pid: int, engine: tuple[str, str]) -> dict:
+    with PeakRss(pid) as rss, EngineQueue(*engine) as queue:
         result = asyncio.run(run_workload(work))
     result["peak_rss_gib"] = rss.peak_gib
+    result["engine_queue"] = queue.summary()
     o = result["overall"]
     typer.echo(f"  {work.label:<28} {o['output_tok_s']:>7} tok/s  TTFT p99 {o['ttft_ms']['p99']} ms  "
                f"errors {o['errors'] or 0}  distinct {len(result['per_model'])}  RSS {rss.peak_gib} GiB  "
+               f"engine running/waiting {queue.summary()}  "
                f"load {result['machine']['before']['loadavg_1_5_15']}")
     return result
 
@@ -77,10 +120,11 @@ def one_config(name: str, env: dict[str, str], root: Path, adapters: list[Path],
         sides = {"uniform-4": replace(work, shape="uniform", adapters=names[:4])}
         sides |= {f"zipf-{n}": replace(work, shape="zipf", adapters=names[:n]) for n in counts}
         runs: dict[str, list[dict]] = {side: [] for side in sides}
+        engine = (server.engine_url, server.engine_key)
         for r in range(rounds):
             for side, side_work in sides.items():
                 runs[side].append(run_side(replace(side_work, label=f"{name} {side} #{r + 1}", seed=r),
-                                           server.process.pid))
+                                           server.process.pid, engine))
     return runs
 
 
@@ -96,6 +140,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
             "errors": sum(r["overall"]["errors"] for r in runs[side]),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs[side]),
             "distinct_per_run": [len(r["per_model"]) for r in runs[side]],
+            "engine_waiting_mean": [r["engine_queue"]["mean_waiting"] for r in runs[side]],
         }
     base = rows["uniform-4"]
     for row in rows.values():
@@ -105,12 +150,13 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-    lines = ["| config | traffic | tok/s | × uniform-4 | TTFT p99 ms | × uniform-4 | errors | distinct a run | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | traffic | tok/s | × uniform-4 | TTFT p99 ms | × uniform-4 | errors | distinct a run | "
+             "engine waiting (mean, per run) | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         for side, row in rows.items():
             lines.append(f"| {config} | {side} | {row['tok_s']} | {row['tok_s_ratio']} | {row['ttft_p99_ms']} | "
-                         f"{row['ttft_p99_ratio']} | {row['errors']} | {row['distinct_per_run']} | "
+                         f"{row['ttft_p99_ratio']} | {row['errors']} | {row['distinct_per_run']} | {row['engine_waiting_mean']} | "
                          f"{row['peak_rss_gib']} |")
     return "\n".join(lines)
 
