@@ -37,21 +37,33 @@ def peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is KiB on Linux
 
 
+def device_and_dtype(device: str = "auto") -> tuple[str, str]:
+    """The device this machine has (auto: CUDA when torch sees one) and the dtype quiver serves in there
+    (float32 on CPU, the settings' default; bfloat16 on a GPU, as the Helm chart sets): both sides the same."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, "float32" if device == "cpu" else "bfloat16"
+
+
 def run_mode(mode: str, model_dir: Path, adapter_dirs: list[Path], requests: int, concurrency: int,
-             prompt_tokens: int, max_tokens: int, threads: int, seed: int) -> dict:
+             prompt_tokens: int, max_tokens: int, threads: int, seed: int, device: str = "auto") -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device, dtype = device_and_dtype(device)
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # decoder-only batching
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     load_started = time.perf_counter()
     model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
     for name, folder in zip(names[1:], adapter_dirs[1:]):
         model.load_adapter(folder, adapter_name=name)
+    model.to(device)
     load_s = time.perf_counter() - load_started
     model.eval()
 
@@ -65,7 +77,7 @@ def run_mode(mode: str, model_dir: Path, adapter_dirs: list[Path], requests: int
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 
     def warm_up() -> None:
-        batch = tokenizer(prompts[:2], return_tensors="pt", padding=True)
+        batch = tokenizer(prompts[:2], return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
             model.generate(**batch, adapter_names=[BASE, names[0]], **{**generate, "max_new_tokens": 2,
                                                                        "min_new_tokens": 2})
@@ -80,7 +92,7 @@ def run_mode(mode: str, model_dir: Path, adapter_dirs: list[Path], requests: int
             batch_models, batch_prompts = models[first:first + concurrency], prompts[first:first + concurrency]
             if mode == "swap":
                 for name, prompt in zip(batch_models, batch_prompts):
-                    inputs = tokenizer(prompt, return_tensors="pt")
+                    inputs = tokenizer(prompt, return_tensors="pt").to(device)
                     if name == BASE:
                         with model.disable_adapter():
                             out = model.generate(**inputs, **generate)
@@ -90,7 +102,7 @@ def run_mode(mode: str, model_dir: Path, adapter_dirs: list[Path], requests: int
                     tokens += out.shape[1] - inputs["input_ids"].shape[1]
                     latencies.append(time.perf_counter() - round_started)
             else:
-                inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True)
+                inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(device)
                 out = model.generate(**inputs, adapter_names=batch_models, **generate)
                 tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * len(batch_prompts)
                 latencies += [time.perf_counter() - round_started] * len(batch_prompts)
@@ -98,7 +110,7 @@ def run_mode(mode: str, model_dir: Path, adapter_dirs: list[Path], requests: int
     import numpy as np
 
     return {
-        "mode": mode, "requests": requests, "concurrency": concurrency, "threads": threads,
+        "mode": mode, "device": device, "dtype": dtype, "requests": requests, "concurrency": concurrency, "threads": threads,
         "adapters": len(adapter_dirs), "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
         "output_tokens": int(tokens), "wall_s": round(wall, 2), "output_tok_s": round(tokens / wall, 2),
         "e2e_ms": {f"p{p}": round(float(np.percentile(latencies, p)) * 1000, 1) for p in (50, 90, 99)},
@@ -118,6 +130,7 @@ def main(
     max_tokens: Annotated[int, typer.Option()] = 64,
     threads: Annotated[int, typer.Option(help="torch threads (vLLM binds every core)")] = os.cpu_count() or 1,
     seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present) | cpu | cuda")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json")] = None,
 ) -> None:
     folders = [Path(p) for p in adapters.split(",") if p]
@@ -127,13 +140,13 @@ def main(
             command = [sys.executable, "-m", "loadtests.peft_baseline", "--adapters", adapters, "--model-dir",
                        str(model_dir), "--mode", each, "--requests", str(requests), "--concurrency",
                        str(concurrency), "--prompt-tokens", str(prompt_tokens), "--max-tokens", str(max_tokens),
-                       "--threads", str(threads), "--seed", str(seed)]
+                       "--threads", str(threads), "--seed", str(seed), "--device", device]
             out = subprocess.run(command, check=True, capture_output=True, text=True,
                                  cwd=Path(__file__).resolve().parents[1]).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
     else:
         results = [run_mode(mode, model_dir, folders, requests, concurrency, prompt_tokens, max_tokens, threads,
-                            seed)]
+                            seed, device)]
     if json_out:
         json_out.write_text(json.dumps(results, indent=1))
     for result in results:

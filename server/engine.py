@@ -116,7 +116,7 @@ def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] 
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_CPU_KVCACHE_SPACE=f"{settings.kv_cache_gib:g}",
         TMPDIR=str(scratch / "tmp"),
-        VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
+        VLLM_CACHE_ROOT=str(settings.engine_cache_dir.resolve()),  # shared by starts: see the setting
         VLLM_CONFIG_ROOT=str(scratch / "vllm-config"),
         VLLM_NO_USAGE_STATS="1",
         QUIVER_ENGINE_NICE=str(settings.engine_nice),  # applied by quiver.engine_guard before it starts vLLM
@@ -128,8 +128,9 @@ def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] 
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
     elif settings.cpu_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
-    for folder in ("tmp", "vllm-cache", "vllm-config"):
+    for folder in ("tmp", "vllm-config"):
         (scratch / folder).mkdir(parents=True, exist_ok=True)
+    settings.engine_cache_dir.mkdir(parents=True, exist_ok=True)
     return env
 
 

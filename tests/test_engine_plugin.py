@@ -441,3 +441,48 @@ def test_logits_follow_weight_updates():
     quiver.add_lora_logits(y_quiver, x, a, b, 1.0)
     assert not torch.equal(y_quiver, y0)
     torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ many slots (many adapters)
+
+
+@pytest.mark.parametrize("present", [(1, 5, 9, 14), (4, 5, 6), (15,), (0, 15)], ids=["scattered", "run", "one", "ends"])
+def test_masked_path_multiplies_only_the_slots_in_use(present):
+    """16 slots, a decode batch on a few of them (plus base tokens): the masked path works on those slots'
+    columns only (len(present) x K, not 16 x K) and still gives the per-token definition's numbers."""
+    slots_total, out_slices = 16, LAYOUTS[0][1]
+    g = torch.Generator().manual_seed(7)
+    a = tuple(torch.zeros(slots_total, 1, RANK, D_IN) for _ in out_slices)
+    b = tuple(torch.zeros(slots_total, 1, o, RANK) for o in out_slices)
+    for slot in range(slots_total):  # every slot occupied, rank 8
+        for i, o in enumerate(out_slices):
+            a[i][slot, 0, :8] = torch.randn(8, D_IN, generator=g) / D_IN**0.5
+            b[i][slot, 0, :, :8] = torch.randn(o, 8, generator=g) / 8**0.5
+    slots = random_slots(16, present, 0.25, 11)
+    slots[0] = present[-1]  # at least one token on an adapter
+    plan = build_plan(slots)
+    used = tuple(sorted(set(s for s in slots if s >= 0)))
+    if len(used) > 1 or -1 in slots:
+        assert plan.kind == "masked"
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    cols, rows = fused.for_slots(used)
+    assert cols.shape == (D_IN, len(used) * fused.k) and rows.shape == (len(used) * fused.k, sum(out_slices))
+    x, y0 = torch.randn(16, D_IN, generator=g), torch.randn(16, sum(out_slices), generator=g)
+    y = y0.clone()
+    add_lora_linear(y, x, plan, fused, scale=0.5)
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices, scale=0.5),
+                               rtol=1e-5, atol=1e-5)
+    add_lora_linear(y2 := y0.clone(), x, plan, fused, scale=0.5)  # the cached selection gives the same
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+
+
+def test_selected_slot_columns_are_bounded():
+    out_slices = LAYOUTS[2][1]
+    a, b = make_layer(out_slices, occupied=(0, 1, 2, 3), ranks=(8, 8, 8, 8))
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    for _ in range(3):
+        for present in [(0, 2), (1, 3), (0, 3), (0, 1, 3), (0, 2, 3)]:
+            fused.for_slots(present)
+    assert 0 < len(fused._selected) <= 8
+    cols, rows = fused.for_slots((1, 2))  # a run: views of the fused weights, nothing cached
+    assert cols.data_ptr() == fused.a_t[:, fused.k:].data_ptr() and rows.data_ptr() == fused.b_t[fused.k:].data_ptr()

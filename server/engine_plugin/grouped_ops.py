@@ -13,13 +13,15 @@ adapter load (`FusedLoRA`):
 
 * uniform (all tokens on one adapter): x@A then buf@B, one matmul each;
 * masked (decode batches over several adapters, or one adapter interleaved
-  with base tokens): one matmul against every slot's A at once, zero the
-  columns of other slots with a per-token mask, then one matmul-and-add
-  against every slot's B, block-diagonal over the slices. Three ops per
-  layer whatever the mix; the wasted flops (rank x slots x slices columns)
-  are small next to the layer's width. Measured on 2 cores, SmolLM2 shapes,
-  16 tokens, 4 slots: 4-9 ms a step for all 30 layers where per-slot rows
-  took 8-23 ms;
+  with base tokens): one matmul against the A of every slot the batch uses
+  at once, zero the columns of other slots with a per-token mask, then one
+  matmul-and-add against those slots' B, block-diagonal over the slices.
+  Three ops per layer whatever the mix; the wasted flops (rank x slices x
+  slots in use) are small next to the layer's width. Measured on 2 cores,
+  SmolLM2 shapes, 16 tokens, 4 slots: 4-9 ms a step for all 30 layers where
+  per-slot rows took 8-23 ms. Only the slots in use: with many engine slots
+  (many adapters) multiplying every slot's columns grew with the slot count,
+  not with the adapters a batch actually holds;
 * grouped (large prefill batches, or one adapter on a contiguous run of
   rows): per present slot, its rows (a slice when they are contiguous)
   through the uniform path.
@@ -58,7 +60,16 @@ class LoRAPlan:
     # grouped/uniform: (slot, rows); rows is a slice when contiguous
     groups: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
     slots: torch.Tensor | None = None  # masked: per-token slot
-    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[int | tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+    def mask_for(self, slots: tuple[int, ...]) -> torch.Tensor:
+        """(T, len(slots), 1): 1 where slots[p] is token t's slot (the masked path's per-token mask)."""
+        m = self._masks.get(slots)
+        if m is None:
+            m = self.slots.unsqueeze(1) == torch.tensor(slots, dtype=torch.long).unsqueeze(0)
+            m = m.to(SHRINK_DTYPE).unsqueeze(-1).contiguous()
+            self._masks[slots] = m
+        return m
 
     def mask(self, num_slots: int) -> torch.Tensor:
         """(T, 1, num_slots, 1): 1 where column block s is token t's slot."""
@@ -115,9 +126,9 @@ class FusedLoRA:
          slice i's A for slot s. One matmul gives every slice's shrink.
     b_t: (S*K, sum(out_i)); per slot a block-diagonal over slices, so one
          matmul writes every slice's expand into its own column range.
-    a_sm: (in, n*S*rank), slice-major (slice, slot, r): for the masked path.
-    b_sm: (n*S*rank, sum(out_i)), the same rows; block-diagonal over slices, so
-          one matmul writes every slice's expand for every slot.
+    `for_slots(slots)` gives the columns of a_t and rows of b_t of some slots
+    (views for a contiguous run of slots, copies cached otherwise): the
+    masked path multiplies only those.
     Rebuilt when any source tensor's version counter moves (set_lora/reset_lora
     write in place, which bumps it).
     """
@@ -151,13 +162,24 @@ class FusedLoRA:
         a_used = self.a_t.reshape(d_in, S, self.k).ne(0).any(0).any(1)
         b_used = self.b_t.reshape(S, self.k, self.total_out).ne(0).flatten(1).any(1)
         self.in_use = (a_used & b_used).tolist()
-        self.a_sm = a.transpose(0, 1).reshape(n * S * rank, d_in).to(SHRINK_DTYPE).t().contiguous()
-        self.b_sm = torch.zeros(n * S * rank, self.total_out, dtype=expand_dtype)
-        off = 0
-        for i, (w, size) in enumerate(zip(lora_b_stacked, self.output_slices)):
-            rows = slice(i * S * rank, (i + 1) * S * rank)
-            self.b_sm[rows, off:off + size] = w[:, 0, :size, :rank].transpose(1, 2).reshape(S * rank, size)
-            off += size
+        self._selected: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def for_slots(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in, len(slots)*K) columns of a_t and (len(slots)*K, sum(out_i)) rows of b_t, slot after slot."""
+        k = self.k
+        if slots == tuple(range(slots[0], slots[0] + len(slots))):  # a run of slots: views, no copy
+            lo, hi = slots[0] * k, (slots[-1] + 1) * k
+            return self.a_t[:, lo:hi], self.b_t[lo:hi]
+        selected = self._selected.get(slots)
+        if selected is None:
+            # Copied once per set of slots a batch uses (it changes as requests come and go, not per step);
+            # a few sets are kept, the oldest dropped first.
+            index = torch.tensor([s * k + j for s in slots for j in range(k)], dtype=torch.long)
+            selected = (self.a_t.index_select(1, index), self.b_t.index_select(0, index))
+            if len(self._selected) >= 8:
+                self._selected.pop(next(iter(self._selected)))
+            self._selected[slots] = selected
+        return selected
 
     @staticmethod
     def _versions(ts: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -199,12 +221,13 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
     out = y if y.shape[1] == fused.total_out else y[:, :fused.total_out]
     k = fused.k
     if plan.kind == "masked":
-        T, S, n = plan.num_tokens, fused.num_slots, len(fused.output_slices)
-        buf = torch.mm(x.to(SHRINK_DTYPE), fused.a_sm)  # (T, n*S*rank)
-        buf.view(T, n, S, fused.rank).mul_(plan.mask(S))
+        used = tuple(slot for slot in plan.present if fused.in_use[slot])
+        a, b = fused.for_slots(used)
+        buf = torch.mm(x.to(SHRINK_DTYPE), a)  # (T, len(used)*K)
+        buf.view(plan.num_tokens, len(used), k).mul_(plan.mask_for(used))
         if scale != 1.0:
             buf.mul_(scale)
-        out.addmm_(buf.to(fused.expand_dtype), fused.b_sm)
+        out.addmm_(buf.to(fused.expand_dtype), b)
         return
     for slot, rows in plan.groups:
         if not fused.in_use[slot]:
