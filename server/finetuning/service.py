@@ -491,12 +491,12 @@ class JobService:
             job_dir = self._job_dir(job_id)
             # Each epoch's checkpoint becomes a staged version (served as `name@N`, never under the bare name).
             staged: dict[str, int] = {}  # the weights' sha256 -> version
+            listed: list[tuple[Path, CheckpointRecord]] = []  # recorded once the job commits
             try:
                 for folder, record in self._checkpoint_records(job_id):
                     version = await self._register_folder(name, folder, make_current=False)
                     staged[file_sha256(folder / ADAPTER_FILES[1])] = version.version
-                    write_record(folder / CHECKPOINT, record.model_copy(
-                        update={"fine_tuned_model_checkpoint": version.id}))
+                    listed.append((folder, record.model_copy(update={"fine_tuned_model_checkpoint": version.id})))
                 # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
                 # then that version is promoted rather than registered twice.
                 final = staged.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
@@ -510,6 +510,8 @@ class JobService:
                     with contextlib.suppress(DomainError, OSError):
                         await self.registry.delete(name, version)
                 raise
+            for folder, record in listed:
+                write_record(folder / CHECKPOINT, record)
             changes = {}
             if result.hyperparameters is not None:  # what `auto` became
                 used = result.hyperparameters.model_dump(exclude_none=True)
