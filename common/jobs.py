@@ -4,6 +4,8 @@
     <job dir>/events.jsonl   appended by both, one event a line: messages and per-step metrics (progress)
     <job dir>/result.json    JobResult: written last by the worker, atomically
     <job dir>/train.log      the worker's console output
+    <job dir>/checkpoints/step-<N>/   an adapter saved at the end of an epoch, with checkpoint.json
+                             (CheckpointRecord) written last: a folder without it is incomplete
 
 `Hyperparameters` is OpenAI's shape with OpenAI's bounds; the trainer maps it to its own config.
 """
@@ -24,6 +26,8 @@ SPEC = "spec.json"
 EVENTS = "events.jsonl"
 RESULT = "result.json"
 TRAIN_LOG = "train.log"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT = "checkpoint.json"
 
 # OpenAI's types: integers must be JSON integers (strict: 3.0, "3" and true are refused), the multiplier a finite
 # number above zero. Bounds as OpenAI documents them (1-50 epochs, batch size 1-256).
@@ -31,6 +35,9 @@ Epochs = Annotated[int, Field(strict=True, ge=1, le=50)]
 BatchSize = Annotated[int, Field(strict=True, ge=1, le=256)]
 Multiplier = Annotated[float, Field(strict=True, gt=0, le=100, allow_inf_nan=False)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+# DPO's beta: OpenAI publishes no bound; above 0 (the loss needs it), at most 2 (TRL's default is 0.1, papers
+# use 0.01-0.5).
+Beta = Annotated[float, Field(strict=True, gt=0, le=2, allow_inf_nan=False)]
 
 
 def _one_error(expected: str) -> WrapValidator:
@@ -57,6 +64,16 @@ class Hyperparameters(BaseModel):
         "auto", description="above 0: scales the trainer's default learning rate, or 'auto'")
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and `beta`."""
+
+    beta: Annotated[Beta | Literal["auto"], _one_error("a number above 0 and at most 2, or 'auto'")] = Field(
+        "auto", description="above 0, at most 2: how far the adapter may move from the base, or 'auto' (0.1)")
+
+
+TrainingMethod = Literal["supervised", "dpo"]
+
+
 class JobSpec(BaseModel):
     """What the worker trains: the runner's whole instruction, validated again on the worker's side."""
 
@@ -68,6 +85,9 @@ class JobSpec(BaseModel):
     base_model_name: str
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: Seed = 42
+    method: TrainingMethod = "supervised"
+    beta: Beta | None = None  # DPO only; None keeps the trainer's default
+    init_adapter: Path | None = None  # continue training from this adapter folder (a copy the job owns)
 
 
 class JobFailure(BaseModel):
@@ -75,11 +95,31 @@ class JobFailure(BaseModel):
     message: str
 
 
+class ResolvedHyperparameters(BaseModel):
+    """What `auto` became: reported back so the job object shows the values the trainer used."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    beta: float | None = None
+
+
 class JobResult(BaseModel):
     status: Literal["succeeded", "failed"]
     trained_tokens: int | None = None
     run_dir: Path | None = None
     error: JobFailure | None = None
+    hyperparameters: ResolvedHyperparameters | None = None
+
+
+class CheckpointRecord(BaseModel):
+    """checkpoints/step-<N>/checkpoint.json: the worker writes it after the adapter's files; the gateway adds
+    `fine_tuned_model_checkpoint` (`name@version`) once the checkpoint is registered."""
+
+    step: int
+    created_at: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+    fine_tuned_model_checkpoint: str | None = None
 
 
 class JobEventRecord(BaseModel):

@@ -258,7 +258,7 @@ def test_a_malformed_job_request_is_a_400(gateway, kwargs) -> None:
 def test_an_unsupported_method_is_refused_by_name(gateway) -> None:
     uploaded = gateway.files.create(file=("ok.jsonl", io.BytesIO(pirate_lines(5))), purpose="fine-tune")
     with pytest.raises(openai.BadRequestError) as refused:
-        gateway.fine_tuning.jobs.create(model=SERVED, training_file=uploaded.id, method={"type": "dpo"})
+        gateway.fine_tuning.jobs.create(model=SERVED, training_file=uploaded.id, method={"type": "reinforcement"})
     assert refused.value.code == "unsupported_method"
 
 

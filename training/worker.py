@@ -9,6 +9,7 @@ training out of the gateway's process keeps serving responsive while a job runs.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,28 @@ from typing import Any
 from rich.console import Console
 from transformers import TrainerCallback
 
-from quiver.common.jobs import RESULT, SPEC, TRAIN_LOG, EventLog, JobFailure, JobResult, JobSpec, write_record
+from quiver.common.jobs import (
+    CHECKPOINT,
+    CHECKPOINTS,
+    RESULT,
+    SPEC,
+    TRAIN_LOG,
+    CheckpointRecord,
+    EventLog,
+    JobFailure,
+    JobResult,
+    JobSpec,
+    ResolvedHyperparameters,
+    write_record,
+)
 from quiver.training.config import TrainConfig
+
+# The trainer's log keys -> the names OpenAI's metrics use (events, checkpoints, the results CSV).
+_TRAIN_KEYS = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy",
+               "learning_rate": "learning_rate"}
+# Quiver evaluates on the whole validation split, so the "full" and the per-step figures are the same number.
+_EVAL_KEYS = {"eval_loss": ("valid_loss", "full_valid_loss"),
+              "eval_mean_token_accuracy": ("valid_mean_token_accuracy", "full_valid_mean_token_accuracy")}
 
 
 class MetricsEvents(TrainerCallback):
@@ -29,12 +50,83 @@ class MetricsEvents(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps}
-        if "loss" in logs:
-            data["train_loss"] = logs["loss"]
-        if "eval_loss" in logs:
-            data["valid_loss"] = logs["eval_loss"]
-        if len(data) > 2:
+        if "loss" in logs or "eval_loss" in logs:
+            data.update(_metrics(logs))
             self.events.emit(f"Step {state.global_step}/{state.max_steps}", kind="metrics", data=data)
+
+
+def _metrics(logs: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, name in _TRAIN_KEYS.items():
+        if isinstance(logs.get(key), (int, float)):
+            out[name] = float(logs[key])
+    for key, names in _EVAL_KEYS.items():
+        if isinstance(logs.get(key), (int, float)):
+            out.update(dict.fromkeys(names, float(logs[key])))
+    return out
+
+
+class EpochCheckpoints(TrainerCallback):
+    """The adapter at the end of each epoch, saved to JOB_DIR/checkpoints/step-N with its metrics; the
+    gateway registers each as a staged version. With a validation split the record waits for the epoch's
+    evaluation (which the trainer runs right after `on_epoch_end`) so it carries the validation loss."""
+
+    def __init__(self, job_dir: Path, events: EventLog) -> None:
+        self.root = job_dir / CHECKPOINTS
+        self.events = events
+        self.latest: dict[str, float] = {}  # the last logged training figures
+        self.pending: tuple[Path, CheckpointRecord] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.latest.update({k: v for k, v in _metrics(logs or {}).items() if not k.startswith(("valid", "full"))})
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._commit()  # an earlier epoch's, if its evaluation never came
+        folder = self.root / f"step-{state.global_step}"
+        model.save_pretrained(folder, safe_serialization=True)
+        record = CheckpointRecord(step=state.global_step, created_at=int(time.time()),
+                                  metrics={"step": float(state.global_step), **self.latest})
+        self.pending = (folder, record)
+        if args.eval_strategy == "no":
+            self._commit()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.pending and self.pending[1].step == state.global_step:
+            self.pending[1].metrics.update(_metrics(metrics or {}))
+            self._commit()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._commit()
+
+    def _commit(self) -> None:
+        if self.pending is None:
+            return
+        folder, record = self.pending
+        self.pending = None
+        write_record(folder / CHECKPOINT, record)
+        self.events.emit(f"Checkpoint created at step {record.step}")
+
+
+def config_for(spec: JobSpec) -> TrainConfig:
+    """The job's trainer config: OpenAI's hyperparameters, and the method and starting adapter when they
+    differ from the defaults (so a plain supervised job asks nothing new of the trainer)."""
+    overrides: dict[str, Any] = {}
+    if spec.method != "supervised":
+        overrides["method"] = spec.method
+    if spec.beta is not None:
+        overrides["beta"] = spec.beta
+    if spec.init_adapter is not None:
+        overrides["init_adapter"] = spec.init_adapter
+    return TrainConfig.from_openai(spec.hyperparameters, spec.seed, **overrides)
+
+
+def resolved_hyperparameters(manifest: dict[str, Any], method: str) -> ResolvedHyperparameters:
+    used = manifest["hyperparameters"]
+    default_rate = TrainConfig.model_fields["learning_rate"].default
+    return ResolvedHyperparameters(
+        n_epochs=used["resolved_epochs"], batch_size=used["batch_size"],
+        learning_rate_multiplier=round(used["learning_rate"] / default_rate, 6),
+        beta=used.get("beta") if method == "dpo" else None)
 
 
 def run(job_dir: Path) -> int:
@@ -43,7 +135,7 @@ def run(job_dir: Path) -> int:
     events = EventLog(job_dir)
     try:
         spec = JobSpec.model_validate_json((job_dir / SPEC).read_bytes())
-        config = TrainConfig.from_openai(spec.hyperparameters, spec.seed)
+        config = config_for(spec)
         events.emit("Fine-tuning job started")
         with open(job_dir / TRAIN_LOG, "a") as log:
             result = train(
@@ -55,14 +147,15 @@ def run(job_dir: Path) -> int:
                 base_model_dir=spec.base_model_dir,
                 base_model_name=spec.base_model_name,
                 console=Console(file=log, force_terminal=False),
-                callbacks=[MetricsEvents(events)],
+                callbacks=[MetricsEvents(events), EpochCheckpoints(job_dir, events)],
             )
         for warning in result.warnings:
             events.emit(warning, level="warn")
         training = result.manifest["training"]
         trained_tokens = (training.get("trained_tokens_per_epoch") or 0) * (training.get("epochs_completed") or 0)
-        write_record(job_dir / RESULT, JobResult(status="succeeded", trained_tokens=int(trained_tokens),
-                                                 run_dir=result.run_dir))
+        write_record(job_dir / RESULT, JobResult(
+            status="succeeded", trained_tokens=int(trained_tokens), run_dir=result.run_dir,
+            hyperparameters=resolved_hyperparameters(result.manifest, spec.method)))
         return 0
     except Exception as exc:  # the job fails with the reason; the server stays up
         events.emit(f"Training failed: {exc}", level="error")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from quiver.common.jobs import Hyperparameters, Seed
+from quiver.common.jobs import DpoHyperparameters, Hyperparameters, Seed
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: tuple[str, ...] = ("succeeded", "failed", "cancelled")
@@ -41,6 +41,34 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's `method`: `supervised` and `dpo` train here; `reinforcement` is refused by name (not as
+    malformed). On the job object it carries the hyperparameters used, `auto` resolved once the job ran."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> Method:
+        for other in ("supervised", "dpo", "reinforcement"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"`{other}` settings given for a `{self.type}` job")
+        return self
+
+
 class FineTuningJob(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -61,27 +89,13 @@ class FineTuningJob(BaseModel):
     estimated_finish: int | None = None
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
+    method: Method | None = None
 
 
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FineTuningJob]
     has_more: bool = False
-
-
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: Hyperparameters | None = None
-
-
-class Method(BaseModel):
-    """OpenAI's `method`; only `supervised` trains here, the other types are refused by name (not as malformed)."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
-    supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
-    reinforcement: dict[str, Any] | None = None
 
 
 class CreateJobRequest(BaseModel):
@@ -96,7 +110,8 @@ class CreateJobRequest(BaseModel):
     hyperparameters: Hyperparameters | None = None
     method: Method | None = Field(None, description="{'type': 'supervised', 'supervised': {'hyperparameters': ...}}")
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
-    integrations: list[Any] | None = None
+    # OpenAI's only integration is Weights & Biases; quiver refuses any (see docs/fine-tuning.md).
+    integrations: list[Any] | None = Field(None, max_length=10)
 
 
 class JobEvent(BaseModel):
@@ -113,3 +128,31 @@ class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobEvent]
     has_more: bool = False
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str = Field(description="`name@version`: callable as a model id")
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobCheckpoint]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None

@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from quiver.auth import admin_auth
 from quiver.errors import error_responses
 from quiver.finetuning.protocol import (
+    CheckpointList,
     CreateJobRequest,
     EventList,
     FileDeleted,
@@ -16,7 +17,7 @@ from quiver.finetuning.protocol import (
     FineTuningJob,
     JobList,
 )
-from quiver.finetuning.service import FileService, JobService
+from quiver.finetuning.service import RESULTS_PURPOSE, FileService, JobService
 
 # Training data and jobs change what the server serves: admin keys only.
 router = APIRouter(prefix="/v1", tags=["fine-tuning"], dependencies=[Depends(admin_auth)],
@@ -59,11 +60,13 @@ async def retrieve_file(file_id: str, files: Files) -> FileObject:
 
 
 @router.get("/files/{file_id}/content", response_class=FileResponse, responses={
-    200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}, "description": "The file's bytes"},
+    200: {"content": {"application/jsonl": {"schema": {"type": "string"}}, "text/csv": {"schema": {"type": "string"}}},
+          "description": "The file's bytes: training data (JSONL) or a job's results (CSV)"},
     **error_responses(404)})
 async def file_content(file_id: str, files: Files) -> FileResponse:
-    files.get(file_id)
-    return FileResponse(files.data_path(file_id), media_type="application/jsonl")
+    record = files.get(file_id)
+    media_type = "text/csv" if record.purpose == RESULTS_PURPOSE else "application/jsonl"
+    return FileResponse(files.data_path(file_id), media_type=media_type)
 
 
 @router.delete("/files/{file_id}", responses=error_responses(404))
@@ -74,18 +77,18 @@ async def delete_file(file_id: str, files: Files) -> FileDeleted:
 
 @router.post("/fine_tuning/jobs", responses=error_responses(404, 413))
 async def create_job(body: CreateJobRequest, jobs: Jobs) -> FineTuningJob:
-    return await jobs.create(body)
+    return jobs.view(await jobs.create(body))
 
 
 @router.get("/fine_tuning/jobs")
 async def list_jobs(jobs: Jobs, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     data, has_more = jobs.list(after, limit)
-    return JobList(data=data, has_more=has_more)
+    return JobList(data=[jobs.view(job) for job in data], has_more=has_more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}", responses=error_responses(404))
 async def retrieve_job(job_id: str, jobs: Jobs) -> FineTuningJob:
-    return jobs.get(job_id)
+    return jobs.view(jobs.get(job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", responses=error_responses(404, 409))
@@ -94,6 +97,15 @@ async def cancel_job(job_id: str, jobs: Jobs) -> FineTuningJob:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", responses=error_responses(404))
-async def list_job_events(job_id: str, jobs: Jobs, limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> EventList:
-    data, has_more = jobs.events(job_id, limit)
+async def list_job_events(job_id: str, jobs: Jobs, after: Annotated[str | None, Query(max_length=100)] = None,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> EventList:
+    data, has_more = jobs.events(job_id, after, limit)
     return EventList(data=data, has_more=has_more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", responses=error_responses(404))
+async def list_job_checkpoints(job_id: str, jobs: Jobs, after: Annotated[str | None, Query(max_length=100)] = None,
+                               limit: Annotated[int, Query(ge=1, le=100)] = 10) -> CheckpointList:
+    data, has_more = jobs.checkpoints(job_id, after, limit)
+    return CheckpointList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)

@@ -2,17 +2,21 @@
 
     <finetuning_dir>/files/<file-id>.jsonl + .json     uploaded training data and its record
     <finetuning_dir>/jobs/<job-id>/job.json            the job record (the gateway writes it)
-    <finetuning_dir>/jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/}
+    <finetuning_dir>/jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/, checkpoints/,
+                                    init_adapter/ (continued training: a copy of the starting version)}
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import importlib.util
+import io
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -22,22 +26,48 @@ from typing import BinaryIO, TypeVar
 
 from pydantic import BaseModel
 
+from quiver.adapters.model_id import ModelRef, parse_adapter_ref
 from quiver.adapters.service import AdapterRegistry
-from quiver.errors import Conflict, InvalidRequest, NotFound, NotSupported, PayloadTooLarge
+from quiver.errors import Conflict, DomainError, InvalidRequest, NotFound, NotSupported, PayloadTooLarge
 from quiver.finetuning.protocol import (
     FINISHED,
+    CheckpointMetrics,
     CreateJobRequest,
+    DpoMethod,
     FileObject,
     FineTuningJob,
+    JobCheckpoint,
     JobError,
     JobEvent,
+    Method,
+    SupervisedMethod,
 )
-from quiver.common.files import write_json_atomic
-from quiver.common.jobs import RESULT, SPEC, TRAIN_LOG, EventLog, Hyperparameters, JobResult, JobSpec, write_record
+from quiver.common.files import file_sha256, write_bytes_atomic, write_json_atomic
+from quiver.common.jobs import (
+    CHECKPOINT,
+    CHECKPOINTS,
+    RESULT,
+    SPEC,
+    TRAIN_LOG,
+    CheckpointRecord,
+    DpoHyperparameters,
+    EventLog,
+    Hyperparameters,
+    JobEventRecord,
+    JobResult,
+    JobSpec,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
 FINE_TUNE_PURPOSE = "fine-tune"
+RESULTS_PURPOSE = "fine-tune-results"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+INIT_ADAPTER = "init_adapter"
+# The results file's columns (OpenAI's names); a step without a figure leaves its cell empty.
+RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "train_mean_token_accuracy",
+                  "valid_mean_token_accuracy")
 _MAX_REPORTED_ERRORS = 5
 _COPY_CHUNK = 1024 * 1024
 # What `_new_id` makes; anything else is no id of ours (and never reaches a path).
@@ -134,6 +164,19 @@ class FileService:
                                  code="invalid_training_file", param="file")
         return report
 
+    def create_result(self, filename: str, content: bytes) -> FileObject:
+        """A file quiver writes itself (a job's metrics CSV): purpose `fine-tune-results`, never training data."""
+        file_id = _new_id("file")
+        record = FileObject(id=file_id, bytes=len(content), created_at=int(time.time()), filename=filename,
+                            purpose=RESULTS_PURPOSE)
+        try:
+            write_bytes_atomic(self.data_path(file_id), content)
+            write_json_atomic(self.root / f"{file_id}.json", record.model_dump())
+        except BaseException:
+            self.data_path(file_id).unlink(missing_ok=True)
+            raise
+        return record
+
     def get(self, file_id: str, param: str = "file_id") -> FileObject:
         record = load_record(self.root / f"{file_id}.json", FileObject) if _FILE_ID.match(file_id) else None
         if record is None:
@@ -186,11 +229,36 @@ class JobService:
         jobs = [job for p in self.root.glob("ftjob-*/job.json") if (job := load_record(p, FineTuningJob)) is not None]
         return _page(sorted(jobs, key=lambda job: (job.created_at, job.id), reverse=True), after, limit)
 
-    def events(self, job_id: str, limit: int = 20) -> tuple[list[JobEvent], bool]:
+    def events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[JobEvent], bool]:
+        """Newest first, as OpenAI's; `after` is an event id: the page continues with the older ones."""
         self.get(job_id)
         raw = EventLog(self._job_dir(job_id)).read()
         events = [JobEvent(id=f"ftevent-{job_id[6:]}-{n}", **event.model_dump()) for n, event in enumerate(raw)][::-1]
-        return events[:limit], len(events) > limit
+        return _page(events, after, limit)
+
+    def view(self, job: FineTuningJob) -> FineTuningJob:
+        """The job as callers see it: a running job's `estimated_finish` is worked out from its progress."""
+        if job.status != "running":
+            return job
+        return job.model_copy(update={"estimated_finish": estimate_finish(EventLog(self._job_dir(job.id)).read())})
+
+    def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[JobCheckpoint], bool]:
+        """The job's registered checkpoints, the latest step first (OpenAI's order)."""
+        self.get(job_id)
+        found = [
+            JobCheckpoint(id=f"ftckpt-{job_id[6:]}-{record.step}", created_at=record.created_at,
+                          fine_tuned_model_checkpoint=record.fine_tuned_model_checkpoint,
+                          fine_tuning_job_id=job_id, step_number=record.step,
+                          metrics=CheckpointMetrics.model_validate(record.metrics))
+            for _, record in self._checkpoint_records(job_id) if record.fine_tuned_model_checkpoint
+        ]
+        return _page(sorted(found, key=lambda c: c.step_number, reverse=True), after, limit)
+
+    def _checkpoint_records(self, job_id: str) -> list[tuple[Path, CheckpointRecord]]:
+        """The worker's complete checkpoints (those with their record), in step order."""
+        records = [(path.parent, record) for path in (self._job_dir(job_id) / CHECKPOINTS).glob(f"step-*/{CHECKPOINT}")
+                   if (record := load_record(path, CheckpointRecord)) is not None]
+        return sorted(records, key=lambda item: item[1].step)
 
     def _update(self, job: FineTuningJob, message: str | None = None, level: str = "info", **changes) -> FineTuningJob:
         job = job.model_copy(update=changes)
@@ -243,31 +311,42 @@ class JobService:
             raise NotSupported("fine-tuning is not installed on this server (the `training` extra: "
                                "pip install 'quiver[training]', or use the training image)",
                                code="training_unavailable")
-        if request.model != self.registry.base_model_name:
-            raise InvalidRequest(f"fine-tuning starts from the served base model `{self.registry.base_model_name}`, "
-                                 f"not `{request.model}`", code="model_not_available", param="model")
+        model = self._starting_model(request.model)
+        if request.integrations:
+            raise InvalidRequest("quiver has no integrations (OpenAI's is Weights & Biases): leave `integrations` "
+                                 "out; the metrics are in the job's events and its results file",
+                                 code="unsupported_integration", param="integrations")
         self._training_file(request.training_file, "training_file")
         if request.validation_file:
             self._training_file(request.validation_file, "validation_file")
-        hyperparameters = request.hyperparameters or Hyperparameters()
-        if request.method is not None:
-            if request.method.type != "supervised":
-                raise InvalidRequest(f"only supervised fine-tuning is supported, not `{request.method.type}`",
-                                     code="unsupported_method", param="method.type")
-            if request.method.supervised and request.method.supervised.hyperparameters:
-                hyperparameters = request.method.supervised.hyperparameters
+        method = job_method(request)
         job_id = _new_id("ftjob")
         job = FineTuningJob(
-            id=job_id, created_at=int(time.time()), model=request.model, status="validating_files",
+            id=job_id, created_at=int(time.time()), model=model, status="validating_files",
             training_file=request.training_file, validation_file=request.validation_file,
-            hyperparameters=hyperparameters, seed=request.seed if request.seed is not None else 42,
-            suffix=request.suffix, metadata=request.metadata,
+            hyperparameters=method_hyperparameters(method).model_dump(include=set(Hyperparameters.model_fields)),
+            seed=request.seed if request.seed is not None else 42, suffix=request.suffix, metadata=request.metadata,
+            integrations=request.integrations, method=method,
         )
         self._job_dir(job_id).mkdir(parents=True)
         job = self._update(job, "Validating training file")
         job = self._update(job, "Job queued", status="queued")
         self._queue.put_nowait(job_id)
         return job
+
+    def _starting_model(self, model: str) -> str:
+        """The base model, or a registered adapter to continue training from: `name` is pinned to its current
+        version now (`name@N`), so the job trains from exactly what was served when it was created."""
+        if model == self.registry.base_model_name:
+            return model
+        try:
+            target = self.registry.resolve(model)
+        except DomainError:
+            raise InvalidRequest(
+                f"fine-tuning starts from the served base model `{self.registry.base_model_name}` or a registered "
+                f"adapter (`name` or `name@version`), not `{model[:100]}`",
+                code="model_not_available", param="model") from None
+        return target.engine_model
 
     async def cancel(self, job_id: str) -> FineTuningJob:
         async with self._commit:
@@ -302,8 +381,33 @@ class JobService:
                     self._finish(job_id, "failed", f"Job failed: {exc}", level="error",
                                  error=JobError(code="internal_error", message=str(exc)))
 
+    def _source(self, job: FineTuningJob) -> ModelRef | None:
+        """The adapter version a continued job starts from; None for a job from the base model."""
+        return None if job.model == self.registry.base_model_name else parse_adapter_ref(job.model)
+
     def _adapter_name(self, job: FineTuningJob) -> str:
+        # Continued training adds a version to the adapter it started from, unless a suffix asks for a new name.
+        source = self._source(job)
+        if source is not None and not job.suffix:
+            return source.name
         return f"{job.suffix or 'ft'}-{job.id.removeprefix('ftjob-')[:8]}"
+
+    def _copy_init_adapter(self, job: FineTuningJob, job_dir: Path) -> Path | None:
+        """The starting version's adapter files, copied into the job: deleting the version meanwhile cannot
+        pull them from under the trainer."""
+        source = self._source(job)
+        if source is None:
+            return None
+        try:
+            folder = self.registry.store.local_path(source.name, source.version)
+            target = job_dir / INIT_ADAPTER
+            target.mkdir(exist_ok=True)
+            for name in ADAPTER_FILES:
+                shutil.copyfile(folder / name, target / name)
+        except OSError:
+            raise InvalidRequest(f"`{job.model}` no longer exists: it was deleted after the job was created",
+                                 code="model_not_available", param="model") from None
+        return target.resolve()
 
     def _worker_command(self, job_dir: Path) -> list[str]:
         return [
@@ -321,14 +425,27 @@ class JobService:
         job = self.get(job_id)
         job_dir = self._job_dir(job_id)
         name = self._adapter_name(job)
+        method = job.method or Method()
+        try:
+            init_adapter = await asyncio.to_thread(self._copy_init_adapter, job, job_dir)
+        except InvalidRequest as exc:
+            self._finish(job_id, "failed", f"Job failed: {exc.message}", level="error",
+                         error=JobError(code=exc.code, message=exc.message, param=exc.param))
+            return
+        hyperparameters = method_hyperparameters(method)
+        beta = getattr(hyperparameters, "beta", "auto")
         write_record(job_dir / SPEC, JobSpec(
             name=name,
             training_file=self.files.data_path(job.training_file).resolve(),
             validation_file=self.files.data_path(job.validation_file).resolve() if job.validation_file else None,
             base_model_dir=self.base_model_dir.resolve(),
             base_model_name=self.registry.base_model_name,
-            hyperparameters=job.hyperparameters,
+            hyperparameters=Hyperparameters.model_validate(
+                hyperparameters.model_dump(include=set(Hyperparameters.model_fields))),
             seed=job.seed,
+            method=method.type,
+            beta=None if beta == "auto" else beta,
+            init_adapter=init_adapter,
         ))
         async with self._commit:
             if job_id in self._cancelled or self.get(job_id).status in FINISHED:
@@ -359,17 +476,118 @@ class JobService:
             return
         await self._register(job_id, name, result)
 
+    async def _register_folder(self, name: str, folder: Path, make_current: bool):
+        files = [(file, open(folder / file, "rb")) for file in ADAPTER_FILES]
+        try:
+            return await self.registry.register(name, files, make_current=make_current)
+        finally:
+            for _, handle in files:
+                handle.close()
+
     async def _register(self, job_id: str, name: str, result: JobResult) -> None:
         async with self._commit:  # the commit point: a cancel either came before (nothing registers) or waits
             if job_id in self._cancelled or self.get(job_id).status in FINISHED:
                 return
-            run_dir = result.run_dir
-            files = [(path.name, open(path, "rb")) for path in (run_dir / "adapter_config.json",
-                                                                run_dir / "adapter_model.safetensors")]
+            job_dir = self._job_dir(job_id)
+            # Each epoch's checkpoint becomes a staged version (served as `name@N`, never under the bare name).
+            staged: dict[str, int] = {}  # the weights' sha256 -> version
+            listed: list[tuple[Path, CheckpointRecord]] = []  # recorded once the job commits
             try:
-                version = await self.registry.register(name, files)
-            finally:
-                for _, handle in files:
-                    handle.close()
-            self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version.id})",
-                         fine_tuned_model=name, trained_tokens=result.trained_tokens, result_files=[])
+                for folder, record in self._checkpoint_records(job_id):
+                    version = await self._register_folder(name, folder, make_current=False)
+                    staged[file_sha256(folder / ADAPTER_FILES[1])] = version.version
+                    listed.append((folder, record.model_copy(update={"fine_tuned_model_checkpoint": version.id})))
+                # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
+                # then that version is promoted rather than registered twice.
+                final = staged.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
+                if final is not None:
+                    await self.registry.promote(name, final)
+                    version_id = f"{name}@{final}"
+                else:
+                    version_id = (await self._register_folder(name, result.run_dir, make_current=True)).id
+            except BaseException:
+                for version in staged.values():  # a job that did not commit leaves no versions behind
+                    with contextlib.suppress(DomainError, OSError):
+                        await self.registry.delete(name, version)
+                raise
+            for folder, record in listed:
+                write_record(folder / CHECKPOINT, record)
+            changes = {}
+            if result.hyperparameters is not None:  # what `auto` became
+                used = result.hyperparameters.model_dump(exclude_none=True)
+                job = self.get(job_id)
+                method = job.method or Method()
+                changes["hyperparameters"] = Hyperparameters.model_validate(
+                    {k: v for k, v in used.items() if k in Hyperparameters.model_fields})
+                changes["method"] = with_hyperparameters(method, used)
+            self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version_id})",
+                         fine_tuned_model=name, trained_tokens=result.trained_tokens,
+                         result_files=self._results_file(job_id, job_dir), **changes)
+
+    def _results_file(self, job_id: str, job_dir: Path) -> list[str]:
+        """The metrics CSV as a file of purpose `fine-tune-results`; a failure to write it costs the job
+        nothing but the file (a warning event says so)."""
+        try:
+            content = metrics_csv(EventLog(job_dir).read())
+            return [self.files.create_result(f"{job_id}-results.csv", content).id]
+        except OSError as exc:
+            log.warning("job %s: the results file could not be written: %s", job_id, exc)
+            EventLog(job_dir).emit("The results file could not be written", level="warn")
+            return []
+
+
+def job_method(request: CreateJobRequest) -> Method:
+    """The job's `method` as sent, defaulted to supervised; the hyperparameters may come at the top level
+    (OpenAI's older place) or in the method, not in both."""
+    method = request.method or Method()
+    if method.type == "reinforcement":
+        raise InvalidRequest("reinforcement fine-tuning is not supported: use `supervised` or `dpo`",
+                             code="unsupported_method", param="method.type")
+    in_method = getattr(method, method.type)
+    if request.hyperparameters is not None and in_method is not None and in_method.hyperparameters is not None:
+        raise InvalidRequest(f"give the hyperparameters in `method.{method.type}.hyperparameters` only",
+                             code="conflicting_hyperparameters", param="hyperparameters")
+    given = (in_method.hyperparameters if in_method else None) or request.hyperparameters
+    if method.type == "dpo":
+        hyperparameters = DpoHyperparameters.model_validate(given.model_dump() if given else {})
+        return Method(type="dpo", dpo=DpoMethod(hyperparameters=hyperparameters))
+    return Method(type="supervised", supervised=SupervisedMethod(hyperparameters=given or Hyperparameters()))
+
+
+def method_hyperparameters(method: Method) -> Hyperparameters:
+    settings = getattr(method, method.type)
+    return (settings.hyperparameters if settings and settings.hyperparameters else None) or (
+        DpoHyperparameters() if method.type == "dpo" else Hyperparameters())
+
+
+def with_hyperparameters(method: Method, used: dict) -> Method:
+    """The method with the hyperparameters the trainer used."""
+    if method.type == "dpo":
+        return Method(type="dpo", dpo=DpoMethod(hyperparameters=DpoHyperparameters.model_validate(used)))
+    used = {k: v for k, v in used.items() if k in Hyperparameters.model_fields}
+    return Method(type="supervised", supervised=SupervisedMethod(hyperparameters=Hyperparameters.model_validate(used)))
+
+
+def estimate_finish(events: list[JobEventRecord]) -> int | None:
+    """When the last step should end, from the measured time per step so far (None until two steps logged)."""
+    steps = [(e.created_at, e.data["step"], e.data.get("total_steps")) for e in events
+             if e.type == "metrics" and e.data and isinstance(e.data.get("step"), int)]
+    if len(steps) < 2 or steps[-1][1] <= steps[0][1] or not isinstance(steps[-1][2], int):
+        return None
+    (t0, s0, _), (t1, s1, total) = steps[0], steps[-1]
+    per_step = (t1 - t0) / (s1 - s0)
+    return int(round(t1 + per_step * max(total - s1, 0)))
+
+
+def metrics_csv(events: list[JobEventRecord]) -> bytes:
+    """One row a step from the metrics events (a step's training and evaluation figures come separately)."""
+    rows: dict[int, dict] = {}
+    for event in events:
+        if event.type == "metrics" and event.data and isinstance(event.data.get("step"), int):
+            rows.setdefault(event.data["step"], {}).update(event.data)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for step in sorted(rows):
+        writer.writerow({**rows[step], "step": step})
+    return out.getvalue().encode()
