@@ -30,9 +30,13 @@ def preference_rows(examples: list[PreferenceExample], tokenizer: PreTrainedToke
     as the text the model must produce, up to and including the end-of-turn token (what generation stops on; TRL
     appends an end-of-sequence token to any answer that does not end with one)."""
     eos = tokenizer.eos_token
+    # TRL tokenizes text rows with the tokenizer's special tokens: a BOS the template already wrote would double.
+    adds_bos = bool(tokenizer.bos_token) and tokenizer.bos_token_id in tokenizer("")["input_ids"]
     rows = []
     for example in examples:
         prompt = _render(tokenizer, example.messages, example.tools, add_generation_prompt=True)
+        if adds_bos and prompt.startswith(tokenizer.bos_token):
+            prompt = prompt[len(tokenizer.bos_token):]
         row = {"prompt": prompt}
         for column, answer in (("chosen", example.preferred), ("rejected", example.non_preferred)):
             full = _render(tokenizer, [*example.messages, answer], example.tools)
