@@ -30,7 +30,6 @@ from quiver.training.data import (
     write_jsonl,
 )
 from quiver.training.encoding import MaskStats, check_loss_mask, encode_examples, end_of_turn_ids
-from quiver.training.preference import chosen_label_rows, preference_dataset, reward_curve, save_preference_curve
 from quiver.training.manifest import (
     ADAPTER_FILES,
     MANIFEST_FILE,
@@ -39,6 +38,7 @@ from quiver.training.manifest import (
     text_sha256,
     write_manifest,
 )
+from quiver.training.preference import chosen_label_rows, preference_dataset, reward_curve, save_preference_curve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
