@@ -1,6 +1,6 @@
 """Write the example datasets shipped with quiver. Deterministic: the same seed gives byte-identical files.
 
-    python examples/generate.py            # writes examples/json-extract.jsonl, pirate.jsonl and tools.jsonl
+    python examples/generate.py   # writes examples/json-extract.jsonl, pirate.jsonl, tools.jsonl and concise.jsonl
 
 - json-extract: a contact's details from an email, signature, voicemail note or chat message, as one JSON object
   with fixed keys (null when not stated). A strict output format: exact match and key match are measurable.
@@ -10,6 +10,8 @@
   booking (`title`, `date`, `time` required; `duration_minutes`, `attendees` optional), in OpenAI's format: the
   call, the tool's result, the final answer; and questions that need no tool. Right tool, exact arguments and
   "no call" are measurable.
+- concise (preference data for DPO): short factual questions, each with the same correct answer twice: alone
+  (preferred) and wrapped in a friendly, rambling filler (non-preferred). The trait is length: measurable.
 """
 
 from __future__ import annotations
@@ -341,6 +343,78 @@ def tools_examples(rng: random.Random) -> list[dict]:
             continue
         seen.add(prompt)
         rows.append(row)
+CONCISE_SYSTEM = "You are a helpful assistant."
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Peru", "Lima"),
+            ("Norway", "Oslo"), ("Egypt", "Cairo"), ("Portugal", "Lisbon"), ("Australia", "Canberra"),
+            ("Poland", "Warsaw"), ("Ghana", "Accra"), ("Chile", "Santiago"), ("Ireland", "Dublin"),
+            ("Vietnam", "Hanoi"), ("Austria", "Vienna"), ("Greece", "Athens"), ("Mexico", "Mexico City"),
+            ("Sweden", "Stockholm"), ("Morocco", "Rabat"), ("Hungary", "Budapest"), ("Argentina", "Buenos Aires"),
+            ("Thailand", "Bangkok"), ("Finland", "Helsinki"), ("Turkey", "Ankara"), ("Spain", "Madrid"),
+            ("Italy", "Rome"), ("Germany", "Berlin"), ("India", "New Delhi"), ("Brazil", "Brasilia"),
+            ("Denmark", "Copenhagen")]
+WORDS = ["garden", "window", "elephant", "river", "mountain", "pencil", "orange", "library", "bicycle", "kitchen",
+         "umbrella", "planet", "computer", "holiday", "butterfly", "chocolate", "island", "teacher", "yellow", "music"]
+OPENERS = [
+    "Great question! This is something a lot of people wonder about, so let me walk you through it step by step.",
+    "Thanks for asking! Let me take a moment to think about this carefully before I give you an answer.",
+    "That's a really interesting question, and I'm happy to help you with it.",
+    "Sure, I'd be glad to help with that. It's always good to double-check these things.",
+]
+CLOSERS = [
+    "I hope this helps! If you have any other questions, feel free to ask and I'll do my best to answer them.",
+    "Let me know if you would like me to explain anything in more detail, or if there is anything else I can help "
+    "you with today.",
+    "Feel free to come back any time if something is still unclear. Have a wonderful day!",
+    "If you want, I can also give you a few more examples like this one so that you can practise on your own.",
+]
+
+
+def _concise_question(rng: random.Random) -> tuple[str, str, str]:
+    """A question, its one-sentence answer, and a sentence of elaboration a rambling answer would add."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        country, capital = rng.choice(CAPITALS)
+        return (f"What is the capital of {country}?", f"The capital of {country} is {capital}.",
+                f"{capital} is where the national government of {country} is based, and like most capitals it is an "
+                "important centre for politics, culture and business.")
+    if kind == 1:
+        a, b = rng.randrange(3, 20), rng.randrange(3, 13)
+        return (f"What is {a} times {b}?", f"{a} times {b} is {a * b}.",
+                f"To work it out, you can add {a} to itself {b} times, which gives exactly the same result as "
+                "multiplying the two numbers together.")
+    if kind == 2:
+        metres = rng.choice([0.5, 1.5, 2, 3, 4.5, 6, 7.5, 12, 25])
+        return (f"How many centimetres are in {metres:g} metres?", f"{metres:g} metres is {metres * 100:g} centimetres.",
+                "This is because one metre is made up of exactly one hundred centimetres, so you simply multiply "
+                "the number of metres by one hundred.")
+    if kind == 3:
+        day, offset = rng.randrange(7), rng.randrange(2, 12)
+        week = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+        return (f"What day of the week is {offset} days after {week[day]}?",
+                f"{offset} days after {week[day]} is {week[(day + offset) % 7]}.",
+                "The easiest way to see this is to count forward one day at a time, remembering that after Sunday "
+                "the week starts again with Monday.")
+    word = rng.choice(WORDS)
+    return (f"How many letters are in the word \"{word}\"?", f"The word \"{word}\" has {len(word)} letters.",
+            f"You can check this by spelling it out slowly: {'-'.join(word.upper())}, and counting each letter "
+            "as you go.")
+
+
+def concise_examples(rng: random.Random) -> list[dict]:
+    """Preference pairs (OpenAI's DPO format): the same correct answer, alone (preferred) or wrapped in filler."""
+    rows = []
+    seen: set[str] = set()
+    while len(rows) < EXAMPLES_PER_TASK:
+        question, answer, elaboration = _concise_question(rng)
+        if question in seen:
+            continue
+        seen.add(question)
+        rambling = " ".join([rng.choice(OPENERS), f"You asked: {question}", answer, elaboration, rng.choice(CLOSERS)])
+        rows.append({
+            "input": {"messages": [{"role": "system", "content": CONCISE_SYSTEM}, {"role": "user", "content": question}]},
+            "preferred_output": [{"role": "assistant", "content": answer}],
+            "non_preferred_output": [{"role": "assistant", "content": rambling}],
+        })
     return rows
 
 
@@ -352,6 +426,7 @@ def main() -> None:
     write(HERE / "json-extract.jsonl", json_extract_examples(random.Random(SEED)))
     write(HERE / "pirate.jsonl", pirate_examples(random.Random(SEED + 1)))
     write(HERE / "tools.jsonl", tools_examples(random.Random(SEED + 2)))
+    write(HERE / "concise.jsonl", concise_examples(random.Random(SEED + 2)))
 
 
 if __name__ == "__main__":

@@ -249,3 +249,143 @@ def test_calls_without_declared_tools_are_a_warning(tmp_path):
     del row["tools"]
     report = check_dataset(write_lines(tmp_path / "tools.jsonl", [row]))
     assert report.ok and [(i.code, i.line) for i in report.warnings if i.code == "undeclared_tool"] == [("undeclared_tool", 1)]
+
+
+# ---------------------------------------------------------------------------------------------- preference data
+
+
+def pair(question="What is 2+2?", preferred="4", non_preferred="Well, let me think. It is 4. Hope that helps!",
+         system="Be brief."):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return {"input": {"messages": messages}, "preferred_output": [{"role": "assistant", "content": preferred}],
+            "non_preferred_output": [{"role": "assistant", "content": non_preferred}]}
+
+
+PREFERENCE_ERRORS = {
+    "invalid_json": ('{"input": ', None),
+    "invalid_example": ("[1]", None),
+    "not_preference_data": (chat("hi", "hello"), "chat example"),
+    "missing_key": ({k: v for k, v in pair().items() if k != "non_preferred_output"}, "non_preferred_output"),
+    "unknown_key": ({**pair(), "metadata": {}}, "metadata"),
+    "invalid_input": ({**pair(), "input": {"messages": [USER, ASSISTANT]}}, "must end with"),
+    "invalid_preferred_output": ({**pair(), "preferred_output": [ASSISTANT, ASSISTANT]}, "exactly one"),
+    "invalid_non_preferred_output": ({**pair(), "non_preferred_output": [USER]}, "exactly one assistant"),
+    "identical_outputs": (pair(preferred="4", non_preferred="4"), "same answer"),
+    "invalid_weight": ({**pair(), "preferred_output": [{**ASSISTANT, "weight": 1}]}, "supervised"),
+    "unknown_role": ({**pair(), "input": {"messages": [{"role": "robot", "content": "x"}, USER]}}, "input.messages[0]"),
+    "invalid_content": ({**pair(), "non_preferred_output": [{"role": "assistant", "content": 7}]},
+                        "non_preferred_output[0]"),
+    "too_deeply_nested": ('{"input": {"messages": [], "tools": ' + "[" * 70 + "]" * 70 + "}}", None),
+}
+
+
+@pytest.mark.parametrize("code", sorted(PREFERENCE_ERRORS))
+def test_each_preference_error_names_its_line_and_where(tmp_path, code):
+    from quiver.training.data import check_preference_dataset
+
+    row, where = PREFERENCE_ERRORS[code]
+    path = write_lines(tmp_path / "prefs.jsonl", [pair(), row, pair("What is 3+3?", "6", "Let me see... 6!")])
+    report = check_preference_dataset(path)
+    assert [(i.code, i.line) for i in report.errors] == [(code, 2)]
+    if where:
+        assert where in report.errors[0].message
+    assert [e.line for e in report.examples] == [1, 3]
+
+
+def test_preference_data_parses_detects_splits_and_round_trips(tmp_path, tokenizer):
+    from quiver.training.data import (
+        check_training_file,
+        detect_format,
+        read_preference_examples,
+    )
+
+    rows = [pair(f"What is {i}+{i}?", str(2 * i), f"Great question! {i} plus {i} makes {2 * i}. Anything else?")
+            for i in range(20)]
+    rows[3]["input"]["tools"] = TOOLS
+    path = write_lines(tmp_path / "prefs.jsonl", rows)
+    assert detect_format(path) == "preference"
+    assert detect_format(REPO / "examples" / "pirate.jsonl") == "chat"
+    report = check_training_file(path)  # without a tokenizer: the default model's template cannot render tools
+    assert report.ok and report.format == "preference"
+    assert report.summary()["format"] == "preference" and report.summary()["with_tools"] == 1
+    example = report.examples[3]
+    assert example.messages[-1] == {"role": "user", "content": "What is 3+3?"} and example.tools == TOOLS
+    assert (example.preferred["content"], example.non_preferred["content"]) == ("6", rows[3]["non_preferred_output"][0]["content"])
+
+    del rows[3]["input"]["tools"]
+    report = check_training_file(write_lines(tmp_path / "prefs.jsonl", rows), tokenizer, max_seq_len=1024)
+    assert report.ok
+    # Tokens over prompt + each answer, as training sees them; answer tokens (and end-of-turn) are the trained ones.
+    chosen = tokenizer.apply_chat_template([*example.messages, example.preferred], tokenize=True)["input_ids"]
+    assert report.tokens.examples == 20 and report.tokens.max >= len(chosen)
+    assert 0 < report.tokens.trained < report.tokens.total
+
+    split = split_examples(report.examples, seed=3)
+    assert (len(split.train), len(split.validation), len(split.test)) == (16, 2, 2)
+    write_jsonl(tmp_path / "test.jsonl", split.test)
+    assert [e.to_json() for e in read_preference_examples(tmp_path / "test.jsonl")] == [e.to_json() for e in split.test]
+
+
+def test_preference_answers_cut_by_max_seq_len_warn(tmp_path, tokenizer):
+    from quiver.training.data import check_preference_dataset
+
+    path = write_lines(tmp_path / "long.jsonl", [pair(non_preferred="word " * 100)])
+    report = check_preference_dataset(path, tokenizer, max_seq_len=64)
+    assert report.ok
+    [too_long] = [i for i in report.warnings if i.code == "too_long"]
+    assert too_long.line == 1 and "answers' ends would be cut" in too_long.message
+    assert report.tokens.truncated_examples == 1 and report.tokens.tokens_cut > 0
+
+
+def test_example_preference_dataset_is_clean_and_concise_is_shorter(tokenizer):
+    from quiver.training.data import check_preference_dataset
+
+    report = check_preference_dataset(REPO / "examples" / "concise.jsonl", tokenizer, max_seq_len=1024)
+    assert report.ok and not report.warnings and len(report.examples) == 200
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert all(count(e.preferred["content"]) * 3 < count(e.non_preferred["content"]) for e in report.examples)
+    # Every rambling answer still holds the preferred (correct) one: only the length differs.
+    assert all(e.preferred["content"] in e.non_preferred["content"] for e in report.examples)
+
+
+def test_preference_rows_end_each_answer_with_its_end_of_turn_token(tokenizer):
+    from quiver.training.data import PreferenceExample
+    from quiver.training.preference import chosen_label_rows, preference_rows
+
+    example = PreferenceExample(1, [{"role": "user", "content": "2+2?"}], {"role": "assistant", "content": "4"},
+                                {"role": "assistant", "content": "It is 4."})
+    [row] = preference_rows([example], tokenizer)
+    assert row["prompt"].endswith("<|im_start|>assistant\n")
+    assert (row["chosen"], row["rejected"]) == ("4<|im_end|>", "It is 4.<|im_end|>")
+    # What DPO trains on once prompt + answer are cut to max_length: the answer's end goes first.
+    tokenized = {"prompt_ids": [[1, 2, 3]], "chosen_ids": [[4, 5, 6]]}
+    assert chosen_label_rows(tokenized, None) == [[4, 5, 6]]
+    assert chosen_label_rows(tokenized, 5) == [[4, 5]]
+    assert chosen_label_rows(tokenized, 3) == [[]]
+
+
+def test_config_method_beta_and_init_adapter(tmp_path):
+    config = TrainConfig(method="dpo", beta=0.5, init_adapter=tmp_path)
+    assert (config.method, config.beta, config.init_adapter) == ("dpo", 0.5, tmp_path)
+    assert TrainConfig().method == "supervised" and TrainConfig().beta == 0.1 and TrainConfig().init_adapter is None
+    for bad in ({"beta": 0}, {"beta": 2.5}, {"method": "ppo"}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def test_cli_data_check_detects_or_is_told_the_format(tmp_path):
+    from quiver.training.cli import register_commands
+
+    app = typer.Typer()
+    register_commands(app)
+    prefs = write_lines(tmp_path / "p.jsonl", [pair(), pair("3+3?", "6", "Hmm, 6 I think.")])
+    result = CliRunner().invoke(app, ["data", "check", str(prefs), "--no-tokens", "--json"])
+    assert result.exit_code == 0, result.stdout
+    summary = json.loads(result.stdout)["summary"]
+    assert (summary["format"], summary["examples"], summary["errors"]) == ("preference", 2, 0)
+    chats = write_lines(tmp_path / "c.jsonl", [chat("hi", "hello")])
+    result = CliRunner().invoke(app, ["data", "check", str(chats), "--no-tokens", "--json", "--format", "preference"])
+    assert result.exit_code == 1
+    assert [i["code"] for i in json.loads(result.stdout)["issues"]] == ["not_preference_data"]
+    result = CliRunner().invoke(app, ["data", "check", str(chats), "--no-tokens", "--format", "yaml"])
+    assert result.exit_code == 2

@@ -36,14 +36,20 @@ def data_check(
     base_model: Annotated[Optional[Path], typer.Option(help="HF model folder whose tokenizer counts tokens; default: the served base")] = None,
     tokens: Annotated[bool, typer.Option(help="count tokens with the base model's tokenizer")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    data_format: Annotated[str, typer.Option("--format", help="auto (from the first line), chat (supervised: messages "
+                                             "or prompt/response) or preference (DPO: input/preferred_output/"
+                                             "non_preferred_output)")] = "auto",
 ) -> None:
     """Validate a training file: line-numbered errors and warnings, then a summary."""
-    from quiver.training.data import check_dataset
+    from quiver.training.data import check_training_file
     from quiver.training.trainer import load_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = load_tokenizer(_base_model(base_model)[0]) if tokens else None
-    report = check_dataset(file, tokenizer, max_seq_len if tokens else None)
+    if data_format not in ("auto", "chat", "preference"):
+        err_console.print(f"[red]--format must be auto, chat or preference, not {data_format!r}")
+        raise typer.Exit(2)
+    report = check_training_file(file, tokenizer, max_seq_len if tokens else None, data_format)
     if as_json:
         issues = [{"severity": i.severity, "code": i.code, "line": i.line, "message": i.message} for i in report.issues]
         console.print_json(json.dumps({"summary": report.summary(), "issues": issues}))
@@ -79,7 +85,7 @@ def train_command(
 
     from quiver.training.data import DatasetError
     from quiver.training.encoding import LossMaskError
-    from quiver.training.trainer import train
+    from quiver.training.trainer import InitAdapterError, train
 
     overrides = {key: value for key, value in hyperparameters.items() if value is not None}
     try:
@@ -94,7 +100,7 @@ def train_command(
             file, run_dir, train_config, name=name, validation_file=validation_file,
             base_model_dir=base_dir, base_model_name=base_name, console=console,
         )
-    except (DatasetError, LossMaskError) as exc:
+    except (DatasetError, LossMaskError, InitAdapterError) as exc:
         err_console.print(f"[red]{exc}")
         raise typer.Exit(1) from exc
     training = result.manifest["training"]
@@ -110,8 +116,10 @@ def train_command(
 def _cli_type(annotation: Any) -> type | None:
     """The option type for a TrainConfig field: scalars as they are, `int | "auto"` as text that TrainConfig
     parses; lists (target_modules) are left to the YAML --config."""
-    if annotation in (int, float, bool, str):
+    if annotation in (int, float, bool, str, Path):
         return annotation
+    if get_origin(annotation) is Literal:  # e.g. method: TrainConfig checks the choice
+        return str
     args = [arg for arg in get_args(annotation) if arg is not type(None)]
     if get_origin(annotation) in (Union, UnionType) and args:
         if len(args) == 1:
@@ -171,10 +179,13 @@ def eval_command(
 def _print_eval(run_dir: Path, url: str, api_key: str | None, base_model: str | None, adapter_model: str | None) -> None:
     import openai
 
-    from quiver.training.evaluate import evaluate_run
+    from quiver.training.evaluate import evaluate_preference_run, evaluate_run
+    from quiver.training.manifest import read_manifest
 
+    dpo = read_manifest(run_dir)["hyperparameters"].get("method") == "dpo"
+    evaluate = evaluate_preference_run if dpo else evaluate_run
     try:
-        report = evaluate_run(run_dir, url, api_key=api_key, base_model=base_model, adapter_model=adapter_model)
+        report = evaluate(run_dir, url, api_key=api_key, base_model=base_model, adapter_model=adapter_model)
     except openai.OpenAIError as exc:
         err_console.print(f"[red]evaluation failed: {exc}")
         raise typer.Exit(1) from exc

@@ -35,6 +35,14 @@ class TrainConfig(BaseModel):
     # Trades compute for memory: worth it for large models on GPUs, a pure slowdown for small models on CPU.
     gradient_checkpointing: bool = False
 
+    # Method: supervised fine-tuning (SFTTrainer) or preference tuning (TRL's DPOTrainer, OpenAI's `dpo` method).
+    method: Literal["supervised", "dpo"] = "supervised"
+    # DPO's KL penalty weight: higher keeps the adapter closer to its reference. OpenAI bounds it to (0, 2].
+    beta: float = Field(0.1, gt=0, le=2)
+    # Continue from an existing LoRA adapter folder (its weights, rank and targets) instead of a fresh LoRA.
+    # With `dpo` the adapter as loaded is also the reference model.
+    init_adapter: Path | None = None
+
     # Data split and early stopping on validation loss (checked once per epoch).
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)

@@ -1,9 +1,13 @@
 """Training data: load and validate JSONL examples, report on them, and split them.
 
-Two line formats are accepted, and both become a list of chat messages:
+Two line formats are accepted for supervised training, and both become a list of chat messages:
 - OpenAI chat format: `{"messages": [...], "tools": [...]}` with `tool_calls` / `tool_call_id` and an optional
   assistant `weight` (0 or 1; 0 keeps the turn as context without training on it);
 - prompt/response pairs: `{"prompt": "...", "response": "..."}` (or `"completion"` instead of `"response"`).
+
+Preference tuning (DPO) takes OpenAI's preference format instead, one pair of answers to one prompt per line:
+`{"input": {"messages": [...], "tools"?: [...]}, "preferred_output": [{"role": "assistant", ...}],
+"non_preferred_output": [{"role": "assistant", ...}]}` (see the "preference data" section at the end).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -77,6 +82,7 @@ class DatasetReport:
     tokens: TokenStats | None = None
     auto_epochs: int | None = None
     max_seq_len: int | None = None
+    format: Literal["chat", "preference"] = "chat"
 
     @property
     def errors(self) -> list[Issue]:
@@ -93,6 +99,7 @@ class DatasetReport:
     def summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "file": str(self.path),
+            "format": self.format,
             "lines": self.lines,
             "examples": len(self.examples),
             "errors": len(self.errors),
@@ -133,9 +140,11 @@ def auto_epochs(n_train: int) -> int:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
-    """Parse every line; return the valid examples, the per-line issues and the number of lines read."""
-    examples: list[Example] = []
+def load_examples(path: Path, parse: Any = None) -> tuple[list[Any], list[Issue], int]:
+    """Parse every line (with `parse`, default `parse_line`); return the valid examples, the per-line issues and
+    the number of lines read."""
+    parse = parse or parse_line
+    examples: list[Any] = []
     issues: list[Issue] = []
     lines = 0
     with open(path, "rb") as f:
@@ -149,7 +158,7 @@ def load_examples(path: Path) -> tuple[list[Example], list[Issue], int]:
                 continue
             if not raw.strip():
                 continue
-            example, line_issues = parse_line(raw, lineno)
+            example, line_issues = parse(raw, lineno)
             issues.extend(line_issues)
             if example is not None and not any(i.severity == "error" for i in line_issues):
                 examples.append(example)
@@ -504,6 +513,215 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
 def read_examples(path: Path) -> list[Example]:
     """Load a file that must be valid (e.g. a saved split), failing with all its errors otherwise."""
     examples, issues, _ = load_examples(path)
+    if any(i.severity == "error" for i in issues):
+        raise DatasetError(path, issues)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------- preference data
+
+PREFERENCE_KEYS = {"input", "preferred_output", "non_preferred_output"}
+PREFERENCE_INPUT_KEYS = {"messages", "tools", "parallel_tool_calls"}
+OUTPUT_KEYS = ("preferred_output", "non_preferred_output")
+
+
+@dataclass
+class PreferenceExample:
+    """One prompt with a preferred and a non-preferred answer (each one assistant message)."""
+
+    line: int
+    messages: list[dict[str, Any]]  # the prompt: the conversation the answers reply to
+    preferred: dict[str, Any]
+    non_preferred: dict[str, Any]
+    tools: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"messages": self.messages}
+        if self.tools:
+            prompt["tools"] = self.tools
+        return {"input": prompt, "preferred_output": [self.preferred], "non_preferred_output": [self.non_preferred]}
+
+    def key(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)
+
+    def chosen(self) -> Example:
+        return Example(self.line, [*self.messages, self.preferred], self.tools)
+
+    def rejected(self) -> Example:
+        return Example(self.line, [*self.messages, self.non_preferred], self.tools)
+
+
+def detect_format(path: Path) -> Literal["chat", "preference"]:
+    """The format of a training file, from its first parsable line: OpenAI preference data or chat data."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(row, dict):
+                return "preference" if PREFERENCE_KEYS & set(row) else "chat"
+    return "chat"
+
+
+def parse_preference_line(raw: str, line: int) -> tuple[PreferenceExample | None, list[Issue]]:
+    """One preference line. The prompt and each answer are checked as the chat example they make together, so
+    messages, tools and tool calls follow exactly the rules of `parse_line`."""
+
+    def error(code: str, message: str) -> tuple[None, list[Issue]]:
+        return None, [Issue("error", code, message, line)]
+
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return error("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:
+        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if json_depth(row) > MAX_JSON_DEPTH:
+        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(row, dict):
+        return error("invalid_example", f"each line must be a JSON object, got {type(row).__name__}")
+    if "input" not in row and ("messages" in row or "prompt" in row):
+        return error("not_preference_data", "a chat example; preference tuning needs `input`, `preferred_output` "
+                     "and `non_preferred_output` on every line")
+    missing = [key for key in sorted(PREFERENCE_KEYS) if key not in row]
+    if missing:
+        return error("missing_key", f"missing {missing}; a preference line has {sorted(PREFERENCE_KEYS)}")
+    unknown = sorted(set(row) - PREFERENCE_KEYS)
+    if unknown:
+        return error("unknown_key", f"unknown key(s) {unknown}; allowed: {sorted(PREFERENCE_KEYS)}")
+
+    prompt = row["input"]
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("messages"), list) or not prompt["messages"]:
+        return error("invalid_input", "`input` must be an object with a non-empty `messages` list")
+    unknown = sorted(set(prompt) - PREFERENCE_INPUT_KEYS)
+    if unknown:
+        return error("unknown_key", f"`input` has unknown key(s) {unknown}; allowed: {sorted(PREFERENCE_INPUT_KEYS)}")
+    messages = prompt["messages"]
+    if any(isinstance(m, dict) and "weight" in m for m in messages):
+        return error("invalid_weight", "`weight` is for supervised data; a preference prompt is never trained on")
+    last = messages[-1]
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return error("invalid_input", "`input.messages` must end with the turn the answers reply to (user or tool), "
+                     "not with an assistant message")
+
+    answers: dict[str, dict[str, Any]] = {}
+    for key in OUTPUT_KEYS:
+        output = row[key]
+        # OpenAI trains on one-turn answers: exactly one assistant message on each side.
+        if not (isinstance(output, list) and len(output) == 1 and isinstance(output[0], dict)
+                and output[0].get("role") == "assistant"):
+            return error(f"invalid_{key}", f"`{key}` must be a list of exactly one assistant message")
+        if "weight" in output[0]:
+            return error("invalid_weight", f"`{key}[0]` has `weight`, which is for supervised data")
+        as_chat = {"messages": [*messages, output[0]], **({"tools": prompt["tools"]} if "tools" in prompt else {})}
+        example, issues = parse_line(json.dumps(as_chat), line)
+        if example is None:
+            # parse_line numbers the messages of the chat it was given: name them as the caller wrote them.
+            def where(match: re.Match[str], key: str = key) -> str:
+                index = int(match.group(1))
+                return f"{key}[0]" if index == len(messages) else f"input.messages[{index}]"
+
+            return None, [Issue(i.severity, i.code, re.sub(r"\bmessages\[(\d+)\]", where, i.message), line)
+                          for i in issues]
+        answers[key] = example.messages[-1]
+        normalized, tools = example.messages[:-1], example.tools
+    if answers["preferred_output"] == answers["non_preferred_output"]:
+        return error("identical_outputs", "`preferred_output` and `non_preferred_output` are the same answer")
+    return PreferenceExample(line, normalized, answers["preferred_output"], answers["non_preferred_output"], tools), []
+
+
+def check_preference_dataset(
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_seq_len: int | None = None,
+) -> DatasetReport:
+    """`check_dataset` for preference data: the same report, with tokens counted over both answers."""
+    path = Path(path)
+    examples, issues, lines = load_examples(path, parse_preference_line)
+    report = DatasetReport(path, lines, examples, issues, max_seq_len=max_seq_len, format="preference")
+    report.issues.extend(_preference_warnings(examples))
+    if tokenizer is not None and examples:
+        _preference_token_checks(report, tokenizer, max_seq_len)
+    error_lines = {i.line for i in report.errors}
+    report.examples = [e for e in report.examples if e.line not in error_lines]
+    report.auto_epochs = auto_epochs(len(report.examples))
+    return report
+
+
+def check_training_file(
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_seq_len: int | None = None,
+    format: Literal["auto", "chat", "preference"] = "auto",
+) -> DatasetReport:
+    """Check a file in the given format, or the one its first line shows."""
+    format = detect_format(path) if format == "auto" else format
+    check = check_preference_dataset if format == "preference" else check_dataset
+    return check(path, tokenizer, max_seq_len)
+
+
+def _preference_warnings(examples: list[PreferenceExample]) -> list[Issue]:
+    # Several pairs for one prompt are normal preference data, so unlike chat data no `conflicting_answers`.
+    warnings: list[Issue] = []
+    n = len(examples)
+    if 0 < n < MIN_EXAMPLES:
+        low, high = RECOMMENDED_EXAMPLES
+        warnings.append(Issue("warning", "too_few_examples", f"only {n} examples; {low}-{high} are recommended"))
+    first_line_by_key: dict[str, int] = {}
+    for example in examples:
+        key = example.key()
+        if key in first_line_by_key:
+            warnings.append(
+                Issue("warning", "duplicate_example", f"exact duplicate of line {first_line_by_key[key]}", example.line)
+            )
+        else:
+            first_line_by_key[key] = example.line
+    without_system = [e.line for e in examples if not any(m["role"] == "system" for m in e.messages)]
+    if without_system:
+        shown = ", ".join(map(str, without_system[:10])) + (" ..." if len(without_system) > 10 else "")
+        warnings.append(Issue(
+            "warning", "no_system_message",
+            f"{len(without_system)} of {n} examples have no system message (lines {shown}); "
+            "the base model's default system prompt will be used for them",
+        ))
+    return warnings
+
+
+def _preference_token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
+    """Token counts over prompt + each answer, as DPO sees them; an answer cut by max_seq_len loses its end."""
+    lengths: list[int] = []
+    trained = truncated = cut = 0
+    for example in report.examples:
+        try:
+            encoded = [encode_example(e, tokenizer) for e in (example.chosen(), example.rejected())]
+        except TemplateError as exc:
+            report.issues.append(Issue("error", exc.code, str(exc), example.line))
+            continue
+        pair = [len(e.input_ids) for e in encoded]
+        lengths += pair
+        trained += sum(sum(e.assistant_masks) for e in encoded)
+        longest = max(pair)
+        if max_seq_len is not None and longest > max_seq_len:
+            truncated += 1
+            cut += sum(max(0, length - max_seq_len) for length in pair)
+            report.issues.append(Issue(
+                "warning", "too_long",
+                f"{longest} tokens (prompt + the longer answer), over max_seq_len {max_seq_len}: the answers' ends "
+                "would be cut",
+                example.line,
+            ))
+    if lengths:
+        report.tokens = TokenStats(
+            examples=len(lengths) // 2, total=sum(lengths), trained=trained, min=min(lengths),
+            mean=round(statistics.fmean(lengths), 1), median=statistics.median(lengths), max=max(lengths),
+            truncated_examples=truncated, tokens_cut=cut,
+        )
+
+
+def read_preference_examples(path: Path) -> list[PreferenceExample]:
+    """Load a preference file that must be valid (e.g. a saved split), failing with all its errors otherwise."""
+    examples, issues, _ = load_examples(path, parse_preference_line)
     if any(i.severity == "error" for i in issues):
         raise DatasetError(path, issues)
     return examples

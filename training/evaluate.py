@@ -266,3 +266,84 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
 
 def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text or "(empty)").splitlines())
+
+
+# ---------------------------------------------------------------------------------------------- preference runs
+
+# A DPO run has no single right answer to match: the proxy is the preferred trait. For the concise example that
+# is length, so answers are measured against the longest preferred answer of the test split.
+
+
+def length_metrics(answers: list[Answer], target_tokens: int) -> dict[str, Any]:
+    """How long the answers are, and the share no longer than `target_tokens` (end-of-turn token included)."""
+    return {
+        "median_answer_tokens": statistics.median(a.tokens for a in answers),
+        "target_tokens": target_tokens,
+        "within_target_length": round(statistics.fmean(a.tokens <= target_tokens for a in answers), 4),
+    }
+
+
+def preferred_target_tokens(run_dir: Path, examples: list[Any]) -> int:
+    """The longest preferred answer in tokens, plus the end-of-turn token the server counts in completion_tokens."""
+    from quiver.training.trainer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(read_manifest(run_dir)["base_model"]["path"]))
+    return 1 + max(len(tokenizer(e.preferred["content"] or "", add_special_tokens=False)["input_ids"]) for e in examples)
+
+
+def evaluate_preference_run(
+    run_dir: Path,
+    url: str,
+    *,
+    api_key: str | None = None,
+    base_model: str | None = None,
+    adapter_model: str | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    samples: int = DEFAULT_SAMPLES,
+    target_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Base vs adapter on a DPO run's held-out prompts: similarity to the preferred answer and the length proxy.
+    Writes eval_report.md and .json in the same format as `evaluate_run`."""
+    from openai import OpenAI
+
+    from quiver.training.data import read_preference_examples
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    base_model = base_model or manifest["base_model"]["name"]
+    adapter_model = adapter_model or (manifest.get("registered") or {}).get("id") or manifest["name"]
+    examples = read_preference_examples(run_dir / SPLIT_DIR / "test.jsonl")
+    if not examples:
+        raise ValueError(f"{run_dir} has no test examples to evaluate")
+    target_tokens = target_tokens or preferred_target_tokens(run_dir, examples)
+    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=2)
+
+    def ask(model: str, example: Any) -> Answer:
+        extra = {"tools": example.tools} if example.tools else {}
+        completion = client.chat.completions.create(
+            model=model, messages=example.messages, temperature=0, max_tokens=max_tokens, **extra
+        )
+        return Answer(completion.choices[0].message.content or "", completion.usage.completion_tokens)
+
+    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        answers = {
+            role: list(pool.map(lambda e, m=model: ask(m, e), examples))
+            for role, model in (("base", base_model), ("adapter", adapter_model))
+        }
+    expected = [e.preferred["content"] or "" for e in examples]
+    report = {
+        "url": url,
+        "models": {"base": base_model, "adapter": adapter_model},
+        "decoding": {"temperature": 0, "max_tokens": max_tokens},
+        "metrics": {role: {**score(expected, role_answers), **length_metrics(role_answers, target_tokens)}
+                    for role, role_answers in answers.items()},
+        "samples": [
+            {"line": e.line, "prompt": e.messages[-1]["content"], "expected": expected[i],
+             "base": answers["base"][i].text, "adapter": answers["adapter"][i].text}
+            for i, e in enumerate(examples[:samples])
+        ],
+    }
+    (run_dir / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (run_dir / "eval_report.md").write_text(render_markdown(report, manifest["name"]))
+    update_manifest(run_dir, eval={"models": report["models"], "metrics": report["metrics"]})
+    return report

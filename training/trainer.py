@@ -1,7 +1,9 @@
-"""LoRA fine-tuning of the served base model with TRL's SFTTrainer, loss on assistant tokens only."""
+"""LoRA fine-tuning of the served base model with TRL: SFTTrainer (loss on assistant tokens only) or, for
+`method="dpo"`, DPOTrainer on preference pairs; from a fresh LoRA or continuing an existing adapter."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -22,17 +24,30 @@ from quiver.training.data import (
     DatasetReport,
     Split,
     check_dataset,
+    check_preference_dataset,
     require_valid,
     split_examples,
     write_jsonl,
 )
 from quiver.training.encoding import MaskStats, check_loss_mask, encode_examples, end_of_turn_ids
-from quiver.training.manifest import base_model_digest, package_versions, text_sha256, write_manifest
+from quiver.training.manifest import (
+    ADAPTER_FILES,
+    MANIFEST_FILE,
+    base_model_digest,
+    package_versions,
+    text_sha256,
+    write_manifest,
+)
+from quiver.training.preference import chosen_label_rows, preference_dataset, reward_curve, save_preference_curve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SPLIT_DIR = "data"
+
+
+class InitAdapterError(ValueError):
+    """The adapter to continue from is missing, not LoRA, or made for another base model."""
 
 
 @dataclass
@@ -97,7 +112,8 @@ class RichProgress(TrainerCallback):
 
 
 def _checked(path: Path, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, console: Console) -> DatasetReport:
-    report = check_dataset(path, tokenizer, config.max_seq_len)
+    check = check_preference_dataset if config.method == "dpo" else check_dataset
+    report = check(path, tokenizer, config.max_seq_len)
     require_valid(report)
     for warning in report.warnings:
         console.print(f"[yellow]{warning}")
@@ -135,7 +151,7 @@ class Run:
     split: Split
     epochs: int
     use_bf16: bool
-    trainer: Any  # trl.SFTTrainer (imported lazily: torch is heavy)
+    trainer: Any  # trl.SFTTrainer or trl.DPOTrainer (imported lazily: torch is heavy)
     mask: MaskStats
     initial_validation_loss: float | None = None
     train_seconds: float = 0.0
@@ -181,10 +197,11 @@ def setup(
     console: Console | None = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> Run:
-    """Check and split the data (the splits are written), load the base model, build the trainer, check the loss mask."""
+    """Check and split the data (the splits are written), load the base model (and the adapter to continue from),
+    build the trainer for the method, check the loss mask."""
     import torch
     from transformers import AutoModelForCausalLM, EarlyStoppingCallback
-    from trl import SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
 
     config = config or TrainConfig()
     console = console or Console()
@@ -208,23 +225,41 @@ def setup(
 
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    # A fresh LoRA is made by the trainer from `peft_config`; a continued one is loaded trainable here, and then
+    # DPOTrainer keeps a frozen copy of it as the reference model (the base model is the reference otherwise).
+    peft_config = _lora_config(config)
+    if config.init_adapter is not None:
+        model, peft_config = load_init_adapter(model, config.init_adapter, Path(base_model_dir)), None
+        console.print(f"continuing from the adapter in {config.init_adapter}")
     has_validation = bool(split.validation)
     callbacks = [RichProgress(console), *(callbacks or [])]
     if has_validation:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = SFTTrainer(
-        model=model,
-        args=_sft_args(config, run_dir / "checkpoints", epochs, has_validation, use_bf16),
-        train_dataset=encode_examples(split.train, tokenizer),
-        eval_dataset=encode_examples(split.validation, tokenizer) if has_validation else None,
-        processing_class=tokenizer,
-        peft_config=_lora_config(config),
-        callbacks=callbacks,
-    )
+    args = _training_args(config, run_dir / "checkpoints", epochs, has_validation, use_bf16)
+    if config.method == "dpo":
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=preference_dataset(split.train, tokenizer),
+            eval_dataset=preference_dataset(split.validation, tokenizer) if has_validation else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        labels = chosen_label_rows(trainer.train_dataset, config.max_seq_len)
+    else:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=encode_examples(split.train, tokenizer),
+            eval_dataset=encode_examples(split.validation, tokenizer) if has_validation else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        labels = trainer.train_dataset["labels"]
     trainer.remove_callback(PrinterCallback)  # RichProgress reports instead of raw log dicts
-    mask = check_loss_mask(
-        trainer.train_dataset["labels"], end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t])
-    )
+    mask = check_loss_mask(labels, end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t]))
     if mask.examples_ending_turn < mask.examples:
         console.print(
             f"[yellow]{mask.examples - mask.examples_ending_turn} of {mask.examples} training examples lose their "
@@ -238,11 +273,14 @@ def setup(
     )
 
 
-def _sft_args(config: TrainConfig, checkpoints: Path, epochs: int, has_validation: bool, use_bf16: bool):
+def _training_args(config: TrainConfig, checkpoints: Path, epochs: int, has_validation: bool, use_bf16: bool):
+    """SFTConfig or DPOConfig: the same schedule, checkpoints and logging for both methods."""
     import torch
-    from trl import SFTConfig
+    from trl import DPOConfig, SFTConfig
 
-    return SFTConfig(
+    method_args = {"beta": config.beta} if config.method == "dpo" else {}
+    return (DPOConfig if config.method == "dpo" else SFTConfig)(
+        **method_args,
         output_dir=str(checkpoints),
         max_length=config.max_seq_len,
         per_device_train_batch_size=config.batch_size,
@@ -282,6 +320,46 @@ def _lora_config(config: TrainConfig):
     )
 
 
+def load_init_adapter(model: Any, adapter_dir: Path, base_model_dir: Path) -> Any:
+    """`model` with the LoRA adapter in `adapter_dir` loaded trainable, after checking it was made for this base:
+    the base digest its manifest records (quiver runs), else every LoRA tensor's shape against the module it adapts."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise InitAdapterError(f"{adapter_dir} is not a LoRA adapter folder: {', '.join(missing)} missing")
+    try:
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InitAdapterError(f"{adapter_dir}/adapter_config.json is not readable JSON: {exc}") from exc
+    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
+        raise InitAdapterError(f"{adapter_dir} holds a {adapter_config.get('peft_type') if isinstance(adapter_config, dict) else None!r} "
+                               "adapter; only LoRA adapters can be continued")
+    if (adapter_dir / MANIFEST_FILE).is_file():
+        recorded = (json.loads((adapter_dir / MANIFEST_FILE).read_text()).get("base_model") or {}).get("digest")
+        if recorded and recorded != base_model_digest(base_model_dir):
+            raise InitAdapterError(f"{adapter_dir} was trained on another base model ({recorded}), not {base_model_dir}")
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as tensors:
+        for key in tensors.keys():
+            kind = next((k for k in ("lora_A", "lora_B") if key.endswith(f".{k}.weight")), None)
+            if kind is None:
+                continue
+            path = key.removeprefix("base_model.model.").removesuffix(f".{kind}.weight")
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise InitAdapterError(f"{adapter_dir} adapts {path}, which the base model does not have") from None
+            shape = tuple(tensors.get_slice(key).get_shape())
+            fits = (shape[1] == getattr(module, "in_features", None) if kind == "lora_A"
+                    else shape[0] == getattr(module, "out_features", None))
+            if len(shape) != 2 or not fits:
+                raise InitAdapterError(f"{adapter_dir}: {key} has shape {list(shape)}, which does not fit the base "
+                                       f"model's {path}: it was made for another base model")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+
+
 def fit(run: Run) -> Any:
     """Train; the validation loss before the first step is measured first, as the curve's starting point."""
     if run.has_validation:
@@ -303,13 +381,18 @@ def validate(run: Run) -> float | None:
 def save(run: Run, output: Any, final_validation_loss: float | None) -> TrainResult:
     """Write the adapter, the loss curve (with its warnings) and the manifest; drop the checkpoints."""
     trainer, console = run.trainer, run.console
-    trainer.model.save_pretrained(run.run_dir, safe_serialization=True)
+    # Only the trained adapter: continued DPO also holds its frozen reference copy ("ref"), which is not saved.
+    trainer.model.save_pretrained(run.run_dir, safe_serialization=True, selected_adapters=["default"])
     shutil.rmtree(run.checkpoints, ignore_errors=True)
     curve = curve_from_log_history(trainer.state.log_history)
     if run.initial_validation_loss is not None:  # train() starts a fresh log history, without the step-0 evaluation
         curve["validation"].insert(0, {"step": 0, "epoch": 0.0, "loss": run.initial_validation_loss})
     warnings = curve_warnings(curve)
-    save_curve(run.run_dir, curve, warnings)
+    if run.config.method == "dpo":
+        curve.update(reward_curve(trainer.state.log_history))
+        save_preference_curve(run.run_dir, curve, warnings)
+    else:
+        save_curve(run.run_dir, curve, warnings)
     for warning in warnings:
         console.print(f"[yellow]warning: {warning}")
     manifest = _manifest(run, output, curve, warnings, final_validation_loss)
@@ -343,7 +426,8 @@ def _manifest(run: Run, output: Any, curve: dict[str, Any], warnings: list[str],
             "counts": {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)},
             "test_split": f"{SPLIT_DIR}/test.jsonl",
         },
-        "hyperparameters": {**config.model_dump(), "resolved_epochs": run.epochs},
+        "hyperparameters": {**config.model_dump(mode="json"), "resolved_epochs": run.epochs},
+        "init_adapter": _init_adapter_record(config.init_adapter),
         "training": {
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "dtype": "bfloat16" if run.use_bf16 else "float32",
@@ -358,9 +442,35 @@ def _manifest(run: Run, output: Any, curve: dict[str, Any], warnings: list[str],
             "final_train_loss": train_losses[-1] if train_losses else None,
             "initial_validation_loss": run.initial_validation_loss,
             "final_validation_loss": final_validation_loss,
+            **_final_rewards(curve),
             "warnings": warnings,
         },
         "eval": None,
         "registered": None,
         "versions": package_versions(),
     }
+
+
+def _init_adapter_record(adapter_dir: Path | None) -> dict[str, Any] | None:
+    """Where a continued adapter started: its folder, weights digest and LoRA shape (which the result keeps)."""
+    if adapter_dir is None:
+        return None
+    adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return {
+        "path": str(Path(adapter_dir).resolve()),
+        "adapter_sha256": file_sha256(Path(adapter_dir) / "adapter_model.safetensors"),
+        "rank": adapter_config.get("r"),
+        "alpha": adapter_config.get("lora_alpha"),
+        "target_modules": adapter_config.get("target_modules"),
+    }
+
+
+def _final_rewards(curve: dict[str, Any]) -> dict[str, Any]:
+    """DPO only: the last logged reward margin and accuracy, on the training batches and on the validation split."""
+    record: dict[str, Any] = {}
+    for part in ("train_rewards", "validation_rewards"):
+        if curve.get(part):
+            last = curve[part][-1]
+            record[f"final_{part.removesuffix('_rewards')}_reward_margin"] = last.get("margin")
+            record[f"final_{part.removesuffix('_rewards')}_reward_accuracy"] = last.get("accuracy")
+    return record
