@@ -343,6 +343,9 @@ def tools_examples(rng: random.Random) -> list[dict]:
             continue
         seen.add(prompt)
         rows.append(row)
+    return rows
+
+
 CONCISE_SYSTEM = "You are a helpful assistant."
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Peru", "Lima"),
             ("Norway", "Oslo"), ("Egypt", "Cairo"), ("Portugal", "Lisbon"), ("Australia", "Canberra"),
