@@ -1,0 +1,80 @@
+"""The two kinds of caller-written matching a suite holds, made safe: regexes run on RE2 (linear time, bounded
+memory) and JSON Schemas validate with `jsonschema` without ever fetching a remote `$ref` or running a
+Python regex."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator
+
+import re2
+import referencing
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError, ValidationError
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the caller's error, not a log line
+_RE2_OPTIONS.max_mem = 8 * 1024 * 1024  # bounds the compiled automaton (e.g. `(a{1000}){1000}`)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> Any:
+    """The compiled RE2 pattern; ValueError (a validation error for pydantic) when RE2 refuses it."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error:
+        raise ValueError("not a regular expression this server accepts (RE2 syntax: no backreferences or "
+                         "look-around; bounded size)") from None
+
+
+def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not compile_pattern(pattern).search(instance):
+        yield ValidationError(f"the string does not match the pattern {pattern!r}")
+
+
+# jsonschema's own `pattern` runs Python's backtracking `re` on a schema's pattern: a ReDoS for a hostile
+# suite. `pattern` runs on RE2 instead; `patternProperties` (also matched by `re` inside jsonschema's
+# `additionalProperties`) is refused when the suite is checked.
+_Validator = validators.extend(Draft202012Validator, {"pattern": _re2_pattern})
+# Only the metaschemas: a `$ref` to anything else is unresolvable (jsonschema's default registry would fetch
+# http(s) URLs, a request forgery from inside the server).
+_REGISTRY: referencing.Registry = referencing.Registry()
+
+
+def _walk(schema: Any) -> Iterator[tuple[str, Any]]:
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                yield key, value
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """ValueError with a clear message when the schema is not one this server runs."""
+    try:
+        _Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    for key, value in _walk(schema):
+        if key == "patternProperties":
+            raise ValueError("`patternProperties` is not supported in suite schemas (use `properties`)")
+        if key == "pattern" and isinstance(value, str):
+            compile_pattern(value)
+        if key in ("$ref", "$dynamicRef") and isinstance(value, str) and not value.startswith("#"):
+            raise ValueError("only local `$ref`s (`#...`) are allowed in suite schemas")
+
+
+def schema_errors(schema: dict[str, Any], instance: Any) -> str | None:
+    """The first reason `instance` does not conform, or None."""
+    try:
+        error = next(_Validator(schema, registry=_REGISTRY).iter_errors(instance), None)
+    except referencing.exceptions.Unresolvable as exc:
+        return f"the schema has an unresolvable reference: {exc}"
+    if error is None:
+        return None
+    where = "/".join(str(part) for part in error.absolute_path)
+    return f"{where or 'the answer'}: {error.message}"[:500]
