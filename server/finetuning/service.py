@@ -371,5 +371,12 @@ class JobService:
             finally:
                 for _, handle in files:
                     handle.close()
-            self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version.id})",
+            gate = version.gate
+            if gate is not None and not gate.passed:  # the name's suite kept it from becoming current
+                self._finish(job_id, "succeeded", f"gated: {gate.passed_cases}/{gate.total_cases} passed, staged as "
+                             f"{version.id} (report: {gate.report}.md)", level="warn", fine_tuned_model=version.id,
+                             trained_tokens=result.trained_tokens, result_files=[])
+                return
+            passed = f"; suite passed {gate.passed_cases}/{gate.total_cases}" if gate is not None else ""
+            self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version.id}){passed}",
                          fine_tuned_model=name, trained_tokens=result.trained_tokens, result_files=[])
