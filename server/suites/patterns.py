@@ -36,9 +36,15 @@ def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> I
 # suite. `pattern` runs on RE2 instead; `patternProperties` (also matched by `re` inside jsonschema's
 # `additionalProperties`) is refused when the suite is checked.
 _Validator = validators.extend(Draft202012Validator, {"pattern": _re2_pattern})
-# Only the metaschemas: a `$ref` to anything else is unresolvable (jsonschema's default registry would fetch
-# http(s) URLs, a request forgery from inside the server).
+# Only the metaschemas, should a reference ever get through: jsonschema's default registry fetches http(s)
+# URLs.
 _REGISTRY: referencing.Registry = referencing.Registry()
+
+
+# References are refused: a remote one is a request forgery, a local one can loop (`{"$ref": "#"}` recurses
+# without end) or fan out exponentially (each definition referring twice to the next). Without them, checking
+# an answer costs at most (schema size x answer size).
+_REFERENCES = ("$ref", "$dynamicRef", "$recursiveRef")
 
 
 def _walk(schema: Any) -> Iterator[tuple[str, Any]]:
@@ -64,16 +70,16 @@ def check_json_schema(schema: dict[str, Any]) -> None:
             raise ValueError("`patternProperties` is not supported in suite schemas (use `properties`)")
         if key == "pattern" and isinstance(value, str):
             compile_pattern(value)
-        if key in ("$ref", "$dynamicRef") and isinstance(value, str) and not value.startswith("#"):
-            raise ValueError("only local `$ref`s (`#...`) are allowed in suite schemas")
+        if key in _REFERENCES:
+            raise ValueError(f"`{key}` is not supported in suite schemas (write the definitions inline)")
 
 
 def schema_errors(schema: dict[str, Any], instance: Any) -> str | None:
     """The first reason `instance` does not conform, or None."""
     try:
         error = next(_Validator(schema, registry=_REGISTRY).iter_errors(instance), None)
-    except referencing.exceptions.Unresolvable as exc:
-        return f"the schema has an unresolvable reference: {exc}"
+    except (referencing.exceptions.Unresolvable, RecursionError):
+        return "the schema cannot be evaluated"
     if error is None:
         return None
     where = "/".join(str(part) for part in error.absolute_path)

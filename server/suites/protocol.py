@@ -94,7 +94,7 @@ class JsonCheck(_Strict):
 class JsonSchemaCheck(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["json_schema"]
-    json_schema: dict[str, Any] = Field(alias="schema", description="JSON Schema (draft 2020-12); patterns in RE2")
+    json_schema: dict[str, Any] = Field(alias="schema", description="JSON Schema (draft 2020-12); patterns in RE2; no `$ref`, no `patternProperties`")
 
     @field_validator("json_schema")
     @classmethod
