@@ -26,6 +26,10 @@ def _suites(request: Request) -> SuiteService:
 Suites = Annotated[SuiteService, Depends(_suites)]
 
 
+class MarkdownResponse(PlainTextResponse):
+    media_type = "text/markdown"  # the OpenAPI schema says so too (its content type comes from the class)
+
+
 def _version_ref(ref: str) -> tuple[str, int]:
     parsed = parse_adapter_ref(ref, "ref")
     if parsed.version is None:
@@ -50,8 +54,8 @@ async def get_report(ref: str, suites: Suites) -> Report:
     return await suites.report(*_version_ref(ref))
 
 
-@router.get("/{ref}/report.md", response_class=PlainTextResponse, responses=error_responses(400, 404))
-async def get_report_markdown(ref: str, suites: Suites) -> PlainTextResponse:
+@router.get("/{ref}/report.md", response_class=MarkdownResponse, responses=error_responses(400, 404))
+async def get_report_markdown(ref: str, suites: Suites) -> MarkdownResponse:
     """The gate's report on `name@N` as a Markdown page: each case, its checks, the answers side by side."""
     report = await suites.report(*_version_ref(ref))
-    return PlainTextResponse(render_markdown(report), media_type="text/markdown; charset=utf-8")
+    return MarkdownResponse(render_markdown(report))
