@@ -402,3 +402,33 @@ def test_documents_live_beside_versions_and_do_not_disturb_scans(backend: Backen
     assert other.read_document("bot", "reports/1.json") == b"{}"
     assert list(other.scan()["bot"].versions) == [1]
     assert register(other, "bot").version == 2  # numbering is not confused by the documents
+
+
+def test_a_fine_tuning_job_respects_the_gate_and_says_so(gateway: InProcessGateway, fake_adapter: Path) -> None:
+    """The job's registration (what `_run` does once the worker has trained) through the gate; read back with the
+    official client's fine-tuning API."""
+    from quiver.common.jobs import JobResult
+    from quiver.finetuning.protocol import FineTuningJob, Hyperparameters
+
+    gateway.admin().put("/v1/adapters/bot/suite", json=only_version(1))
+    jobs = gateway.state.jobs
+
+    def finished_job(job_id: str) -> str:
+        jobs._job_dir(job_id).mkdir(parents=True)
+        jobs._update(FineTuningJob(id=job_id, created_at=int(time.time()), model=BASE, status="running",
+                                   training_file="file-x", hyperparameters=Hyperparameters(), seed=1), "Training")
+        gateway.engine.threadsafe(jobs._register, job_id, "bot",
+                                  JobResult(status="succeeded", trained_tokens=10, run_dir=fake_adapter))
+        return job_id
+
+    client = gateway.openai(ADMIN_KEY)
+    passed = client.fine_tuning.jobs.retrieve(finished_job("ftjob-" + "a" * 24))
+    assert (passed.status, passed.fine_tuned_model) == ("succeeded", "bot")
+    assert client.fine_tuning.jobs.list_events(passed.id).data[0].message == \
+        "New fine-tuned model created: bot (bot@1); suite passed 1/1"
+    gated = client.fine_tuning.jobs.retrieve(finished_job("ftjob-" + "b" * 24))
+    assert (gated.status, gated.fine_tuned_model) == ("succeeded", "bot@2")
+    event = client.fine_tuning.jobs.list_events(gated.id).data[0]
+    assert event.level == "warn"
+    assert event.message == "gated: 0/1 passed, staged as bot@2 (report: /v1/adapters/bot@2/report.md)"
+    assert gateway.admin().get("/v1/adapters/bot").json()["current_version"] == 1
