@@ -111,3 +111,29 @@ def test_the_cli_runs_the_suite_against_the_server(quiver_server: QuiverServer, 
         [c["answers"]["candidate"]["text"] for c in in_server["cases"]]
     failed = CliRunner().invoke(app, ["suite", "run", f"{NAME}@2", *common])
     assert failed.exit_code == 1 and "**FAILED**" in failed.stdout
+
+
+def test_a_tool_call_case_on_the_real_engine(quiver_server: QuiverServer, gated: dict, tmp_path: Path) -> None:
+    """`tool_choice: required` makes vLLM produce a call (structured output, no tool parser needed): the
+    `tool_call` check reads it from the official answer shape."""
+    from quiver.cli import app
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                               "parameters": {"type": "object", "required": ["city"],
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    ask = {"messages": [{"role": "user", "content": "What is the weather in Oslo?"}], "tools": tools,
+           "tool_choice": "required", "max_tokens": 48}
+    (tmp_path / "tools.json").write_text(json.dumps({"cases": [
+        {"id": "calls-the-tool", "request": ask, "checks": [{"type": "tool_call", "name": "get_weather"}]},
+        {"id": "wrong-tool", "request": ask, "checks": [{"type": "tool_call", "name": "get_time"}]},
+    ]}))
+    common = ["--url", quiver_server.base_url, "--api-key", quiver_server.api_key, "--admin-key",
+              quiver_server.admin_key]
+    result = CliRunner().invoke(app, ["suite", "run", f"{NAME}@1", *common, "--suite", str(tmp_path / "tools.json"),
+                                      "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 1, result.output  # the second case cannot pass
+    report = json.loads((tmp_path / "r.json").read_text())
+    [call] = report["cases"][0]["answers"]["candidate"]["tool_calls"]
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    assert [c["passed"] for c in report["cases"]] == [True, False]
+    assert report["cases"][1]["checks"][0]["detail"] == "no call of `get_time` (calls: get_weather)"
