@@ -29,6 +29,8 @@ from quiver.finetuning.router import router as finetuning_router
 from quiver.finetuning.service import FileService, JobService
 from quiver.inference.limiter import KeyLimiter, RequestLimiter
 from quiver.inference.router import router as inference_router
+from quiver.suites.router import router as suites_router
+from quiver.suites.service import SuiteService
 from quiver.inference.service import InferenceService
 from quiver.limits import BodySizeLimit
 from quiver.metrics import Metrics
@@ -64,6 +66,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         registry.load_store()
         engine.on_restart(registry.forget_engine_state)
         state.engine, state.registry = engine, registry
+        state.suites = registry.gate = SuiteService(registry.store, engine, registry)
         limiter = RequestLimiter(settings.max_running_requests, settings.max_waiting_requests, state.metrics)
         state.usage = UsageLedger(settings.state_dir / "usage.sqlite3", settings.usage_retention_days * 86_400)
         state.inference = InferenceService(
@@ -114,6 +117,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(inference_router)
     app.include_router(adapters_router)
+    app.include_router(suites_router)
     app.include_router(finetuning_router)
     app.include_router(usage_router)
     app.include_router(console_router)  # the web console at /console (and `/` redirects there)

@@ -79,5 +79,61 @@ def model_prepare() -> None:
     typer.echo(str(path))
 
 
+suite_app = typer.Typer(help="Test suites per adapter name: the gate a new version passes before it becomes current.",
+                        no_args_is_help=True)
+app.add_typer(suite_app, name="suite")
+
+
+def _suite_failure(exc: Exception) -> typer.Exit:
+    console.print(f"[red]{exc}[/red]")
+    return typer.Exit(2)
+
+
+@suite_app.command("check")
+def suite_check(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="a suite.json")]) -> None:
+    """Validate a suite file as the server would (exit 2 with the first problem)."""
+    from quiver.errors import DomainError
+    from quiver.suites.service import parse_suite
+
+    try:
+        suite = parse_suite(file.read_bytes())
+    except DomainError as exc:
+        raise _suite_failure(exc) from None
+    console.print(f"[green]valid:[/green] {len(suite.cases)} cases")
+
+
+@suite_app.command("run")
+def suite_run(
+    ref: Annotated[str, typer.Argument(help="`name@N` (a version) or `name` (its current version)")],
+    url: Annotated[str, typer.Option(help="the quiver server")] = "http://127.0.0.1:8000",
+    api_key: Annotated[Optional[str], typer.Option(envvar="QUIVER_API_KEY", help="key for the chat requests")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(
+        envvar="QUIVER_ADMIN_KEY", help="key to read the name's suite and versions (default: --api-key)")] = None,
+    suite: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False,
+                                                  help="run this suite file instead of the name's")] = None,
+    base: Annotated[Optional[str], typer.Option(help="model for `not_worse_than: base` (default: the adapter's base)")] = None,
+    current: Annotated[Optional[str], typer.Option(help="model for `not_worse_than: current` (default: name@current)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the JSON report here")] = None,
+) -> None:
+    """Run a suite against any server; print the Markdown report. Exit 0 if it passes, 1 if not."""
+    import asyncio
+
+    from quiver.errors import DomainError
+    from quiver.suites.client import SuiteClientError, run_remote
+    from quiver.suites.runner import render_markdown
+
+    try:
+        report = asyncio.run(run_remote(ref, url, api_key, admin_key, suite.read_bytes() if suite else None,
+                                        base, current))
+    except (DomainError, SuiteClientError) as exc:
+        raise _suite_failure(exc) from None
+    if json_out is not None:
+        json_out.write_text(report.model_dump_json(indent=1))
+    typer.echo(render_markdown(report))
+    verdict = "[green]passed[/green]" if report.passed else "[red]failed[/red]"
+    console.print(f"{ref}: {verdict} ({report.passed_cases}/{report.total_cases} cases)")
+    raise typer.Exit(0 if report.passed else 1)
+
+
 if __name__ == "__main__":
     app()

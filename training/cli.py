@@ -160,7 +160,13 @@ def _register_and_evaluate(
     except RegistrationError as exc:
         err_console.print(f"[red]{exc}")
         raise typer.Exit(1) from exc
-    console.print(f"[green]registered as {record.get('id', name)}[/green] on {url}")
+    from quiver.training.register import SUITE_REPORT_FILE, describe_registration
+
+    gate = record.get("gate")
+    colour = "yellow" if gate and not gate.get("passed") else "green"
+    console.print(f"[{colour}]{describe_registration(record)}[/{colour}] on {url}")
+    if gate:
+        console.print(f"suite report: {url.rstrip('/')}{gate['report']}.md (saved as {run_dir / SUITE_REPORT_FILE})")
     if evaluate:
         _print_eval(run_dir, url, api_key, None, None)
 

@@ -9,7 +9,9 @@ import httpx
 
 from quiver.training.manifest import ADAPTER_FILES, MANIFEST_FILE, update_manifest
 
-UPLOAD_TIMEOUT_S = 120.0
+# The server answers once the name's suite (if it has one) has run on the new version: minutes on a busy CPU.
+UPLOAD_TIMEOUT_S = 900.0
+SUITE_REPORT_FILE = "suite_report.md"
 
 
 class RegistrationError(RuntimeError):
@@ -47,9 +49,34 @@ def register_adapter(
         message, code = _error_details(response)
         raise RegistrationError(f"{url} refused the adapter ({response.status_code}): {message}", response.status_code, code)
     record = response.json()
+    if record.get("gate"):
+        _save_gate_report(run_dir, url, record["gate"], headers, transport)
     if (run_dir / MANIFEST_FILE).is_file():
         update_manifest(run_dir, registered={"url": url, **record})
     return record
+
+
+def describe_registration(record: dict[str, Any]) -> str:
+    """One line: where the version went, and what its name's suite said (the gate)."""
+    gate = record.get("gate")
+    if not gate:
+        return f"registered as {record.get('id')}" + (" (current)" if record.get("current") else " (staged)")
+    if gate.get("passed"):
+        return (f"registered as {record.get('id')}: suite passed {gate['passed_cases']}/{gate['total_cases']}"
+                + (" (current)" if record.get("current") else " (staged)"))
+    return f"gated: {gate['passed_cases']}/{gate['total_cases']} passed, staged as {record.get('id')}"
+
+
+def _save_gate_report(run_dir: Path, url: str, gate: dict[str, Any], headers: dict[str, str],
+                      transport: httpx.BaseTransport | None) -> None:
+    """The gate's Markdown report, beside the run (best effort: the registration itself succeeded)."""
+    try:
+        with httpx.Client(base_url=url.rstrip("/"), timeout=60, transport=transport) as client:
+            response = client.get(f"{gate['report']}.md", headers=headers)
+        if response.is_success:
+            (run_dir / SUITE_REPORT_FILE).write_text(response.text)
+    except (httpx.HTTPError, KeyError, OSError):
+        pass
 
 
 def _error_details(response: httpx.Response) -> tuple[str, str | None]:

@@ -15,6 +15,16 @@ class StoredFile(BaseModel):
     sha256: str
 
 
+class GateResult(BaseModel):
+    """The name's suite run against a version when it was registered (the full report: `report`)."""
+
+    passed: bool
+    passed_cases: int
+    total_cases: int
+    suite_version: int
+    report: str = Field(description="where the report is: JSON here, Markdown at the same path + `.md`")
+
+
 class AdapterVersion(BaseModel):
     """One immutable registration of an adapter; persisted as the version's manifest.json."""
 
@@ -31,6 +41,9 @@ class AdapterVersion(BaseModel):
     size_bytes: int
     warnings: list[str] = Field(default_factory=list,
                                 description="what admission noticed but accepted, e.g. `noop_adapter: ...`")
+    gate: GateResult | None = Field(
+        None, description="the suite's verdict at registration; null when the name had no suite. A failed "
+                          "version stays staged until promoted with `override_gate`")
     current: bool = False
 
 
@@ -54,6 +67,8 @@ class AdapterList(BaseModel):
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(ge=1, le=2**31 - 1, strict=True)
+    override_gate: bool = Field(False, description="promote a version that failed its suite (recorded with who/when)")
+    reason: str | None = Field(None, max_length=500, description="why, recorded with an override")
 
 
 class Deleted(BaseModel):

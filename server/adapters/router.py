@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.security.utils import get_authorization_scheme_param
 
 from quiver.adapters.canary import Canary, CanaryRequest
 from quiver.adapters.model_id import parse_adapter_name, parse_adapter_ref
@@ -27,8 +29,10 @@ Registry = Annotated[AdapterRegistry, Depends(_registry)]
 async def register_adapter(
     registry: Registry,
     name: Annotated[str, Form(description="the adapter's name: requests use it as `model`")],
-    files: Annotated[list[UploadFile], File(description="adapter_config.json + adapter_model.safetensors, or one .tar.gz/.zip")],
-    make_current: Annotated[bool, Form(description="serve this version for `name` right away")] = True,
+    files: Annotated[list[UploadFile], File(description="adapter_config.json + adapter_model.safetensors, or one "
+                                                        ".tar.gz/.zip; optionally a suite.json (the name's new suite)")],
+    make_current: Annotated[bool, Form(description="serve this version for `name` right away (if it passes the "
+                                                   "name's suite, when it has one)")] = True,
 ) -> AdapterVersion:
     return await registry.register(name, [(upload.filename or "", upload.file) for upload in files], make_current)
 
@@ -79,3 +83,16 @@ async def end_canary(name: str, registry: Registry) -> Canary:
 async def promote_canary(name: str, registry: Registry) -> Adapter:
     """Make the canary's version current; the canary ends as `promoted`."""
     return await registry.promote_canary(parse_adapter_name(name))
+def _caller(request: Request) -> str:
+    """Who made an admin change, for its record: the key's fingerprint (never the key)."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    if scheme.lower() != "bearer" or not token:
+        return "anonymous (auth off)"
+    return f"key sha256:{hashlib.sha256(token.encode()).hexdigest()[:12]}"
+
+
+@router.post("/{name}/promote", responses=error_responses(400, 404, 409, 413))
+async def promote_adapter(name: str, body: PromoteRequest, registry: Registry, request: Request) -> Adapter:
+    """Make a version current. One that failed its name's suite needs `override_gate: true` (recorded in its report)."""
+    return await registry.promote(parse_adapter_name(name), body.version, body.override_gate, _caller(request),
+                                  body.reason)

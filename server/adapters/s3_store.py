@@ -446,6 +446,15 @@ class S3AdapterStore(AdapterStore):
             shutil.rmtree(download, ignore_errors=True)
         return target
 
+    def read_document(self, name: str, key: str) -> bytes | None:
+        with self._reaching(f"reading {name}/{key}"):
+            found = self._get(self._key(name, key))
+        return None if found is None else found[0]
+
+    def write_document(self, name: str, key: str, data: bytes) -> None:
+        with self._reaching(f"writing {name}/{key}"):  # a put is atomic: readers see the old or the new object
+            self._client.put_object(Bucket=self.bucket, Key=self._key(name, key), Body=data)
+
     def remove_version(self, name: str, version: int) -> None:
         with self._reaching(f"deleting {name}@{version}"):
             # Un-commit first, so a failure mid-delete cannot leave a half-present version.

@@ -17,12 +17,12 @@ import time
 from collections import Counter
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import AsyncIterator, BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import Any, AsyncIterator, BinaryIO, Protocol
 
 from quiver.adapters.canary import Canary, CanaryRequest, CanaryWatch, choose_version
 from quiver.adapters.model_id import parse_model_id
-from quiver.adapters.protocol import Adapter, AdapterVersion, StoredFile
+from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
 from quiver.adapters.validation import BaseModelSpec, NameConflict, check_adapter_name, validate_adapter_dir
@@ -104,6 +104,17 @@ def parse_canary(name: str, raw: bytes | None) -> Canary | None:
         log.warning("ignoring the canary record of %s: %s", name, str(exc)[:200])
         return None
     return canary if canary.name == name else None
+SUITE_FILE = "suite.json"  # uploaded beside the adapter files: becomes the name's suite, and gates this version
+
+
+class VersionGate(Protocol):
+    """What the registry needs from the suites (`quiver.suites.service.SuiteService`; the arrow runs that way)."""
+
+    def parse_upload(self, source: BinaryIO) -> Any: ...
+
+    async def gate(self, name: str, version: int, uploaded: Any) -> GateResult | None: ...
+
+    async def record_override(self, name: str, version: int, by: str, reason: str | None) -> None: ...
 
 
 class AdapterRegistry:
@@ -140,6 +151,7 @@ class AdapterRegistry:
         self._watches: dict[str, CanaryWatch] = {}  # this replica's error-rate windows of the active canaries
         self._rng = random.Random()
         self._rollbacks: set[asyncio.Task] = set()
+        self.gate: VersionGate | None = None  # set by the app: runs a name's suite before a version can be current
 
     # --- start-up and engine restarts --------------------------------------------------------------
 
@@ -194,6 +206,14 @@ class AdapterRegistry:
         if adapter is None:
             raise adapter_not_found(name)
         return self._describe(adapter)
+
+    def version(self, name: str, version: int) -> AdapterVersion:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise adapter_not_found(name)
+        if version not in adapter.versions:
+            raise version_not_found(name, version)
+        return adapter.versions[version]
 
     def _describe(self, adapter: StoredAdapter) -> Adapter:
         versions = [
@@ -321,6 +341,7 @@ class AdapterRegistry:
         check_adapter_name(name)
         if name == self.base_model_name:
             raise NameConflict("name_conflict", f"`{name}` is the base model's name", param="name")
+        files, suite = self._take_suite(files)
         try:
             staging = self.store.new_staging_dir()
             try:
@@ -328,11 +349,22 @@ class AdapterRegistry:
                 spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
                 stored_files = await asyncio.to_thread(self._describe_files, staging)
                 async with self._write_lock:
-                    return await self._add_version(name, staging, spec, stored_files, make_current)
+                    return await self._add_version(name, staging, spec, stored_files, make_current, suite)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:  # the disk, not the caller: nothing was committed (see _add_version)
             raise storage_error(exc) from None
+
+    def _take_suite(self, files: list[tuple[str, BinaryIO]]) -> tuple[list[tuple[str, BinaryIO]], Any]:
+        """Split an uploaded `suite.json` off the adapter files, checked before anything is staged."""
+        suites = [source for filename, source in files if PurePosixPath(filename).name == SUITE_FILE]
+        if not suites:
+            return files, None
+        if len(suites) > 1 or self.gate is None:
+            raise InvalidRequest(f"upload at most one {SUITE_FILE}" if self.gate else "this server runs no suites",
+                                 code="invalid_suite", param="files")
+        suite = self.gate.parse_upload(suites[0])
+        return [(filename, source) for filename, source in files if PurePosixPath(filename).name != SUITE_FILE], suite
 
     @staticmethod
     def _describe_files(folder: Path) -> list[StoredFile]:
@@ -341,7 +373,7 @@ class AdapterRegistry:
             for path in sorted(folder.iterdir())
         ]
 
-    async def _add_version(self, name, staging, spec, stored_files, make_current) -> AdapterVersion:
+    async def _add_version(self, name, staging, spec, stored_files, make_current, suite=None) -> AdapterVersion:
         adapter = self._adapters.get(name)
         # Store calls run in a thread: with a remote store they are network round trips and uploads.
         version = await asyncio.to_thread(self.store.reserve_version, name)
@@ -362,6 +394,9 @@ class AdapterRegistry:
         try:
             # Loaded before it is committed: the engine has the last word on what it can serve.
             await self._load(name, version)
+            if self.gate is not None:
+                # Under the write lock: the current version (a comparison's reference) stays put meanwhile.
+                record.gate = await self.gate.gate(name, version, suite)
             await asyncio.to_thread(self.store.commit_version, record)
         except (APIError, DomainError, OSError):
             await self._unload(record.id)
@@ -375,22 +410,32 @@ class AdapterRegistry:
         adapter.versions[version] = record
         # Only an explicit make_current moves the name: a version registered with make_current=false is
         # never served under the bare name unless promoted (not even as the first version).
-        if make_current:
+        if make_current and (record.gate is None or record.gate.passed):
             adapter.current = version
         await asyncio.to_thread(self.store.set_current, name, adapter.current)
         self._update_gauge()
-        log.info("registered %s (current: %s@%s)", record.id, name, adapter.current)
+        log.info("registered %s (current: %s@%s)%s", record.id, name, adapter.current,
+                 "" if record.gate is None else f", gate {record.gate.passed_cases}/{record.gate.total_cases}")
         return record.model_copy(update={"current": adapter.current == version})
 
-    async def promote(self, name: str, version: int) -> Adapter:
+    async def promote(self, name: str, version: int, override_gate: bool = False, by: str = "admin",
+                      reason: str | None = None) -> Adapter:
         async with self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
             if version not in adapter.versions:
                 raise version_not_found(name, version)
+            gate = adapter.versions[version].gate
+            failed_gate = gate is not None and not gate.passed
+            if failed_gate and not override_gate:
+                raise Conflict(f"`{name}@{version}` failed its suite ({gate.passed_cases}/{gate.total_cases} cases "
+                               f"passed; report: {gate.report}): promote with override_gate=true to serve it anyway",
+                               code="gate_failed", param="version")
             await self._ensure_loaded(name, version)
             try:
+                if failed_gate and self.gate is not None:  # recorded before it takes effect
+                    await self.gate.record_override(name, version, by, reason)
                 await asyncio.to_thread(self.store.set_current, name, version)
             except OSError as exc:
                 raise storage_error(exc) from None

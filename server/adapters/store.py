@@ -158,6 +158,17 @@ class AdapterStore(ABC):
     @abstractmethod
     def write_canary(self, name: str, raw: bytes) -> None:
         """Replace the canary record of `name` (atomically: readers see the old or the new one)."""
+    # Small documents kept beside a name's versions, outside any version folder (scans ignore them): the
+    # name's suite (`suite.json`, `suites/<n>.json`) and the reports of its versions (`reports/<version>.json`).
+    # `key` is always built by quiver, never taken from a caller.
+
+    @abstractmethod
+    def read_document(self, name: str, key: str) -> bytes | None:
+        """The document's bytes, None if there is none."""
+
+    @abstractmethod
+    def write_document(self, name: str, key: str, data: bytes) -> None:
+        """Replace the document in one step (readers see the old or the new bytes)."""
 
 
 class LocalAdapterStore(AdapterStore):
@@ -278,6 +289,17 @@ class LocalAdapterStore(AdapterStore):
 
     def commit_version(self, record: AdapterVersion) -> None:
         write_json_atomic(self.version_dir(record.name, record.version) / MANIFEST, record.model_dump(mode="json"))
+
+    def read_document(self, name: str, key: str) -> bytes | None:
+        try:
+            return (self.root / name / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_document(self, name: str, key: str, data: bytes) -> None:
+        path = self.root / name / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
 
     def remove_version(self, name: str, version: int) -> None:
         folder = self.version_dir(name, version)

@@ -501,10 +501,14 @@ class JobService:
                 # then that version is promoted rather than registered twice.
                 final = staged.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
                 if final is not None:
-                    await self.registry.promote(name, final)
+                    # A version that failed its name's suite stays staged: the gate decides, not the job.
+                    gate = self.registry.version(name, final).gate
+                    if gate is None or gate.passed:
+                        await self.registry.promote(name, final)
                     version_id = f"{name}@{final}"
                 else:
-                    version_id = (await self._register_folder(name, result.run_dir, make_current=True)).id
+                    registered = await self._register_folder(name, result.run_dir, make_current=True)
+                    version_id, gate = registered.id, registered.gate
             except BaseException:
                 for version in staged.values():  # a job that did not commit leaves no versions behind
                     with contextlib.suppress(DomainError, OSError):
@@ -520,9 +524,15 @@ class JobService:
                 changes["hyperparameters"] = Hyperparameters.model_validate(
                     {k: v for k, v in used.items() if k in Hyperparameters.model_fields})
                 changes["method"] = with_hyperparameters(method, used)
-            self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version_id})",
-                         fine_tuned_model=name, trained_tokens=result.trained_tokens,
-                         result_files=self._results_file(job_id, job_dir), **changes)
+            results = self._results_file(job_id, job_dir)
+            if gate is not None and not gate.passed:  # the name's suite kept it from becoming current
+                self._finish(job_id, "succeeded", f"gated: {gate.passed_cases}/{gate.total_cases} passed, staged as "
+                             f"{version_id} (report: {gate.report}.md)", level="warn", fine_tuned_model=version_id,
+                             trained_tokens=result.trained_tokens, result_files=results, **changes)
+                return
+            passed = f"; suite passed {gate.passed_cases}/{gate.total_cases}" if gate is not None else ""
+            self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version_id}){passed}",
+                         fine_tuned_model=name, trained_tokens=result.trained_tokens, result_files=results, **changes)
 
     def _results_file(self, job_id: str, job_dir: Path) -> list[str]:
         """The metrics CSV as a file of purpose `fine-tune-results`; a failure to write it costs the job
