@@ -55,11 +55,6 @@ async def delete_adapter(ref: str, registry: Registry) -> Deleted:
     return Deleted(id=parsed.id, object="adapter" if parsed.version is None else "adapter.version")
 
 
-@router.post("/{name}/promote", responses=error_responses(400, 404, 413))
-async def promote_adapter(name: str, body: PromoteRequest, registry: Registry) -> Adapter:
-    return await registry.promote(parse_adapter_name(name), body.version)
-
-
 @router.get("/{name}/canary", responses=error_responses(400, 404))
 async def get_canary(name: str, registry: Registry) -> Canary:
     """The running canary (with this replica's error-rate window per version), or the last one and why it ended."""
@@ -83,6 +78,8 @@ async def end_canary(name: str, registry: Registry) -> Canary:
 async def promote_canary(name: str, registry: Registry) -> Adapter:
     """Make the canary's version current; the canary ends as `promoted`."""
     return await registry.promote_canary(parse_adapter_name(name))
+
+
 def _caller(request: Request) -> str:
     """Who made an admin change, for its record: the key's fingerprint (never the key)."""
     scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
