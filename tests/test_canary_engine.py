@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
@@ -16,9 +17,12 @@ MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 
 def test_canary_splits_real_versions_and_sticks_per_user(quiver_server, lora_adapters):
-    server = quiver_server
-    assert server.register(NAME, lora_adapters.random_a).status_code == 201
-    assert server.register(NAME, lora_adapters.random_b, make_current="false").status_code == 201
+    check_canary_split(quiver_server, lora_adapters.random_a, lora_adapters.random_b)
+
+
+def check_canary_split(server, first: Path, second: Path) -> None:
+    assert server.register(NAME, first).status_code == 201
+    assert server.register(NAME, second, make_current="false").status_code == 201
     client = server.openai()
 
     def ask(model: str = NAME, **kwargs):
