@@ -108,7 +108,8 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(sft_run, tmp_path, bas
 
     from quiver.training.trainer import train
 
-    config = DPO_QUICK.model_copy(update={"init_adapter": sft_run.run_dir, "max_steps": 1})
+    # Two steps: the first is the learning-rate warm-up's (rate 0), so one step would leave the weights as loaded.
+    config = DPO_QUICK.model_copy(update={"init_adapter": sft_run.run_dir, "max_steps": 2})
     result = train(_subset(tmp_path, "concise", 20, True), tmp_path / "run", config, base_model_dir=base_model_dir,
                    console=QUIET)
     # Against the base as reference the SFT adapter's own shift would already count: the loss starts at ln 2 only
