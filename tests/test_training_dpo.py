@@ -176,3 +176,23 @@ def test_dpo_adapter_registers_and_serves_with_the_official_client(dpo_run, quiv
     reply = client.chat.completions.create(model="concise-dpo", messages=example.messages, temperature=0, max_tokens=64)
     assert reply.model == "concise-dpo" and reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens > 0
+
+
+def test_length_proxy_and_reward_curve_from_the_log_history():
+    from quiver.training.evaluate import Answer, length_metrics
+    from quiver.training.preference import reward_curve
+
+    answers = [Answer("short", 8), Answer("short too", 12), Answer("a rambling answer", 90), Answer("x", 3)]
+    assert length_metrics(answers, target_tokens=12) == {
+        "median_answer_tokens": 10.0, "target_tokens": 12, "within_target_length": 0.75}
+
+    history = [
+        {"step": 1, "epoch": 0.5, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+        {"step": 2, "epoch": 1.0, "loss": 0.4, "rewards/margins": 0.9, "rewards/accuracies": 1.0},
+        {"step": 2, "epoch": 1.0, "eval_loss": 0.3, "eval_rewards/margins": 1.2, "eval_rewards/accuracies": 1.0},
+    ]
+    assert reward_curve(history) == {
+        "train_rewards": [{"step": 1, "epoch": 0.5, "margin": 0.0, "accuracy": 0.0},
+                          {"step": 2, "epoch": 1.0, "margin": 0.9, "accuracy": 1.0}],
+        "validation_rewards": [{"step": 2, "epoch": 1.0, "margin": 1.2, "accuracy": 1.0}],
+    }
