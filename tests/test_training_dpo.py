@@ -108,7 +108,8 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(sft_run, tmp_path, bas
 
     from quiver.training.trainer import train
 
-    config = DPO_QUICK.model_copy(update={"init_adapter": sft_run.run_dir, "max_steps": 1})
+    # Two steps: the first is the learning-rate warm-up's (rate 0), so one step would leave the weights as loaded.
+    config = DPO_QUICK.model_copy(update={"init_adapter": sft_run.run_dir, "max_steps": 2})
     result = train(_subset(tmp_path, "concise", 20, True), tmp_path / "run", config, base_model_dir=base_model_dir,
                    console=QUIET)
     # Against the base as reference the SFT adapter's own shift would already count: the loss starts at ln 2 only
@@ -173,5 +174,26 @@ def test_dpo_adapter_registers_and_serves_with_the_official_client(dpo_run, quiv
     assert "concise-dpo" in {model.id for model in client.models.list()}
     example = read_preference_examples(dpo_run.run_dir / "data" / "test.jsonl")[0]
     reply = client.chat.completions.create(model="concise-dpo", messages=example.messages, temperature=0, max_tokens=64)
-    assert reply.model == "concise-dpo" and reply.choices[0].message.content.strip()
+    # The gateway answers with the version it served.
+    assert reply.model == "concise-dpo@1" and reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens > 0
+
+
+def test_length_proxy_and_reward_curve_from_the_log_history():
+    from quiver.training.evaluate import Answer, length_metrics
+    from quiver.training.preference import reward_curve
+
+    answers = [Answer("short", 8), Answer("short too", 12), Answer("a rambling answer", 90), Answer("x", 3)]
+    assert length_metrics(answers, target_tokens=12) == {
+        "median_answer_tokens": 10.0, "target_tokens": 12, "within_target_length": 0.75}
+
+    history = [
+        {"step": 1, "epoch": 0.5, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+        {"step": 2, "epoch": 1.0, "loss": 0.4, "rewards/margins": 0.9, "rewards/accuracies": 1.0},
+        {"step": 2, "epoch": 1.0, "eval_loss": 0.3, "eval_rewards/margins": 1.2, "eval_rewards/accuracies": 1.0},
+    ]
+    assert reward_curve(history) == {
+        "train_rewards": [{"step": 1, "epoch": 0.5, "margin": 0.0, "accuracy": 0.0},
+                          {"step": 2, "epoch": 1.0, "margin": 0.9, "accuracy": 1.0}],
+        "validation_rewards": [{"step": 2, "epoch": 1.0, "margin": 1.2, "accuracy": 1.0}],
+    }
