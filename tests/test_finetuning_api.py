@@ -396,6 +396,11 @@ def test_epoch_checkpoints_wait_for_the_epoch_s_evaluation(tmp_path) -> None:
     assert (tmp_path / "checkpoints" / "step-6" / "checkpoint.json").exists()
     assert [e.message for e in EventLog(tmp_path).read()] == ["Checkpoint created at step 3",
                                                               "Checkpoint created at step 6"]
+    # The last three are kept.
+    for step in (9, 12, 15):
+        callback.on_epoch_end(SimpleNamespace(eval_strategy="no"), SimpleNamespace(global_step=step, max_steps=15),
+                              None, model=Model())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-12", "step-15", "step-9"]
 
 
 def test_the_estimate_needs_two_steps() -> None:
