@@ -28,6 +28,9 @@ RESULT = "result.json"
 TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = "checkpoint.json"
+# The epochs' checkpoints kept (and registered), the latest ones: OpenAI's number. With the trainer's early
+# stopping patience of 2 epochs the best epoch, the one the final adapter comes from, is always among them.
+KEPT_CHECKPOINTS = 3
 
 # OpenAI's types: integers must be JSON integers (strict: 3.0, "3" and true are refused), the multiplier a finite
 # number above zero. Bounds as OpenAI documents them (1-50 epochs, batch size 1-256).

@@ -130,8 +130,10 @@ def test_an_invalid_training_file_is_the_same_400(tmp_path: Path) -> None:
 
 
 def _jobs(tmp_path: Path, base_model_name: str = "base") -> JobService:
-    def resolve(model: str):
-        raise NotFound(f"model `{model}` does not exist", code="model_not_found", param="model")
+    from quiver.adapters.service import model_not_found
+
+    def resolve(model: str):  # no adapters registered: what the registry answers for any adapter id
+        raise model_not_found(model)
 
     registry = SimpleNamespace(base_model_name=base_model_name, resolve=resolve)
     return JobService(tmp_path / "jobs", FileService(tmp_path / "files", 1 << 20), registry, tmp_path)  # type: ignore[arg-type]
@@ -152,10 +154,9 @@ def test_job_refusals_are_the_same_answers(tmp_path: Path) -> None:
     jobs = _jobs(tmp_path)
     with pytest.raises(InvalidRequest) as wrong_model:
         asyncio.run(jobs.create(CreateJobRequest(model="other", training_file="file-x")))
-    # Since jobs may continue from a registered adapter, the refusal names both starting points.
-    _same_answer(wrong_model.value, APIError(
-        400, "fine-tuning starts from the served base model `base` or a registered adapter (`name` or "
-             "`name@version`), not `other`", code="model_not_available", param="model"))
+    _same_answer(wrong_model.value, APIError(400, "fine-tuning starts from the served base model `base` or a "
+                                                  "registered adapter (`name` or `name@version`), not `other`",
+                                             code="model_not_available", param="model"))
     with pytest.raises(NotFound) as missing:
         jobs.get("ftjob-nope")
     _same_answer(missing.value, APIError(404, "no fine-tuning job with id `ftjob-nope`", code="job_not_found",

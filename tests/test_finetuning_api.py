@@ -396,6 +396,11 @@ def test_epoch_checkpoints_wait_for_the_epoch_s_evaluation(tmp_path) -> None:
     assert (tmp_path / "checkpoints" / "step-6" / "checkpoint.json").exists()
     assert [e.message for e in EventLog(tmp_path).read()] == ["Checkpoint created at step 3",
                                                               "Checkpoint created at step 6"]
+    # The last three are kept.
+    for step in (9, 12, 15):
+        callback.on_epoch_end(SimpleNamespace(eval_strategy="no"), SimpleNamespace(global_step=step, max_steps=15),
+                              None, model=Model())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-12", "step-15", "step-9"]
 
 
 def test_the_estimate_needs_two_steps() -> None:
@@ -429,6 +434,8 @@ def test_a_real_job_s_checkpoint_is_served_by_name_at_n_and_its_results_download
                                                    messages=[{"role": "user", "content": "Hello"}])
         assert answer.choices[0].message.content
     rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
-    assert [int(r["step"]) for r in rows] == list(range(1, checkpoints[0].step_number + 1))
-    assert all(r["train_loss"] and r["learning_rate"] for r in rows)
+    # Step 0 is the validation loss measured before training; then one row a step.
+    assert [int(r["step"]) for r in rows] == list(range(0, checkpoints[0].step_number + 1))
+    assert rows[0]["valid_loss"] and not rows[0]["train_loss"]
+    assert all(r["train_loss"] and r["learning_rate"] for r in rows[1:])
     assert {int(r["step"]) for r in rows if r["valid_loss"]} >= {c.step_number for c in checkpoints}

@@ -8,6 +8,7 @@ training out of the gateway's process keeps serving responsive while a job runs.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import traceback
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 from quiver.common.jobs import (
     CHECKPOINT,
     CHECKPOINTS,
+    KEPT_CHECKPOINTS,
     RESULT,
     SPEC,
     TRAIN_LOG,
@@ -105,6 +107,9 @@ class EpochCheckpoints(TrainerCallback):
         self.pending = None
         write_record(folder / CHECKPOINT, record)
         self.events.emit(f"Checkpoint created at step {record.step}")
+        complete = sorted(self.root.glob(f"step-*/{CHECKPOINT}"), key=lambda path: int(path.parent.name[5:]))
+        for old in complete[:-KEPT_CHECKPOINTS]:
+            shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def config_for(spec: JobSpec) -> TrainConfig:

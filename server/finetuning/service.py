@@ -46,6 +46,7 @@ from quiver.common.files import file_sha256, write_bytes_atomic, write_json_atom
 from quiver.common.jobs import (
     CHECKPOINT,
     CHECKPOINTS,
+    KEPT_CHECKPOINTS,
     RESULT,
     SPEC,
     TRAIN_LOG,
@@ -493,7 +494,7 @@ class JobService:
             staged: dict[str, int] = {}  # the weights' sha256 -> version
             listed: list[tuple[Path, CheckpointRecord]] = []  # recorded once the job commits
             try:
-                for folder, record in self._checkpoint_records(job_id):
+                for folder, record in self._checkpoint_records(job_id)[-KEPT_CHECKPOINTS:]:
                     version = await self._register_folder(name, folder, make_current=False)
                     staged[file_sha256(folder / ADAPTER_FILES[1])] = version.version
                     listed.append((folder, record.model_copy(update={"fine_tuned_model_checkpoint": version.id})))
