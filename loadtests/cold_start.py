@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -112,6 +114,8 @@ def run(runs: int = 1, env: list[str] = typer.Option([], help="NAME=VALUE settin
         compare_cache: bool = typer.Option(False, help="alternate runs with an empty vLLM cache (the old way)")) -> None:
     """Start a fresh server `runs` times; print ready time, first-request time and the engine's phases."""
     settings = dict(item.split("=", 1) for item in env)
+    # A stopped benchmark must stop its server too (the `with`/`finally` blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     for i in range(runs * (2 if compare_cache else 1)):
         fresh = compare_cache and i % 2 == 1

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +193,8 @@ def run(out: Path = typer.Option(...), config: list[str] = typer.Option(
         max_tokens: int = 64, prompt_tokens: int = 32, scratch: Path = Path("/tmp/quiver-many-adapters"),
         model_dir: Path = DEFAULT_MODEL_DIR) -> None:
     numbers = tuple(int(c) for c in counts.split(","))
+    # A stopped benchmark must stop its server too (the `with`/`finally` blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     adapters = make_adapters(model_dir, scratch / "adapters", max(numbers))
     work = Workload(base_url="", model=BASE_NAME, requests=requests, concurrency=concurrency,
                     max_tokens=max_tokens, prompt_tokens=prompt_tokens)
