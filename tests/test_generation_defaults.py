@@ -59,11 +59,11 @@ def test_the_readme_question_at_default_sampling_gets_a_sensible_english_answer(
 
     client = quiver_server.openai()
     answers = []
-    for _ in range(3):
+    for _ in range(8):  # eight samples: the README's answer missing from all would be a real regression
         reply = client.chat.completions.create(
             model=quiver_server.model_name, messages=[{"role": "user", "content": README_QUESTION}], max_tokens=40)
         answers.append(reply.choices[0].message.content)
     # Measured once under load: 2 of 3 answers were exactly the README's, the third the French ramble the issue
     # quotes. The card's temperature 0.2 leaves that mode possible (its first token nearly ties with "The"), so
     # this asserts what holds: the README's answer comes at default sampling, not that every sample is it.
-    assert "The capital of France is Paris." in answers, answers
+    assert sum(answer == "The capital of France is Paris." for answer in answers) >= 2, answers
