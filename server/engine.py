@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -103,6 +104,18 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     return command + list(settings.engine_extra_args)
 
 
+# vLLM binds ZMQ sockets at TMPDIR/<uuid4>, and a Unix socket path holds at most 107 bytes: a deep state_dir
+# (a test's tmp_path, a mounted volume) would fail the engine's start.
+_MAX_TMPDIR_LENGTH = 107 - 1 - 36 - 10  # the separator, the uuid and a margin
+
+
+def engine_tmpdir(state_dir: Path) -> Path:
+    tmp = state_dir / "tmp"
+    if len(str(tmp)) <= _MAX_TMPDIR_LENGTH:
+        return tmp
+    return Path("/tmp") / f"quiver-engine-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]}"
+
+
 def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] | None = None) -> dict[str, str]:
     parent = dict(os.environ) if parent is None else parent
     scratch = settings.state_dir.resolve()
@@ -115,7 +128,7 @@ def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] 
         # Adapters are loaded and unloaded at run time through the HTTP API; only the gateway holds its key.
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_CPU_KVCACHE_SPACE=f"{settings.kv_cache_gib:g}",
-        TMPDIR=str(scratch / "tmp"),
+        TMPDIR=str(engine_tmpdir(scratch)),
         VLLM_CACHE_ROOT=str(settings.engine_cache_dir.resolve()),  # shared by starts: see the setting
         VLLM_CONFIG_ROOT=str(scratch / "vllm-config"),
         VLLM_NO_USAGE_STATS="1",
@@ -128,8 +141,8 @@ def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] 
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
     elif settings.cpu_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
-    for folder in ("tmp", "vllm-config"):
-        (scratch / folder).mkdir(parents=True, exist_ok=True)
+    (scratch / "vllm-config").mkdir(parents=True, exist_ok=True)
+    engine_tmpdir(scratch).mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.engine_cache_dir.mkdir(parents=True, exist_ok=True)
     return env
 

