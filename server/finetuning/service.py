@@ -60,6 +60,9 @@ _COPY_CHUNK = 1024 * 1024
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 JOB, CLAIM = "job.json", "claim.json"
+# The runners of this process (tests run several gateways in one): another owner with this pid is an earlier
+# process that had the same pid (PID 1 in a restarted container), unless it is one of these.
+_OWNERS_HERE: set[str] = set()
 Record = TypeVar("Record", bound=BaseModel)
 
 
@@ -207,6 +210,7 @@ class JobService:
         self.run_jobs = run_jobs  # False: this server accepts and lists jobs; other runners train them
         # Unique per process: a restarted server (even with the same pid, as PID 1 in a container) is another.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        _OWNERS_HERE.add(self.owner)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._enqueued: set[str] = set()
         self._done: set[str] = set()  # finished jobs seen by the scan: terminal states never change
@@ -286,7 +290,7 @@ class JobService:
         host, _, rest = owner.partition(":")
         if host == socket.gethostname():
             pid = rest.partition(":")[0]
-            if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            if not pid.isdigit() or not _alive(int(pid)) or (int(pid) == os.getpid() and owner not in _OWNERS_HERE):
                 return True
         return time.time() - at > self.lease_s
 
@@ -353,6 +357,7 @@ class JobService:
         self._runner = asyncio.create_task(self._run_queue(), name="fine-tuning-jobs")
 
     async def stop(self) -> None:
+        _OWNERS_HERE.discard(self.owner)
         if self._runner:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
