@@ -270,3 +270,58 @@ def test_the_bucket_away_is_a_503_and_files_come_back_with_it(s3: MotoS3, model_
         assert admin(gateway).files.retrieve(uploaded.id) == uploaded
     finally:
         gateway.stop()
+
+
+@pytest.mark.training
+def test_quiver_worker_processes_train_off_the_serving_replica_and_it_serves_the_adapter(
+        s3: MotoS3, model_dir: Path, tmp_path: Path) -> None:
+    """The cluster's shape: a serving replica that only accepts jobs (QUIVER_FINETUNING_RUNNER=off) and two
+    `quiver worker` processes sharing its bucket. One of them claims the job, really trains it, and registers
+    the adapter into the store; the serving replica serves it after its next store poll."""
+    import os
+    import subprocess
+
+    from s3_fixtures import S3_ENV
+
+    bucket = s3.new_bucket()
+    shared = {"store_url": f"s3://{bucket}/{PREFIX}", "s3_endpoint_url": s3.endpoint_url}
+    settings = Settings(model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / "serving",
+                        admin_keys=[ADMIN_KEY], api_keys=[API_KEY], store_poll_s=0.2, finetuning_runner="off",
+                        **shared)
+    gateway = InProcessGateway(settings, FakeEngine(BASE)).start()
+    quiver = Path(sys.executable).with_name("quiver")
+    workers = []
+    try:
+        for name in ("worker-1", "worker-2"):
+            env = {**os.environ, **S3_ENV, "HF_HUB_OFFLINE": "1", "QUIVER_STORE_URL": shared["store_url"],
+                   "QUIVER_S3_ENDPOINT_URL": s3.endpoint_url, "QUIVER_MODEL_CACHE_DIR": str(model_dir.parent),
+                   "QUIVER_STATE_DIR": str(tmp_path / name), "QUIVER_FINETUNING_POLL_S": "0.5",
+                   "QUIVER_STORE_POLL_S": "1"}
+            log_file = open(tmp_path / f"{name}.log", "wb")
+            workers.append((subprocess.Popen([str(quiver), "worker"], env=env, stdout=log_file,
+                                             stderr=subprocess.STDOUT, start_new_session=True), log_file))
+        uploaded, _ = upload(gateway, lines=6)
+        job = admin(gateway).fine_tuning.jobs.create(model=BASE, training_file=uploaded.id, suffix="worker",
+                                                     hyperparameters={"n_epochs": 1})
+        done = wait_for(lambda: (j := admin(gateway).fine_tuning.jobs.retrieve(job.id)).status in (
+            "succeeded", "failed", "cancelled") and j, timeout_s=600, what="a worker to train the job")
+        logs = "\n".join((tmp_path / f"{n}.log").read_text(errors="replace")[-2000:] for n in ("worker-1", "worker-2"))
+        assert done.status == "succeeded", f"{done.error}\n{logs}"
+        messages = [e.message for e in admin(gateway).fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert messages.count("Fine-tuning job started") == 1  # one worker trained it
+        assert any(m.startswith("Step ") for m in messages)  # the worker's metrics reached the shared log
+        answer = wait_for(lambda: _chat(gateway, done.fine_tuned_model), what="the serving replica to serve it")
+        assert answer == fake_text(f"{done.fine_tuned_model}@1", 3)
+        for name in ("worker-1", "worker-2"):  # the training scratch copy is gone; the records stay in the bucket
+            assert not (tmp_path / name / "finetuning-scratch" / "jobs" / "workspaces" / job.id).exists()
+        assert f"{PREFIX}.finetuning/jobs/{job.id}/train.log" in s3.keys(bucket)
+    finally:
+        for process, log_file in workers:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log_file.close()
+        gateway.stop()
