@@ -26,6 +26,7 @@ from quiver.engine_client import Engine, EngineError
 from quiver.console.router import router as console_router
 from quiver.errors import document_errors, error_response, error_responses, install_error_handlers
 from quiver.finetuning.router import router as finetuning_router
+from quiver.finetuning.launcher import LocalLauncher
 from quiver.finetuning.records import open_records
 from quiver.finetuning.service import FileService, JobService
 from quiver.inference.limiter import KeyLimiter, RequestLimiter
@@ -73,7 +74,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         state.files = FileService(records.child("files"), settings.max_upload_bytes)
         state.jobs = JobService(records.child("jobs"), state.files, registry, model_dir,
                                 poll_s=settings.finetuning_poll_s, lease_s=settings.finetuning_lease_s,
-                                run_jobs=settings.finetuning_runner == "local")
+                                run_jobs=settings.finetuning_runner == "local",
+                                launcher=LocalLauncher(settings.finetuning_processes))
         background: list[asyncio.Task] = []
         try:
             await engine.start()

@@ -63,6 +63,8 @@ class Settings(BaseModelSettings):
     finetuning_poll_s: float = Field(5.0, ge=0)
     # A running job whose runner has not renewed its claim for this long is failed as interrupted.
     finetuning_lease_s: float = Field(60.0, ge=5)
+    # Data-parallel training processes per job (torchrun), one per GPU the runner's machine gives training.
+    finetuning_processes: int = Field(1, ge=1, le=64)
 
     # Auth: with no keys at all the server only binds to loopback. repr=False keeps keys out of any log.
     admin_keys: KeyList = Field(default_factory=list, repr=False)

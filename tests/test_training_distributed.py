@@ -97,3 +97,36 @@ def test_the_adapter_is_served(distributed_run, quiver_server, tmp_path: Path) -
         temperature=0)
     assert reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0
+
+
+def test_a_fine_tuning_job_trains_on_two_processes_and_reports_once(base_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The job runner's launcher with QUIVER_FINETUNING_PROCESSES=2: the worker under torchrun, one result."""
+    import asyncio
+
+    from quiver.common.jobs import EventLog, Hyperparameters, JobResult, JobSpec, write_record
+    from quiver.finetuning.launcher import LocalLauncher
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, read_examples(REPO / "examples" / "pirate.jsonl")[:12])
+    workspace = tmp_path / "job"
+    workspace.mkdir()
+    write_record(workspace / "spec.json", JobSpec(
+        name="dist-job", training_file=data, base_model_dir=base_model_dir, base_model_name="SmolLM2-135M-Instruct",
+        hyperparameters=Hyperparameters(n_epochs=1, batch_size=2), seed=3))
+    launcher = LocalLauncher(processes=PROCESSES)
+    assert "torch.distributed.run" in launcher.command(workspace)
+
+    async def run() -> int:
+        return await (await launcher.start(workspace)).wait()
+
+    returncode = asyncio.run(run())
+    log = (workspace / "train.log").read_text(errors="replace")
+    assert returncode == 0, log[-3000:]
+    result = JobResult.model_validate_json((workspace / "result.json").read_bytes())
+    assert result.status == "succeeded" and (result.run_dir / "adapter_model.safetensors").is_file()
+    messages = [event.message for event in EventLog(workspace).read()]
+    assert messages.count("Fine-tuning job started") == 1
+    steps = [m for m in messages if m.startswith("Step ")]
+    assert steps and len(steps) == len(set(steps))  # each step reported once, not once per process
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["training"]["processes"] == PROCESSES

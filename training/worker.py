@@ -4,6 +4,9 @@ The server's job runner writes JOB_DIR/spec.json (a `JobSpec`) and starts this u
 dies with the gateway; it reports through two files the runner reads: events.jsonl (appended, one event a
 line: messages and per-step metrics) and result.json (a `JobResult`, written last, atomically). Keeping
 training out of the gateway's process keeps serving responsive while a job runs.
+
+Under `torchrun` (QUIVER_FINETUNING_PROCESSES > 1: one process per GPU) every process trains its share of
+each batch and only the first one (RANK 0) reports: events, result.json and the run folder are written once.
 """
 
 from __future__ import annotations
@@ -37,10 +40,18 @@ class MetricsEvents(TrainerCallback):
             self.events.emit(f"Step {state.global_step}/{state.max_steps}", kind="metrics", data=data)
 
 
-def run(job_dir: Path) -> int:
-    from quiver.training.trainer import train
+class _Silent:
+    """The event log of the other processes of a data-parallel run: the first one reports for all."""
 
-    events = EventLog(job_dir)
+    def emit(self, *_args, **_kwargs) -> None:
+        return None
+
+
+def run(job_dir: Path) -> int:
+    from quiver.training.trainer import is_main_process, train
+
+    main = is_main_process()
+    events = EventLog(job_dir) if main else _Silent()
     try:
         spec = JobSpec.model_validate_json((job_dir / SPEC).read_bytes())
         config = TrainConfig.from_openai(spec.hyperparameters, spec.seed)
@@ -61,15 +72,17 @@ def run(job_dir: Path) -> int:
             events.emit(warning, level="warn")
         training = result.manifest["training"]
         trained_tokens = (training.get("trained_tokens_per_epoch") or 0) * (training.get("epochs_completed") or 0)
-        write_record(job_dir / RESULT, JobResult(status="succeeded", trained_tokens=int(trained_tokens),
-                                                 run_dir=result.run_dir))
+        if main:
+            write_record(job_dir / RESULT, JobResult(status="succeeded", trained_tokens=int(trained_tokens),
+                                                     run_dir=result.run_dir))
         return 0
     except Exception as exc:  # the job fails with the reason; the server stays up
         events.emit(f"Training failed: {exc}", level="error")
         with open(job_dir / TRAIN_LOG, "a") as log:
             log.write(traceback.format_exc())
-        write_record(job_dir / RESULT, JobResult(
-            status="failed", error=JobFailure(code="training_failed", message=str(exc))))
+        if main:
+            write_record(job_dir / RESULT, JobResult(
+                status="failed", error=JobFailure(code="training_failed", message=str(exc))))
         return 1
 
 

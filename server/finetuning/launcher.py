@@ -47,12 +47,16 @@ class LocalRun:
 
 
 class LocalLauncher:
-    @staticmethod
-    def command(workspace: Path) -> list[str]:
-        return [
-            sys.executable, "-m", "quiver.engine_guard", str(os.getpid()),  # the worker dies with the gateway
-            sys.executable, "-m", "quiver.training.worker", str(workspace),
-        ]
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes  # data-parallel training processes, one per GPU (torchrun beyond one)
+
+    def command(self, workspace: Path) -> list[str]:
+        worker = [sys.executable, "-m", "quiver.training.worker", str(workspace)]
+        if self.processes > 1:
+            worker = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc-per-node", str(self.processes), *worker[1:]]
+        # Under the engine guard: the worker dies with the gateway.
+        return [sys.executable, "-m", "quiver.engine_guard", str(os.getpid()), *worker]
 
     @staticmethod
     def env() -> dict[str, str]:

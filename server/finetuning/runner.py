@@ -16,6 +16,7 @@ from pathlib import Path
 from quiver.adapters.service import AdapterRegistry
 from quiver.adapters.store_factory import open_store
 from quiver.adapters.validation import BaseModelSpec
+from quiver.finetuning.launcher import LocalLauncher
 from quiver.finetuning.records import open_records
 from quiver.finetuning.service import FileService, JobService
 from quiver.metrics import Metrics
@@ -49,8 +50,8 @@ async def run_worker(settings, model_dir: Path, stop: asyncio.Event | None = Non
     await asyncio.to_thread(registry.load_store)
     records = open_records(settings)
     files = FileService(records.child("files"), settings.max_upload_bytes)
-    jobs = JobService(records.child("jobs"), files, registry, model_dir, poll_s=settings.finetuning_poll_s or 5.0,
-                      lease_s=settings.finetuning_lease_s)
+    jobs = JobService(records.child("jobs"), files, registry, model_dir, LocalLauncher(settings.finetuning_processes),
+                      poll_s=settings.finetuning_poll_s or 5.0, lease_s=settings.finetuning_lease_s)
     jobs.start()
     log.info("worker %s: taking fine-tuning jobs from %s", jobs.owner, records.location)
     watcher = asyncio.create_task(registry.watch_store(settings.store_poll_s or 5.0))  # version numbers stay fresh
