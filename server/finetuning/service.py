@@ -28,6 +28,7 @@ from typing import BinaryIO, TypeVar
 from pydantic import BaseModel
 
 from quiver.adapters.service import AdapterRegistry
+from quiver.adapters.store import StoreUnavailable
 from quiver.errors import Conflict, InvalidRequest, NotFound, NotSupported, PayloadTooLarge
 from quiver.finetuning.launcher import Launcher, LocalLauncher, Run
 from quiver.finetuning.protocol import (
@@ -508,9 +509,15 @@ class JobService:
                 await asyncio.wait({waiting}, timeout=min(self.lease_s / 4, 10))
                 if waiting.done():
                     break
-                shipped = await asyncio.to_thread(self._publish, job_id, workspace, shipped)
-                still_ours = await asyncio.to_thread(self._heartbeat, job_id)
-                if not still_ours or self.get(job_id).status in FINISHED:  # cancelled on another replica
+                try:
+                    shipped = await asyncio.to_thread(self._publish, job_id, workspace, shipped)
+                    still_ours = await asyncio.to_thread(self._heartbeat, job_id)
+                    stopped = not still_ours or self.get(job_id).status in FINISHED  # cancelled elsewhere
+                except (StoreUnavailable, OSError) as exc:
+                    # The store away for a moment: training goes on; the lease outlasts a few missed beats.
+                    log.warning("job %s: could not reach the records (%s); still training", job_id, exc)
+                    continue
+                if stopped:
                     self._cancelled.add(job_id)
                     await self._kill_worker()
             returncode = waiting.result()
