@@ -47,6 +47,7 @@ events.emit("Fine-tuning job started")
 time.sleep(seconds)
 events.emit("Step 1/1", kind="metrics", data={"step": 1, "total_steps": 1, "train_loss": 1.5})
 shutil.copytree(adapter, workspace / "run")
+(workspace / "run" / "manifest.json").write_text('{"name": "%s"}' % spec.name)
 write_record(workspace / "result.json", JobResult(status="succeeded", trained_tokens=7, run_dir=workspace / "run"))
 """
 
@@ -140,6 +141,10 @@ def test_a_job_accepted_on_one_replica_runs_once_and_both_serve_its_adapter(repl
     assert messages[:2] == ["Validating training file", "Job queued"]
     assert "Fine-tuning job started" in messages and "Step 1/1" in messages  # the worker's, whichever ran it
     assert messages[-1].startswith(f"New fine-tuned model created: {done.fine_tuned_model}")
+    # The run's manifest (the console's view) from either replica, wherever the training ran.
+    for gateway in (a, b):
+        manifest = gateway.admin().get(f"/v1/fine_tuning/jobs/{job.id}/manifest")
+        assert manifest.status_code == 200 and manifest.json() == {"name": done.fine_tuned_model}, manifest.text
     # Registered through the store: both replicas serve it (the other at its next store poll).
     for gateway in (a, b):
         answer = wait_for(lambda g=gateway: _chat(g, done.fine_tuned_model), what="the adapter to be served")

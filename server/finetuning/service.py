@@ -61,6 +61,7 @@ _COPY_CHUNK = 1024 * 1024
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 JOB, CLAIM = "job.json", "claim.json"
+RUN_MANIFEST = "run/manifest.json"  # the training run's manifest (quiver.training.manifest), written by the worker
 # The runners of this process (tests run several gateways in one): another owner with this pid is an earlier
 # process that had the same pid (PID 1 in a restarted container), unless it is one of these.
 _OWNERS_HERE: set[str] = set()
@@ -242,6 +243,11 @@ class JobService:
         raw = _parse_events(self.records.read(f"{job_id}/{EVENTS}"))
         events = [JobEvent(id=f"ftevent-{job_id[6:]}-{n}", **event.model_dump()) for n, event in enumerate(raw)][::-1]
         return events[:limit], len(events) > limit
+
+    def manifest(self, job_id: str) -> bytes | None:
+        """The job's training manifest (data hashes, hyperparameters, losses), once its worker wrote one."""
+        self.get(job_id)
+        return self.records.read(f"{job_id}/{RUN_MANIFEST}")
 
     def _emit(self, job_id: str, message: str, level: str = "info") -> None:
         event = JobEventRecord(created_at=int(time.time()), level=level, message=message)
@@ -458,7 +464,8 @@ class JobService:
         folder); returns how many bytes of the worker's events.jsonl are now in the job's event log."""
         if self.records.in_place:
             return shipped
-        self.records.publish(job_id, workspace, {RESULT: RESULT, TRAIN_LOG: TRAIN_LOG, SPEC: SPEC})
+        self.records.publish(job_id, workspace, {RESULT: RESULT, TRAIN_LOG: TRAIN_LOG, SPEC: SPEC,
+                                                 RUN_MANIFEST: RUN_MANIFEST})
         path = workspace / EVENTS
         if not path.exists():
             return shipped
