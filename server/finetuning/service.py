@@ -200,9 +200,6 @@ class JobService:
                  launcher: Launcher | None = None, *, poll_s: float = 5.0, lease_s: float = 60.0,
                  run_jobs: bool = True) -> None:
         self.records = _records(root)
-        # The folder the workers' run/ folders are in (the console's manifest route reads them there).
-        self.root = self.records.workspace("") if isinstance(self.records, LocalRecords) else \
-            self.records.scratch_dir / "workspaces"
         self.files = files
         self.registry = registry
         self.base_model_dir = base_model_dir
