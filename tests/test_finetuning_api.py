@@ -75,7 +75,7 @@ def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture
 def gateway(model_dir: Path, tmp_path: Path, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
     from quiver.fake_engine import FakeEngine
-    from quiver.finetuning.service import JobService
+    from quiver.finetuning.launcher import LocalLauncher
     from quiver.settings import Settings
 
     script = tmp_path / "fake_worker.py"
@@ -84,7 +84,7 @@ def gateway(model_dir: Path, tmp_path: Path, adapters: dict[str, Path], monkeypa
     plan = {"checkpoints": [str(adapters["a"]), str(adapters["b"])], "final": str(adapters["b"]),
             "resolved": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}}
     plan_path.write_text(json.dumps(plan))
-    monkeypatch.setattr(JobService, "_worker_command",
+    monkeypatch.setattr(LocalLauncher, "command",
                         lambda self, job_dir: [sys.executable, str(script), str(plan_path), str(job_dir)])
     settings = Settings(model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / "state",
                         finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY], store_poll_s=0)
