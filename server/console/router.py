@@ -212,10 +212,10 @@ def _tokenizer(model_dir: str):
 
 def _check(path: Path, model_dir: Path) -> DataCheck:
     from quiver.training.config import TrainConfig
-    from quiver.training.data import check_dataset, split_examples
+    from quiver.training.data import check_training_file, split_examples
 
     config = TrainConfig()  # what a job with default hyperparameters will use
-    report = check_dataset(path, _tokenizer(str(model_dir)), config.max_seq_len)
+    report = check_training_file(path, _tokenizer(str(model_dir)), config.max_seq_len, format="auto")
     split = None
     if report.ok and report.examples:
         try:

@@ -183,11 +183,11 @@ class FileService:
 
     @staticmethod
     def _check(path: Path):
-        # The same parser and line-numbered checks as `quiver data check` (token checks need the tokenizer;
-        # the worker runs them before training).
-        from quiver.training.data import check_dataset
+        # The same parser and line-numbered checks as `quiver data check`, for chat or preference data (the
+        # format its first line shows); token checks need the tokenizer: the worker runs them before training.
+        from quiver.training.data import check_training_file
 
-        report = check_dataset(path)
+        report = check_training_file(path, None, None, format="auto")
         if not report.ok:
             shown = "; ".join(str(issue) for issue in report.errors[:_MAX_REPORTED_ERRORS])
             more = len(report.errors) - _MAX_REPORTED_ERRORS
@@ -466,6 +466,9 @@ class JobService:
         if request.validation_file:
             self._training_file(request.validation_file, "validation_file")
         method = job_method(request)
+        self._check_format(request.training_file, method, "training_file")
+        if request.validation_file:
+            self._check_format(request.validation_file, method, "validation_file")
         job_id = _new_id("ftjob")
         job = FineTuningJob(
             id=job_id, created_at=int(time.time()), model=model, status="validating_files",
@@ -481,6 +484,19 @@ class JobService:
         if self.run_jobs:
             self._enqueue(job_id)
         return job
+
+    def _check_format(self, file_id: str, method: Method, param: str) -> None:
+        """Preference data trains a `dpo` job, chat data a `supervised` one: a mismatch is refused now rather
+        than failing in the worker. (With a bucket this reads the file down once more.)"""
+        from quiver.training.data import detect_format
+
+        found = detect_format(self.files.data_path(file_id))
+        wanted = "preference" if method.type == "dpo" else "chat"
+        if found != wanted:
+            raise InvalidRequest(
+                f"file `{file_id}` holds {found} data, but a `{method.type}` job trains on {wanted} data "
+                f"({'`input`, `preferred_output`, `non_preferred_output`' if wanted == 'preference' else '`messages`'}"
+                " on each line)", code="invalid_training_file_format", param=param)
 
     def _starting_model(self, model: str) -> str:
         """The base model, or a registered adapter to continue training from: `name` is pinned to its current
