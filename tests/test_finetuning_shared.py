@@ -36,7 +36,7 @@ PREFIX = "prod/adapters"
 FAKE_WORKER = r"""
 import shutil, sys, time
 from pathlib import Path
-from quiver.common.jobs import EventLog, JobResult, JobSpec, write_record
+from quiver.common.jobs import CheckpointRecord, EventLog, JobResult, JobSpec, write_record
 workspace, adapter, runs, seconds = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 spec = JobSpec.model_validate_json((workspace / "spec.json").read_bytes())
 assert spec.training_file.is_file(), spec.training_file
@@ -46,6 +46,9 @@ events = EventLog(workspace)
 events.emit("Fine-tuning job started")
 time.sleep(seconds)
 events.emit("Step 1/1", kind="metrics", data={"step": 1, "total_steps": 1, "train_loss": 1.5})
+shutil.copytree(adapter, workspace / "checkpoints" / "step-1")  # the epoch's checkpoint, as EpochCheckpoints
+write_record(workspace / "checkpoints" / "step-1" / "checkpoint.json",
+             CheckpointRecord(step=1, created_at=int(time.time()), metrics={"step": 1.0, "train_loss": 1.5}))
 shutil.copytree(adapter, workspace / "run")
 (workspace / "run" / "manifest.json").write_text('{"name": "%s"}' % spec.name)
 write_record(workspace / "result.json", JobResult(status="succeeded", trained_tokens=7, run_dir=workspace / "run"))
@@ -145,6 +148,14 @@ def test_a_job_accepted_on_one_replica_runs_once_and_both_serve_its_adapter(repl
     for gateway in (a, b):
         manifest = gateway.admin().get(f"/v1/fine_tuning/jobs/{job.id}/manifest")
         assert manifest.status_code == 200 and manifest.json() == {"name": done.fine_tuned_model}, manifest.text
+    # The epoch checkpoint (registered by the runner, its record published) and the results file, from either.
+    for gateway in (a, b):
+        checkpoints = admin(gateway).fine_tuning.jobs.checkpoints.list(job.id).data
+        assert [(c.step_number, c.fine_tuned_model_checkpoint, c.metrics.train_loss) for c in checkpoints] == \
+            [(1, f"{done.fine_tuned_model}@1", 1.5)]
+        assert len(done.result_files) == 1
+        csv_text = admin(gateway).files.content(done.result_files[0]).read().decode()
+        assert csv_text.splitlines()[0].startswith("step,train_loss") and csv_text.splitlines()[1].startswith("1,1.5")
     # Registered through the store: both replicas serve it (the other at its next store poll).
     for gateway in (a, b):
         answer = wait_for(lambda g=gateway: _chat(g, done.fine_tuned_model), what="the adapter to be served")
