@@ -26,6 +26,8 @@ from quiver.engine_client import Engine, EngineError
 from quiver.console.router import router as console_router
 from quiver.errors import document_errors, error_response, error_responses, install_error_handlers
 from quiver.finetuning.router import router as finetuning_router
+from quiver.finetuning.launcher import LocalLauncher
+from quiver.finetuning.records import open_records
 from quiver.finetuning.service import FileService, JobService
 from quiver.inference.limiter import KeyLimiter, RequestLimiter
 from quiver.inference.router import router as inference_router
@@ -74,8 +76,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             max_completion_tokens=settings.max_completion_tokens or settings.max_model_len,
             max_n=settings.max_n, usage=state.usage,
         )
-        state.files = FileService(settings.finetuning_dir / "files", settings.max_upload_bytes)
-        state.jobs = JobService(settings.finetuning_dir / "jobs", state.files, registry, model_dir)
+        records = open_records(settings)  # beside the adapter store: every replica sees the same files and jobs
+        state.files = FileService(records.child("files"), settings.max_upload_bytes)
+        state.jobs = JobService(records.child("jobs"), state.files, registry, model_dir,
+                                poll_s=settings.finetuning_poll_s, lease_s=settings.finetuning_lease_s,
+                                run_jobs=settings.finetuning_runner == "local",
+                                launcher=LocalLauncher(settings.finetuning_processes))
         background: list[asyncio.Task] = []
         try:
             await engine.start()

@@ -64,6 +64,24 @@ def serve(
     serve_app(settings)
 
 
+@app.command()
+def worker() -> None:
+    """Train fine-tuning jobs off the serving pods: claim queued jobs from the shared store (the settings of
+    `quiver serve`), train each here, register the adapter into the adapter store. Runs until stopped."""
+    import asyncio
+
+    from quiver.common.base_model import prepare_default_model
+    from quiver.finetuning.runner import run_worker
+    from quiver.observability import configure_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = load_settings()
+    configure_logging(settings.log_format)
+    if settings.uses_default_model:
+        prepare_default_model(settings.model_dir)
+    asyncio.run(run_worker(settings, settings.model_dir))
+
+
 @model_app.command("prepare")
 def model_prepare() -> None:
     """Convert the embedded default model (SmolLM2-135M-Instruct, GGUF) once into the model cache."""

@@ -53,7 +53,18 @@ class Settings(BaseModelSettings):
     # How often to re-read the store for changes made by other replicas sharing it (0: never).
     store_poll_s: float = Field(2.0, ge=0)
     # Uploaded training files and fine-tuning jobs (persistent, like the store).
+    # With store_url the files and jobs live in the bucket instead, beside the adapters (<prefix>.finetuning/).
     finetuning_dir: Path = Path("finetuning")
+    # Who trains the jobs this server accepts: `local`, a worker process on this machine (the default: one
+    # machine, or replicas that each may take a queued job); `off`, someone else (a `quiver worker` Deployment
+    # on GPU nodes claiming them from the shared store): this server only accepts, lists and cancels them.
+    finetuning_runner: Literal["local", "off"] = "local"
+    # How often a runner looks in the shared store for jobs accepted by other replicas (0: only its own).
+    finetuning_poll_s: float = Field(5.0, ge=0)
+    # A running job whose runner has not renewed its claim for this long is failed as interrupted.
+    finetuning_lease_s: float = Field(60.0, ge=5)
+    # Data-parallel training processes per job (torchrun), one per GPU the runner's machine gives training.
+    finetuning_processes: int = Field(1, ge=1, le=64)
 
     # Auth: with no keys at all the server only binds to loopback. repr=False keeps keys out of any log.
     admin_keys: KeyList = Field(default_factory=list, repr=False)

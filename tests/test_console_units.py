@@ -62,3 +62,20 @@ def test_the_new_routes_need_a_key(client: TestClient) -> None:
     assert client.get("/v1/metrics/summary").json()["error"]["code"] == "missing_api_key"
     assert client.post("/v1/files/check").status_code == 401
     assert client.get("/v1/fine_tuning/jobs/ftjob-x/manifest").status_code == 401
+
+
+def test_the_data_check_reads_preference_data_as_the_upload_does(model_dir, tmp_path) -> None:
+    """The console's check takes the format from the first line, as uploads and `quiver data check` do."""
+    import json
+
+    from quiver.console.router import _check
+
+    pair = {"input": {"messages": [{"role": "user", "content": "What is 2+2?"}]},
+            "preferred_output": [{"role": "assistant", "content": "4"}],
+            "non_preferred_output": [{"role": "assistant", "content": "Let me think. It is 4, I believe."}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**pair, "input": {"messages": [
+        {"role": "user", "content": f"What is 2+{n}?"}]}}) + "\n" for n in range(12)))
+    check = _check(path, model_dir)
+    assert check.ok and check.examples == 12, check.findings
+    assert check.tokens is not None

@@ -1078,3 +1078,92 @@ def test_container_listens_everywhere_only_with_keys_or_consent(
     else:
         assert result.exit_code == 0, result.output
         assert [s.host for s in served] == [served_host]
+
+
+# --------------------------------------------------------------------------------------- fine-tuning off the serving pods
+
+WORKER = f"{FULLNAME}-finetuning-worker"
+FINETUNING_VARIANTS: dict[str, dict[str, Any]] = {
+    "worker-s3": {
+        "replicaCount": 3,
+        "modelCache": {"persistence": {"enabled": False}},
+        "adapterStore": {"backend": "s3", "s3": {"bucket": "llm-adapters", "endpoint": "http://minio.minio.svc:9000",
+                                                 "credentials": {"existingSecret": "quiver-s3"}}},
+        "finetuning": {"worker": {"enabled": True, "replicas": 2, "gpu": {"count": 2},
+                                  "nodeSelector": {"pool": "training"}}},
+    },
+    "worker-volume": {**SHARED, "replicaCount": 2, "finetuning": {"worker": {"enabled": True}}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(FINETUNING_VARIANTS))
+def test_finetuning_worker_renders_valid_objects_that_lint(variant: str) -> None:
+    values = FINETUNING_VARIANTS[variant]
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v" + KUBE_VERSION)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report
+    objects = objects_of(values)
+    for obj in objects:
+        validate_object(obj)
+        assert obj["apiVersion"] in CORE_API_VERSIONS
+    worker = one(objects, "Deployment", WORKER)["spec"]["template"]["spec"]
+    assert worker["securityContext"]["runAsNonRoot"] is True and worker["automountServiceAccountToken"] is False
+    for c in all_containers(worker):
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_finetuning_worker_trains_off_the_serving_pods_on_n_gpus() -> None:
+    objects = objects_of(FINETUNING_VARIANTS["worker-s3"])
+    serving = one(objects, "Deployment", FULLNAME)
+    worker = one(objects, "Deployment", WORKER)
+    spec = worker["spec"]["template"]["spec"]
+    train = container(worker, "worker")
+    assert train["args"] == ["worker"] and train["image"] == "quiver:0.1.0-gpu-training"
+    assert worker["spec"]["replicas"] == 2
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 2 and train["resources"]["requests"]["nvidia.com/gpu"] == 2
+    env, serving_env = env_of(train), env_of(container(serving))
+    assert env["QUIVER_FINETUNING_PROCESSES"]["value"] == "2"  # one data-parallel process per GPU
+    # The serving pods only accept jobs; the worker runs them (the default runner, local).
+    assert serving_env["QUIVER_FINETUNING_RUNNER"]["value"] == "off" and "QUIVER_FINETUNING_RUNNER" not in env
+    # Same bucket, endpoint and credentials as the servers: jobs, files and adapters meet there.
+    for name in ("QUIVER_STORE_URL", "QUIVER_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "QUIVER_MAX_LORA_RANK", "QUIVER_MAX_UPLOAD_BYTES", "QUIVER_FINETUNING_LEASE_S"):
+        assert env[name] == serving_env[name], name
+    assert "QUIVER_FINETUNING_DIR" not in env  # in the bucket, not on a disk
+    # No keys: the worker serves no HTTP and registers into the store, not through the API.
+    assert not any("KEY" in name and name.startswith("QUIVER_") for name in env)
+    # Every QUIVER_* variable it sets is a setting `quiver worker` reads (it reads the settings, no options).
+    assert not _cli_envvars("worker")
+    assert not {n for n in env if n.startswith("QUIVER_")} - _settings_envvars()
+    # Never a serving pod: no Service, PDB or serving Deployment selects it, and it keeps off their nodes.
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    for selector in (serving["spec"]["selector"]["matchLabels"], one(objects, "Service")["spec"]["selector"],
+                     one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]):
+        assert not all(labels.get(k) == v for k, v in selector.items())
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert all(serving["spec"]["template"]["metadata"]["labels"].get(k) == v
+               for k, v in anti["labelSelector"]["matchLabels"].items())
+    assert spec["nodeSelector"] == {"pool": "training"}
+
+
+def test_job_records_live_on_the_shared_store_never_in_pod_scratch() -> None:
+    # A volume store: the records go in a dot folder of the store's volume (the store skips dot folders), the
+    # same claim for the servers and the worker.
+    objects = objects_of(FINETUNING_VARIANTS["worker-volume"])
+    for name, container_name in ((FULLNAME, "quiver"), (WORKER, "worker")):
+        deployment = one(objects, "Deployment", name)
+        c = container(deployment, container_name)
+        folder = env_of(c)["QUIVER_FINETUNING_DIR"]["value"]
+        mount = next(m for m in c["volumeMounts"] if folder.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-adapters", (name, volume)
+        assert Settings(finetuning_dir=folder).finetuning_dir.is_absolute()
+    # The default (one machine, one replica): the same, and the serving pod trains (no runner override).
+    serving = container(one(objects_of({}), "Deployment"))
+    assert env_of(serving)["QUIVER_FINETUNING_DIR"]["value"] == "/var/lib/quiver/adapters/.finetuning"
+    assert "QUIVER_FINETUNING_RUNNER" not in env_of(serving)
+    assert not [o for o in objects_of({}) if o["metadata"]["name"] == WORKER]
+    # An S3 store: no folder at all (the records are in the bucket, beside the adapters' prefix).
+    s3 = container(one(objects_of(FINETUNING_VARIANTS["worker-s3"]), "Deployment", FULLNAME))
+    assert "QUIVER_FINETUNING_DIR" not in env_of(s3)
+    # A worker on another node cannot mount a ReadWriteOnce store.
+    assert "finetuning.worker" in render_error({"finetuning": {"worker": {"enabled": True}}})

@@ -359,7 +359,8 @@ def test_a_job_cancelled_before_its_commit_registers_nothing(gateway, tmp_path: 
         service._update(service.get(job.id), status="running")
         await service.cancel(job.id)
         # The worker's result arrives after the cancel: an empty run folder, so any registration attempt would raise.
-        await service._register(job.id, "ft-late", JobResult(status="succeeded", run_dir=tmp_path / "empty"))
+        await service._register(job.id, "ft-late", JobResult(status="succeeded", run_dir=tmp_path / "empty"),
+                                tmp_path / "empty")
 
     asyncio.run(scenario())
     final = gateway.fine_tuning.jobs.retrieve(job.id)

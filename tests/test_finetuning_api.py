@@ -75,7 +75,7 @@ def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture
 def gateway(model_dir: Path, tmp_path: Path, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
     from quiver.fake_engine import FakeEngine
-    from quiver.finetuning.service import JobService
+    from quiver.finetuning.launcher import LocalLauncher
     from quiver.settings import Settings
 
     script = tmp_path / "fake_worker.py"
@@ -84,7 +84,7 @@ def gateway(model_dir: Path, tmp_path: Path, adapters: dict[str, Path], monkeypa
     plan = {"checkpoints": [str(adapters["a"]), str(adapters["b"])], "final": str(adapters["b"]),
             "resolved": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}}
     plan_path.write_text(json.dumps(plan))
-    monkeypatch.setattr(JobService, "_worker_command",
+    monkeypatch.setattr(LocalLauncher, "command",
                         lambda self, job_dir: [sys.executable, str(script), str(plan_path), str(job_dir)])
     settings = Settings(model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / "state",
                         finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY], store_poll_s=0)
@@ -104,6 +104,17 @@ def admin(server) -> openai.OpenAI:
 def upload(client: openai.OpenAI, lines: int = 12) -> str:
     content = b"".join(EXAMPLES.read_bytes().splitlines(keepends=True)[:lines])
     return client.files.create(file=("pirate.jsonl", io.BytesIO(content)), purpose="fine-tune").id
+
+
+def upload_preference(client: openai.OpenAI, lines: int = 12) -> str:
+    """Preference pairs made from the chat examples: their answer preferred to a curt one."""
+    pairs = []
+    for raw in EXAMPLES.read_bytes().splitlines()[:lines]:
+        messages = json.loads(raw)["messages"]
+        pairs.append({"input": {"messages": messages[:-1]}, "preferred_output": [messages[-1]],
+                      "non_preferred_output": [{"role": "assistant", "content": "No."}]})
+    content = "".join(json.dumps(pair) + "\n" for pair in pairs).encode()
+    return client.files.create(file=("pairs.jsonl", io.BytesIO(content)), purpose="fine-tune").id
 
 
 def wait_finished(client: openai.OpenAI, job_id: str):
@@ -272,7 +283,7 @@ def test_a_model_that_is_neither_the_base_nor_a_registered_adapter_is_a_400(gate
 
 def test_a_dpo_job_carries_openai_s_hyperparameters_to_the_worker(gateway) -> None:
     client = admin(gateway)
-    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client), method={
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload_preference(client), method={
         "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": 2}}})
     assert job.method.type == "dpo" and job.method.supervised is None
     assert job.method.dpo.hyperparameters.beta == 0.25 and job.method.dpo.hyperparameters.n_epochs == 2
@@ -281,10 +292,25 @@ def test_a_dpo_job_carries_openai_s_hyperparameters_to_the_worker(gateway) -> No
     assert (spec.method, spec.beta, spec.hyperparameters.n_epochs, spec.hyperparameters.batch_size) == \
         ("dpo", 0.25, 2, 2)
     # `auto` beta leaves the trainer's default.
-    auto = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client), method={"type": "dpo"})
+    auto = client.fine_tuning.jobs.create(model=BASE, training_file=upload_preference(client), method={"type": "dpo"})
     assert auto.method.dpo.hyperparameters.beta == "auto"
     wait_finished(client, auto.id)
     assert job_spec(gateway, auto.id).beta is None and job_spec(gateway, auto.id).method == "dpo"
+
+
+def test_a_job_refuses_a_training_file_of_the_other_method_s_format(gateway) -> None:
+    """Preference data is accepted as a file, trains a dpo job only; chat data trains a supervised job only."""
+    client = admin(gateway)
+    pairs, chat = upload_preference(client), upload(client)
+    for method, file_id in (({"type": "dpo"}, chat), ({"type": "supervised"}, pairs), (None, pairs)):
+        extra = {"method": method} if method else {}
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.fine_tuning.jobs.create(model=BASE, training_file=file_id, **extra)
+        assert refused.value.code == "invalid_training_file_format" and refused.value.param == "training_file"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model=BASE, training_file=pairs, validation_file=chat, method={"type": "dpo"})
+    assert refused.value.param == "validation_file"
+    assert client.fine_tuning.jobs.list().data == []
 
 
 @pytest.mark.parametrize("beta", [0, -0.1, 2.5, "0.1", True, "many", float("inf")])

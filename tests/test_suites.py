@@ -414,11 +414,11 @@ def test_a_fine_tuning_job_respects_the_gate_and_says_so(gateway: InProcessGatew
     jobs = gateway.state.jobs
 
     def finished_job(job_id: str) -> str:
-        jobs._job_dir(job_id).mkdir(parents=True)
+        workspace = jobs.records.workspace(job_id)
         jobs._update(FineTuningJob(id=job_id, created_at=int(time.time()), model=BASE, status="running",
                                    training_file="file-x", hyperparameters=Hyperparameters(), seed=1), "Training")
         gateway.engine.threadsafe(jobs._register, job_id, "bot",
-                                  JobResult(status="succeeded", trained_tokens=10, run_dir=fake_adapter))
+                                  JobResult(status="succeeded", trained_tokens=10, run_dir=fake_adapter), workspace)
         return job_id
 
     client = gateway.openai(ADMIN_KEY)

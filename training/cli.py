@@ -103,6 +103,10 @@ def train_command(
     except (DatasetError, LossMaskError, InitAdapterError) as exc:
         err_console.print(f"[red]{exc}")
         raise typer.Exit(1) from exc
+    from quiver.training.trainer import is_main_process
+
+    if not is_main_process():  # under torchrun: the first process reports and registers, once
+        return
     training = result.manifest["training"]
     console.print(
         f"[green]adapter written to {run_dir}[/green]: {training['steps']} steps in {training['train_seconds']} s, "

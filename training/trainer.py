@@ -62,6 +62,12 @@ def default_base_model() -> tuple[Path, str]:
     return served_base_model()
 
 
+def is_main_process() -> bool:
+    """True except in the other processes of a data-parallel run (`torchrun`/`accelerate launch` set RANK): one
+    process writes the run folder."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -204,7 +210,7 @@ def setup(
     from trl import DPOTrainer, SFTTrainer
 
     config = config or TrainConfig()
-    console = console or Console()
+    console = (console or Console()) if is_main_process() else Console(quiet=True)
     if base_model_dir is None:
         base_model_dir, default_name = default_base_model()
         base_model_name = base_model_name or default_name
@@ -215,8 +221,9 @@ def setup(
 
     tokenizer = load_tokenizer(base_model_dir)
     split = prepare_split(Path(train_file), validation_file and Path(validation_file), tokenizer, config, console)
-    for part in ("train", "validation", "test"):
-        write_jsonl(run_dir / SPLIT_DIR / f"{part}.jsonl", getattr(split, part))
+    if is_main_process():  # every process splits alike (seeded); one writes
+        for part in ("train", "validation", "test"):
+            write_jsonl(run_dir / SPLIT_DIR / f"{part}.jsonl", getattr(split, part))
     epochs = config.resolved_epochs(len(split.train))
     console.print(
         f"{len(split.train)} train / {len(split.validation)} validation / {len(split.test)} test examples, "
@@ -305,6 +312,9 @@ def _training_args(config: TrainConfig, checkpoints: Path, epochs: int, has_vali
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is a CUDA feature; on CPU it only warns
+        # Without an accelerator, Accelerate treats the processes of `torchrun` as data-parallel (gloo) only
+        # when told it runs on CPU; otherwise each process would train alone on all the data.
+        use_cpu=not torch.accelerator.is_available(),
     )
 
 
@@ -381,22 +391,27 @@ def validate(run: Run) -> float | None:
 def save(run: Run, output: Any, final_validation_loss: float | None) -> TrainResult:
     """Write the adapter, the loss curve (with its warnings) and the manifest; drop the checkpoints."""
     trainer, console = run.trainer, run.console
-    # Only the trained adapter: continued DPO also holds its frozen reference copy ("ref"), which is not saved.
-    trainer.model.save_pretrained(run.run_dir, safe_serialization=True, selected_adapters=["default"])
-    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    # Data-parallel: every process has the same weights and log history; one writes, once all are done
+    # (each loads the best checkpoint at the end of training before it may go).
+    trainer.accelerator.wait_for_everyone()
+    main = trainer.is_world_process_zero()
+    if main:
+        # Only the trained adapter: continued DPO also holds its frozen reference copy ("ref"), which is not saved.
+        trainer.model.save_pretrained(run.run_dir, safe_serialization=True, selected_adapters=["default"])
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
     curve = curve_from_log_history(trainer.state.log_history)
     if run.initial_validation_loss is not None:  # train() starts a fresh log history, without the step-0 evaluation
         curve["validation"].insert(0, {"step": 0, "epoch": 0.0, "loss": run.initial_validation_loss})
     warnings = curve_warnings(curve)
     if run.config.method == "dpo":
         curve.update(reward_curve(trainer.state.log_history))
-        save_preference_curve(run.run_dir, curve, warnings)
-    else:
-        save_curve(run.run_dir, curve, warnings)
-    for warning in warnings:
-        console.print(f"[yellow]warning: {warning}")
     manifest = _manifest(run, output, curve, warnings, final_validation_loss)
-    write_manifest(run.run_dir, manifest)
+    if main:
+        (save_preference_curve if run.config.method == "dpo" else save_curve)(run.run_dir, curve, warnings)
+        for warning in warnings:
+            console.print(f"[yellow]warning: {warning}")
+        write_manifest(run.run_dir, manifest)
+    trainer.accelerator.wait_for_everyone()  # no process reports the run before its files are written
     return TrainResult(run.run_dir, manifest, warnings)
 
 
@@ -431,6 +446,7 @@ def _manifest(run: Run, output: Any, curve: dict[str, Any], warnings: list[str],
         "training": {
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "dtype": "bfloat16" if run.use_bf16 else "float32",
+            "processes": trainer.args.world_size,  # data-parallel processes; batch_size is per process
             "steps": output.global_step,
             "epochs_completed": round(trainer.state.epoch or 0.0, 3),
             "stopped_early": output.global_step < trainer.state.max_steps,

@@ -4,6 +4,9 @@ The server's job runner writes JOB_DIR/spec.json (a `JobSpec`) and starts this u
 dies with the gateway; it reports through two files the runner reads: events.jsonl (appended, one event a
 line: messages and per-step metrics) and result.json (a `JobResult`, written last, atomically). Keeping
 training out of the gateway's process keeps serving responsive while a job runs.
+
+Under `torchrun` (QUIVER_FINETUNING_PROCESSES > 1: one process per GPU) every process trains its share of
+each batch and only the first one (RANK 0) reports: events, result.json and the run folder are written once.
 """
 
 from __future__ import annotations
@@ -134,10 +137,18 @@ def resolved_hyperparameters(manifest: dict[str, Any], method: str) -> ResolvedH
         beta=used.get("beta") if method == "dpo" else None)
 
 
-def run(job_dir: Path) -> int:
-    from quiver.training.trainer import train
+class _Silent:
+    """The event log of the other processes of a data-parallel run: the first one reports for all."""
 
-    events = EventLog(job_dir)
+    def emit(self, *_args, **_kwargs) -> None:
+        return None
+
+
+def run(job_dir: Path) -> int:
+    from quiver.training.trainer import is_main_process, train
+
+    main = is_main_process()
+    events = EventLog(job_dir) if main else _Silent()
     try:
         spec = JobSpec.model_validate_json((job_dir / SPEC).read_bytes())
         config = config_for(spec)
@@ -152,22 +163,25 @@ def run(job_dir: Path) -> int:
                 base_model_dir=spec.base_model_dir,
                 base_model_name=spec.base_model_name,
                 console=Console(file=log, force_terminal=False),
-                callbacks=[MetricsEvents(events), EpochCheckpoints(job_dir, events)],
+                # Checkpoints are written by the first process only (the others hold the same weights).
+                callbacks=[MetricsEvents(events)] + ([EpochCheckpoints(job_dir, events)] if main else []),
             )
         for warning in result.warnings:
             events.emit(warning, level="warn")
         training = result.manifest["training"]
         trained_tokens = (training.get("trained_tokens_per_epoch") or 0) * (training.get("epochs_completed") or 0)
-        write_record(job_dir / RESULT, JobResult(
-            status="succeeded", trained_tokens=int(trained_tokens), run_dir=result.run_dir,
-            hyperparameters=resolved_hyperparameters(result.manifest, spec.method)))
+        if main:
+            write_record(job_dir / RESULT, JobResult(
+                status="succeeded", trained_tokens=int(trained_tokens), run_dir=result.run_dir,
+                hyperparameters=resolved_hyperparameters(result.manifest, spec.method)))
         return 0
     except Exception as exc:  # the job fails with the reason; the server stays up
         events.emit(f"Training failed: {exc}", level="error")
         with open(job_dir / TRAIN_LOG, "a") as log:
             log.write(traceback.format_exc())
-        write_record(job_dir / RESULT, JobResult(
-            status="failed", error=JobFailure(code="training_failed", message=str(exc))))
+        if main:
+            write_record(job_dir / RESULT, JobResult(
+                status="failed", error=JobFailure(code="training_failed", message=str(exc))))
         return 1
 
 

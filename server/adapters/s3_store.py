@@ -82,6 +82,25 @@ _RESERVE_ATTEMPTS = 1000
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 
 
+def s3_client(endpoint_url: str | None, addressing_style: str | None):
+    """The one S3 client configuration (the adapter store's and the fine-tuning records')."""
+    if addressing_style is None and endpoint_url:
+        # Most S3-compatible servers (MinIO, Ceph) are reached by path: virtual hosts need wildcard DNS.
+        addressing_style = "path"
+    config = Config(
+        retries={"mode": "standard"},
+        # botocore ≥ 1.36 sends CRC checksums on every put by default; several S3-compatible servers
+        # reject them. Only what an operation requires (DeleteObjects) is sent.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": addressing_style} if addressing_style else None,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    # A session of our own: boto3's default session is not thread-safe to create clients from.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
 def _status(exc: ClientError) -> int:
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
 
@@ -117,21 +136,7 @@ class S3AdapterStore(AdapterStore):
         self.cache_dir = cache_dir
         self.endpoint_url = endpoint_url
         self._base = f"{self.prefix}/" if self.prefix else ""
-        if addressing_style is None and endpoint_url:
-            # Most S3-compatible servers (MinIO, Ceph) are reached by path: virtual hosts need wildcard DNS.
-            addressing_style = "path"
-        config = Config(
-            retries={"mode": "standard"},
-            # botocore ≥ 1.36 sends CRC checksums on every put by default; several S3-compatible servers
-            # reject them. Only what an operation requires (DeleteObjects) is sent.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": addressing_style} if addressing_style else None,
-            connect_timeout=10,
-            read_timeout=60,
-        )
-        # A session of our own: boto3's default session is not thread-safe to create clients from.
-        self._client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        self._client = s3_client(endpoint_url, addressing_style)
         self._lock = threading.Lock()  # scans and commits: a scan never prunes a version committed meanwhile
         self._pending: set[tuple[str, int]] = set()  # placed in the cache, not committed yet
         self._parsed: dict[str, tuple[str, object]] = {}  # key -> (ETag, parsed manifest or index)

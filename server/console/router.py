@@ -212,10 +212,10 @@ def _tokenizer(model_dir: str):
 
 def _check(path: Path, model_dir: Path) -> DataCheck:
     from quiver.training.config import TrainConfig
-    from quiver.training.data import check_dataset, split_examples
+    from quiver.training.data import check_training_file, split_examples
 
     config = TrainConfig()  # what a job with default hyperparameters will use
-    report = check_dataset(path, _tokenizer(str(model_dir)), config.max_seq_len)
+    report = check_training_file(path, _tokenizer(str(model_dir)), config.max_seq_len, format="auto")
     split = None
     if report.ok and report.examples:
         try:
@@ -255,14 +255,11 @@ async def check_file(settings: AppSettings,
             responses=error_responses(401, 403, 404))
 async def job_manifest(job_id: str, jobs: Jobs) -> dict[str, Any]:
     """The training run's manifest.json: data hashes and split, hyperparameters, losses and the curve's warnings."""
-    from quiver.training.manifest import MANIFEST_FILE
-
-    jobs.get(job_id)  # 404 for an unknown id (ids are checked there; a path parameter holds no `/`)
-    path = jobs.root / job_id / "run" / MANIFEST_FILE
-    if not path.is_file():
+    raw = jobs.manifest(job_id)  # 404 for an unknown id; from the shared records, whichever replica trained it
+    if raw is None:
         raise APIError(404, f"job `{job_id}` has no training manifest (yet)", code="manifest_not_found",
                        param="fine_tuning_job_id")
-    return json.loads(path.read_text())
+    return json.loads(raw)
 
 
 Scope = Annotated[ModelScope, Depends(inference_auth)]

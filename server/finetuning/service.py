@@ -1,9 +1,15 @@
-"""Training files and fine-tuning jobs, persisted on disk; jobs run one at a time in a worker process.
+"""Training files and fine-tuning jobs, persisted in the shared records (`records.py`: a folder or the adapter
+store's bucket) so that every replica sees the same files and jobs. Any replica's runner may take a queued job:
+it claims the job first (a create-if-absent write, so two runners never take the same one), keeps the claim's
+heartbeat fresh while the training runs, and a job whose runner went away (no heartbeat for `lease_s`) fails
+as interrupted. The training itself runs where the launcher (`launcher.py`) puts it.
 
-    <finetuning_dir>/files/<file-id>.jsonl + .json     uploaded training data and its record
-    <finetuning_dir>/jobs/<job-id>/job.json            the job record (the gateway writes it)
-    <finetuning_dir>/jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/, checkpoints/,
-                                    init_adapter/ (continued training: a copy of the starting version)}
+    files/<file-id>.jsonl + .json      uploaded training data and its record (results files too)
+    jobs/<job-id>/job.json             the job record (updated with compare-and-swap)
+    jobs/<job-id>/claim.json           {"owner", "at"}: which runner took it, its last heartbeat
+    jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/manifest.json}
+    jobs/<job-id>/checkpoints/step-N/checkpoint.json   a registered epoch checkpoint (its weights stay in the
+                                                        runner's workspace; the version is in the adapter store)
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ import contextlib
 import csv
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
 import shutil
-import signal
-import sys
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +34,9 @@ from pydantic import BaseModel
 
 from quiver.adapters.model_id import ModelRef, parse_adapter_ref
 from quiver.adapters.service import AdapterRegistry
+from quiver.adapters.store import StoreUnavailable
 from quiver.errors import Conflict, DomainError, InvalidRequest, NotFound, NotSupported, PayloadTooLarge
+from quiver.finetuning.launcher import Launcher, LocalLauncher, Run
 from quiver.finetuning.protocol import (
     FINISHED,
     CheckpointMetrics,
@@ -42,7 +50,7 @@ from quiver.finetuning.protocol import (
     Method,
     SupervisedMethod,
 )
-from quiver.common.files import file_sha256, write_bytes_atomic, write_json_atomic
+from quiver.common.files import file_sha256, write_bytes_atomic
 from quiver.common.jobs import (
     CHECKPOINT,
     CHECKPOINTS,
@@ -50,15 +58,16 @@ from quiver.common.jobs import (
     RESULT,
     SPEC,
     TRAIN_LOG,
+    EVENTS,
     CheckpointRecord,
     DpoHyperparameters,
-    EventLog,
     Hyperparameters,
     JobEventRecord,
     JobResult,
     JobSpec,
     write_record,
 )
+from quiver.finetuning.records import LocalRecords, Records
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +80,14 @@ RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "train_me
                   "valid_mean_token_accuracy")
 _MAX_REPORTED_ERRORS = 5
 _COPY_CHUNK = 1024 * 1024
-# What `_new_id` makes; anything else is no id of ours (and never reaches a path).
+# What `_new_id` makes; anything else is no id of ours (and never reaches a path or a key).
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
+JOB, CLAIM = "job.json", "claim.json"
+RUN_MANIFEST = "run/manifest.json"  # the training run's manifest (quiver.training.manifest), written by the worker
+# The runners of this process (tests run several gateways in one): another owner with this pid is an earlier
+# process that had the same pid (PID 1 in a restarted container), unless it is one of these.
+_OWNERS_HERE: set[str] = set()
 Record = TypeVar("Record", bound=BaseModel)
 
 
@@ -81,19 +95,32 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def load_record(path: Path, model: type[Record]) -> Record | None:
-    """The record at `path`, or None when it is missing; an unreadable one is moved aside (and logged) so that
-    it cannot stop the server or hide the records beside it."""
+def _parse(raw: bytes | None, model: type[Record]) -> Record | None:
+    if raw is None:
+        return None
     try:
-        return model.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
+        return model.model_validate_json(raw)
+    except (ValueError, RecursionError):
         return None
+
+
+def load_record(records: Records, key: str, model: type[Record]) -> Record | None:
+    """The record at `key`, or None when it is missing; an unreadable one is moved aside (and logged) so that
+    it cannot stop the server or hide the records beside it."""
+    raw = records.read(key)
+    if raw is None:
+        return None
+    try:
+        return model.model_validate_json(raw)
     except (ValueError, RecursionError) as exc:  # truncated, not JSON, too deep, or not this record's shape
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, aside)
-            log.error("unreadable record %s moved aside to %s: %s", path, aside.name, str(exc).splitlines()[0])
+        aside = records.move_aside(key)
+        log.error("unreadable record %s/%s moved aside to %s: %s", records.location, key, aside,
+                  str(exc).splitlines()[0])
         return None
+
+
+def _records(root: Path | Records) -> Records:
+    return root if isinstance(root, Records) else LocalRecords(root)
 
 
 def file_not_found(file_id: str, param: str = "file_id") -> NotFound:
@@ -109,34 +136,37 @@ def _page(items: list, after: str | None, limit: int) -> tuple[list, bool]:
 
 
 class FileService:
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        self.root = root
+    def __init__(self, root: Path | Records, max_bytes: int) -> None:
+        self.records = _records(root)
         self.max_bytes = max_bytes
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".*.tmp"):
+        for leftover in self.records.scratch_dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
 
     def data_path(self, file_id: str) -> Path:
-        return self.root / f"{file_id}.jsonl"
+        """A local copy of the file's bytes (the file itself in a folder; files never change, so a download
+        stays right)."""
+        return self.records.local_file(f"{file_id}.jsonl", self.records.scratch_dir / "downloads")
 
     def create(self, filename: str, source: BinaryIO, purpose: str) -> FileObject:
         if purpose != FINE_TUNE_PURPOSE:
             raise InvalidRequest(f"only purpose `{FINE_TUNE_PURPOSE}` is supported", code="invalid_purpose",
                                  param="purpose")
         file_id = _new_id("file")
-        tmp = self.root / f".{file_id}.tmp"
+        tmp = self.records.scratch_dir / f".{file_id}.tmp"
         try:
             size = self._copy_limited(source, tmp)
             report = self._check(tmp)
             record = FileObject(id=file_id, bytes=size, created_at=int(time.time()),
                                 filename=Path(filename).name[:255] or "training.jsonl", purpose=purpose,
                                 status_details=f"{len(report.examples)} examples, {len(report.warnings)} warnings")
-            os.replace(tmp, self.data_path(file_id))
-            write_json_atomic(self.root / f"{file_id}.json", record.model_dump())  # the record commits the upload
+            self.records.put_file(f"{file_id}.jsonl", tmp)
+            # The record commits the upload.
+            self.records.write(f"{file_id}.json", json.dumps(record.model_dump(), indent=2).encode())
         except BaseException:
             # Whatever failed (a refusal, a full disk, a cancelled request): nothing of this upload stays behind.
             tmp.unlink(missing_ok=True)
-            self.data_path(file_id).unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                self.records.delete(f"{file_id}.jsonl")
             raise
         return record
 
@@ -153,11 +183,11 @@ class FileService:
 
     @staticmethod
     def _check(path: Path):
-        # The same parser and line-numbered checks as `quiver data check` (token checks need the tokenizer;
-        # the worker runs them before training).
-        from quiver.training.data import check_dataset
+        # The same parser and line-numbered checks as `quiver data check`, for chat or preference data (the
+        # format its first line shows); token checks need the tokenizer: the worker runs them before training.
+        from quiver.training.data import check_training_file
 
-        report = check_dataset(path)
+        report = check_training_file(path, None, None, format="auto")
         if not report.ok:
             shown = "; ".join(str(issue) for issue in report.errors[:_MAX_REPORTED_ERRORS])
             more = len(report.errors) - _MAX_REPORTED_ERRORS
@@ -170,70 +200,85 @@ class FileService:
         file_id = _new_id("file")
         record = FileObject(id=file_id, bytes=len(content), created_at=int(time.time()), filename=filename,
                             purpose=RESULTS_PURPOSE)
+        tmp = self.records.scratch_dir / f".{file_id}.tmp"
         try:
-            write_bytes_atomic(self.data_path(file_id), content)
-            write_json_atomic(self.root / f"{file_id}.json", record.model_dump())
+            write_bytes_atomic(tmp, content)
+            self.records.put_file(f"{file_id}.jsonl", tmp)
+            self.records.write(f"{file_id}.json", json.dumps(record.model_dump(), indent=2).encode())
         except BaseException:
-            self.data_path(file_id).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                self.records.delete(f"{file_id}.jsonl")
             raise
         return record
 
     def get(self, file_id: str, param: str = "file_id") -> FileObject:
-        record = load_record(self.root / f"{file_id}.json", FileObject) if _FILE_ID.match(file_id) else None
+        record = load_record(self.records, f"{file_id}.json", FileObject) if _FILE_ID.match(file_id) else None
         if record is None:
             raise file_not_found(file_id, param)
         return record
 
     def list(self, after: str | None = None, limit: int = 10000) -> tuple[list[FileObject], bool]:
-        records = [r for p in self.root.glob("file-*.json") if (r := load_record(p, FileObject)) is not None]
+        records = [r for key in self.records.keys("file-*.json")
+                   if (r := load_record(self.records, key, FileObject)) is not None]
         return _page(sorted(records, key=lambda r: (r.created_at, r.id), reverse=True), after, limit)
 
     def delete(self, file_id: str) -> None:
         self.get(file_id)
-        (self.root / f"{file_id}.json").unlink(missing_ok=True)
-        self.data_path(file_id).unlink(missing_ok=True)
+        self.records.delete(f"{file_id}.json")
+        self.records.delete(f"{file_id}.jsonl")
 
 
 class JobService:
-    """Jobs run one at a time. Each ends in exactly one terminal state: `_finish` never overwrites one, and
-    registering the adapter is the commit point, taken under the same lock as cancelling: a job cancelled
-    before it registers nothing, and a cancel that arrives while it registers waits and finds it succeeded."""
+    """Jobs run one at a time per runner. Each ends in exactly one terminal state: every change of job.json is a
+    compare-and-swap that never overwrites a terminal state, and registering the adapter is the commit point,
+    taken under the same lock as cancelling: a job cancelled before it registers nothing, and a cancel that
+    arrives while it registers waits and finds it succeeded. (A cancel from another replica during that moment
+    cannot wait for this one's lock: the job then stays cancelled and its adapter stays registered.)"""
 
-    def __init__(self, root: Path, files: FileService, registry: AdapterRegistry, base_model_dir: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path | Records, files: FileService, registry: AdapterRegistry, base_model_dir: Path,
+                 launcher: Launcher | None = None, *, poll_s: float = 5.0, lease_s: float = 60.0,
+                 run_jobs: bool = True) -> None:
+        self.records = _records(root)
         self.files = files
         self.registry = registry
         self.base_model_dir = base_model_dir
+        self.launcher: Launcher = launcher or LocalLauncher()
+        self.poll_s = poll_s
+        self.lease_s = lease_s
+        self.run_jobs = run_jobs  # False: this server accepts and lists jobs; other runners train them
+        # Unique per process: a restarted server (even with the same pid, as PID 1 in a container) is another.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        _OWNERS_HERE.add(self.owner)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._enqueued: set[str] = set()
+        self._done: set[str] = set()  # finished jobs seen by the scan: terminal states never change
         self._runner: asyncio.Task | None = None
-        self._worker: asyncio.subprocess.Process | None = None
+        self._worker: Run | None = None
         self._running_job: str | None = None
         self._cancelled: set[str] = set()
         self._commit = asyncio.Lock()
-        root.mkdir(parents=True, exist_ok=True)
 
     # --- persistence -------------------------------------------------------------------------------
 
-    def _job_dir(self, job_id: str) -> Path:
-        return self.root / job_id
-
     def _save(self, job: FineTuningJob) -> None:
-        write_json_atomic(self._job_dir(job.id) / "job.json", job.model_dump(mode="json"))
+        self.records.write(f"{job.id}/{JOB}", _dump(job))
 
     def get(self, job_id: str) -> FineTuningJob:
-        job = load_record(self._job_dir(job_id) / "job.json", FineTuningJob) if _JOB_ID.match(job_id) else None
+        job = load_record(self.records, f"{job_id}/{JOB}", FineTuningJob) if _JOB_ID.match(job_id) else None
         if job is None:
             raise NotFound(f"no fine-tuning job with id `{job_id}`", code="job_not_found", param="fine_tuning_job_id")
         return job
 
     def list(self, after: str | None = None, limit: int = 20) -> tuple[list[FineTuningJob], bool]:
-        jobs = [job for p in self.root.glob("ftjob-*/job.json") if (job := load_record(p, FineTuningJob)) is not None]
+        jobs = [job for key in self.records.keys(f"ftjob-*/{JOB}")
+                if (job := load_record(self.records, key, FineTuningJob)) is not None]
         return _page(sorted(jobs, key=lambda job: (job.created_at, job.id), reverse=True), after, limit)
 
     def events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[JobEvent], bool]:
         """Newest first, as OpenAI's; `after` is an event id: the page continues with the older ones."""
         self.get(job_id)
-        raw = EventLog(self._job_dir(job_id)).read()
+        raw = _parse_events(self.records.read(f"{job_id}/{EVENTS}"))
         events = [JobEvent(id=f"ftevent-{job_id[6:]}-{n}", **event.model_dump()) for n, event in enumerate(raw)][::-1]
         return _page(events, after, limit)
 
@@ -241,7 +286,10 @@ class JobService:
         """The job as callers see it: a running job's `estimated_finish` is worked out from its progress."""
         if job.status != "running":
             return job
-        return job.model_copy(update={"estimated_finish": estimate_finish(EventLog(self._job_dir(job.id)).read())})
+        return job.model_copy(update={"estimated_finish": estimate_finish(self._events(job.id))})
+
+    def _events(self, job_id: str) -> list[JobEventRecord]:
+        return _parse_events(self.records.read(f"{job_id}/{EVENTS}"))
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[JobCheckpoint], bool]:
         """The job's registered checkpoints, the latest step first (OpenAI's order)."""
@@ -251,48 +299,144 @@ class JobService:
                           fine_tuned_model_checkpoint=record.fine_tuned_model_checkpoint,
                           fine_tuning_job_id=job_id, step_number=record.step,
                           metrics=CheckpointMetrics.model_validate(record.metrics))
-            for _, record in self._checkpoint_records(job_id) if record.fine_tuned_model_checkpoint
+            for record in self._listed_checkpoints(job_id)
         ]
         return _page(sorted(found, key=lambda c: c.step_number, reverse=True), after, limit)
 
-    def _checkpoint_records(self, job_id: str) -> list[tuple[Path, CheckpointRecord]]:
-        """The worker's complete checkpoints (those with their record), in step order."""
-        records = [(path.parent, record) for path in (self._job_dir(job_id) / CHECKPOINTS).glob(f"step-*/{CHECKPOINT}")
-                   if (record := load_record(path, CheckpointRecord)) is not None]
-        return sorted(records, key=lambda item: item[1].step)
+    def _listed_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        """The checkpoints the job registered, from the shared records (any replica answers)."""
+        found = [record for key in self.records.keys(f"{job_id}/{CHECKPOINTS}/step-*/{CHECKPOINT}")
+                 if (record := load_record(self.records, key, CheckpointRecord)) is not None]
+        return [record for record in found if record.fine_tuned_model_checkpoint]
+
+    @staticmethod
+    def _workspace_checkpoints(workspace: Path) -> list[tuple[Path, CheckpointRecord]]:
+        """The worker's complete checkpoints in the runner's workspace (those with their record), in step order."""
+        found = [(path.parent, record) for path in (workspace / CHECKPOINTS).glob(f"step-*/{CHECKPOINT}")
+                 if (record := _parse(path.read_bytes(), CheckpointRecord)) is not None]
+        return sorted(found, key=lambda item: item[1].step)
+
+    def manifest(self, job_id: str) -> bytes | None:
+        """The job's training manifest (data hashes, hyperparameters, losses), once its worker wrote one."""
+        self.get(job_id)
+        return self.records.read(f"{job_id}/{RUN_MANIFEST}")
+
+    def _emit(self, job_id: str, message: str, level: str = "info") -> None:
+        event = JobEventRecord(created_at=int(time.time()), level=level, message=message)
+        self.records.append(f"{job_id}/{EVENTS}", event.model_dump_json().encode())
 
     def _update(self, job: FineTuningJob, message: str | None = None, level: str = "info", **changes) -> FineTuningJob:
-        job = job.model_copy(update=changes)
-        if job.status in FINISHED and job.finished_at is None:
-            job.finished_at = int(time.time())
-        self._save(job)
-        if message:
-            EventLog(self._job_dir(job.id)).emit(message, level=level)
-        return job
+        """Apply `changes` to the stored record (`job` when there is none yet) unless it reached a terminal
+        state, which then stands; compare-and-swap, so a change made meanwhile by another replica is never lost."""
+        changed = False
+
+        def change(raw: bytes | None) -> bytes | None:
+            nonlocal changed
+            current = _parse(raw, FineTuningJob) if raw is not None else job
+            if current is None or current.status in FINISHED:
+                return None  # unreadable (get() moves it aside) or final
+            new = current.model_copy(update=changes)
+            if new.status in FINISHED and new.finished_at is None:
+                new.finished_at = int(time.time())
+            changed = True
+            return _dump(new)
+
+        stored = _parse(self.records.update(f"{job.id}/{JOB}", change), FineTuningJob)
+        if changed and message:
+            self._emit(job.id, message, level=level)
+        return stored if stored is not None else self.get(job.id)
 
     def _finish(self, job_id: str, status: str, message: str | None = None, level: str = "info",
                 **changes) -> FineTuningJob:
         """Move the job to a terminal state unless it already reached one (which then stands)."""
-        job = self.get(job_id)
-        if job.status in FINISHED:
+        job = self._update(self.get(job_id), message, level=level, status=status, **changes)
+        if job.status != status:
             log.info("job %s is already %s; not marking it %s", job_id, job.status, status)
-            return job
-        return self._update(job, message, level=level, status=status, **changes)
+        return job
+
+    # --- claims --------------------------------------------------------------------------------------
+
+    def _stale(self, raw: bytes | None) -> bool:
+        """A claim whose runner is gone: no heartbeat for `lease_s`, or a process of this host that no longer
+        runs (or is an earlier server that had this pid)."""
+        try:
+            claim = json.loads(raw) if raw else {}
+            owner, at = str(claim["owner"]), float(claim["at"])
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return True
+        if owner == self.owner:
+            return self._running_job is None  # ours, but this runner runs nothing: left by an aborted start
+        host, _, rest = owner.partition(":")
+        if host == socket.gethostname():
+            pid = rest.partition(":")[0]
+            if not pid.isdigit() or not _alive(int(pid)) or (int(pid) == os.getpid() and owner not in _OWNERS_HERE):
+                return True
+        return time.time() - at > self.lease_s
+
+    def _claim_bytes(self) -> bytes:
+        return json.dumps({"owner": self.owner, "at": time.time()}).encode()
+
+    def _claim(self, job_id: str) -> bool:
+        """Take the job for this runner: exactly one of several racing runners gets True."""
+        new = self._claim_bytes()
+        stored = self.records.update(f"{job_id}/{CLAIM}", lambda raw: new if raw is None or self._stale(raw) else None)
+        return stored == new
+
+    def _heartbeat(self, job_id: str) -> bool:
+        """Refresh this runner's claim; False when another runner holds it now (ours was taken as stale)."""
+        new = self._claim_bytes()
+
+        def change(raw: bytes | None) -> bytes | None:
+            try:
+                return new if raw and json.loads(raw).get("owner") == self.owner else None
+            except ValueError:
+                return None
+
+        return self.records.update(f"{job_id}/{CLAIM}", change) == new
+
+    def scan(self) -> list[str]:
+        """Look through the shared records: fail the running jobs whose runner is gone, and return the queued
+        jobs (oldest first) that no live runner holds, which this runner may claim."""
+        by_job: dict[str, set[str]] = {}
+        for key in self.records.keys("ftjob-*/*"):
+            job_id, _, name = key.partition("/")
+            by_job.setdefault(job_id, set()).add(name)
+        runnable = []
+        for job_id, names in by_job.items():
+            if job_id in self._done or job_id == self._running_job or JOB not in names or not _JOB_ID.match(job_id):
+                continue
+            if CLAIM in names and not self._stale(self.records.read(f"{job_id}/{CLAIM}")):
+                continue
+            job = load_record(self.records, f"{job_id}/{JOB}", FineTuningJob)
+            if job is None or job.status in FINISHED:
+                self._done.add(job_id)
+            elif job.status == "running":
+                self._finish(job_id, "failed", "The server running this job stopped while it was running",
+                             level="error", error=JobError(code="interrupted",
+                                                           message="the server restarted while the job was running"))
+                self._done.add(job_id)
+            elif job.status in ("validating_files", "queued"):
+                runnable.append((job.created_at, job_id))
+        return [job_id for _, job_id in sorted(runnable)]
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
+    def _enqueue(self, job_id: str) -> None:
+        if job_id not in self._enqueued:
+            self._enqueued.add(job_id)
+            self._queue.put_nowait(job_id)
+
     def start(self) -> None:
-        """Resume after a restart: a job that was running is failed with the reason; queued ones run."""
-        jobs, _ = self.list(limit=10**9)
-        for job in sorted(jobs, key=lambda job: job.created_at):
-            if job.status == "running":
-                self._finish(job.id, "failed", "The server restarted while this job was running", level="error",
-                             error=JobError(code="interrupted", message="the server restarted while the job was running"))
-            elif job.status in ("validating_files", "queued"):
-                self._queue.put_nowait(job.id)
+        """Resume after a restart: a job that was running (here, or on a runner that went away) is failed with
+        the reason; queued ones run."""
+        if not self.run_jobs:
+            return
+        for job_id in self.scan():
+            self._enqueue(job_id)
         self._runner = asyncio.create_task(self._run_queue(), name="fine-tuning-jobs")
 
     async def stop(self) -> None:
+        _OWNERS_HERE.discard(self.owner)
         if self._runner:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -308,7 +452,8 @@ class JobService:
 
     async def create(self, request: CreateJobRequest) -> FineTuningJob:
         # The serving image leaves the `training` extra out; say so now rather than fail in the worker later.
-        if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+        # (A server that only accepts jobs, for runners elsewhere, does not need it.)
+        if self.run_jobs and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None):
             raise NotSupported("fine-tuning is not installed on this server (the `training` extra: "
                                "pip install 'quiver[training]', or use the training image)",
                                code="training_unavailable")
@@ -321,6 +466,9 @@ class JobService:
         if request.validation_file:
             self._training_file(request.validation_file, "validation_file")
         method = job_method(request)
+        self._check_format(request.training_file, method, "training_file")
+        if request.validation_file:
+            self._check_format(request.validation_file, method, "validation_file")
         job_id = _new_id("ftjob")
         job = FineTuningJob(
             id=job_id, created_at=int(time.time()), model=model, status="validating_files",
@@ -329,11 +477,26 @@ class JobService:
             seed=request.seed if request.seed is not None else 42, suffix=request.suffix, metadata=request.metadata,
             integrations=request.integrations, method=method,
         )
-        self._job_dir(job_id).mkdir(parents=True)
-        job = self._update(job, "Validating training file")
+        if not self.records.create(f"{job_id}/{JOB}", _dump(job)):
+            raise Conflict(f"job id `{job_id}` is taken; try again", code="job_id_taken")
+        self._emit(job_id, "Validating training file")
         job = self._update(job, "Job queued", status="queued")
-        self._queue.put_nowait(job_id)
+        if self.run_jobs:
+            self._enqueue(job_id)
         return job
+
+    def _check_format(self, file_id: str, method: Method, param: str) -> None:
+        """Preference data trains a `dpo` job, chat data a `supervised` one: a mismatch is refused now rather
+        than failing in the worker. (With a bucket this reads the file down once more.)"""
+        from quiver.training.data import detect_format
+
+        found = detect_format(self.files.data_path(file_id))
+        wanted = "preference" if method.type == "dpo" else "chat"
+        if found != wanted:
+            raise InvalidRequest(
+                f"file `{file_id}` holds {found} data, but a `{method.type}` job trains on {wanted} data "
+                f"({'`input`, `preferred_output`, `non_preferred_output`' if wanted == 'preference' else '`messages`'}"
+                " on each line)", code="invalid_training_file_format", param=param)
 
     def _starting_model(self, model: str) -> str:
         """The base model, or a registered adapter to continue training from: `name` is pinned to its current
@@ -357,21 +520,31 @@ class JobService:
                                param="fine_tuning_job_id")
             self._cancelled.add(job_id)
             job = self._finish(job_id, "cancelled", "Job cancelled")
+            if job.status != "cancelled":  # another replica finished it meanwhile
+                self._cancelled.discard(job_id)
+                raise Conflict(f"job `{job_id}` has already {job.status}", code="job_finished",
+                               param="fine_tuning_job_id")
+        # Running here: stop it now. Running on another replica: its runner sees the state at its next heartbeat.
         if self._running_job == job_id:
             await self._kill_worker()
         return job
 
     async def _kill_worker(self) -> None:
-        worker = self._worker
-        if worker is None or worker.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGKILL)
-        await worker.wait()
+        if self._worker is not None:
+            await self._worker.kill()
 
     async def _run_queue(self) -> None:
         while True:
-            job_id = await self._queue.get()
+            try:
+                job_id = await asyncio.wait_for(self._queue.get(), timeout=self.poll_s or None)
+            except TimeoutError:
+                try:  # jobs accepted by other replicas, and runners gone away
+                    for job_id in await asyncio.to_thread(self.scan):
+                        self._enqueue(job_id)
+                except Exception:  # the store away for a moment: the next scan tries again
+                    log.exception("scanning the fine-tuning jobs failed")
+                continue
+            self._enqueued.discard(job_id)
             try:
                 if job_id in self._cancelled or self.get(job_id).status in FINISHED:
                     continue
@@ -393,52 +566,70 @@ class JobService:
             return source.name
         return f"{job.suffix or 'ft'}-{job.id.removeprefix('ftjob-')[:8]}"
 
-    def _copy_init_adapter(self, job: FineTuningJob, job_dir: Path) -> Path | None:
-        """The starting version's adapter files, copied into the job: deleting the version meanwhile cannot
-        pull them from under the trainer."""
+    def _copy_init_adapter(self, job: FineTuningJob, workspace: Path) -> Path | None:
+        """The starting version's adapter files, copied into the job's workspace: deleting the version meanwhile
+        cannot pull them from under the trainer."""
         source = self._source(job)
         if source is None:
             return None
         try:
             folder = self.registry.store.local_path(source.name, source.version)
-            target = job_dir / INIT_ADAPTER
+            target = workspace / INIT_ADAPTER
             target.mkdir(exist_ok=True)
             for name in ADAPTER_FILES:
                 shutil.copyfile(folder / name, target / name)
-        except OSError:
+        except (OSError, DomainError):  # gone from a folder store, or from the bucket (NotFound)
             raise InvalidRequest(f"`{job.model}` no longer exists: it was deleted after the job was created",
                                  code="model_not_available", param="model") from None
         return target.resolve()
 
-    def _worker_command(self, job_dir: Path) -> list[str]:
-        return [
-            sys.executable, "-m", "quiver.engine_guard", str(os.getpid()),  # the worker dies with the gateway
-            sys.executable, "-m", "quiver.training.worker", str(job_dir),
-        ]
-
-    @staticmethod
-    def _worker_env() -> dict[str, str]:
-        # The spec carries everything the worker needs; the gateway's own settings (its keys among them) stay here.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("QUIVER_")}
-        return {**env, "HF_HUB_OFFLINE": "1"}
+    def _publish(self, job_id: str, workspace: Path, shipped: int) -> int:
+        """Copy the worker's files into the shared records (nothing to do when the workspace is the job's own
+        folder); returns how many bytes of the worker's events.jsonl are now in the job's event log."""
+        if self.records.in_place:
+            return shipped
+        self.records.publish(job_id, workspace, {RESULT: RESULT, TRAIN_LOG: TRAIN_LOG, SPEC: SPEC,
+                                                 RUN_MANIFEST: RUN_MANIFEST})
+        path = workspace / EVENTS
+        if not path.exists():
+            return shipped
+        with open(path, "rb") as file:
+            file.seek(shipped)
+            fresh = file.read()
+        complete = fresh[:fresh.rfind(b"\n") + 1]  # a line being written waits for the next round
+        for line in complete.splitlines():
+            self.records.append(f"{job_id}/{EVENTS}", line)
+        return shipped + len(complete)
 
     async def _run(self, job_id: str) -> None:
+        if not self._claim(job_id):
+            log.info("job %s was taken by another runner", job_id)
+            return
+        try:
+            await self._run_claimed(job_id)
+        finally:
+            self._running_job = None
+
+    async def _run_claimed(self, job_id: str) -> None:
         job = self.get(job_id)
-        job_dir = self._job_dir(job_id)
+        workspace = self.records.workspace(job_id)
         name = self._adapter_name(job)
         method = job.method or Method()
         try:
-            init_adapter = await asyncio.to_thread(self._copy_init_adapter, job, job_dir)
+            init_adapter = await asyncio.to_thread(self._copy_init_adapter, job, workspace)
         except InvalidRequest as exc:
             self._finish(job_id, "failed", f"Job failed: {exc.message}", level="error",
                          error=JobError(code=exc.code, message=exc.message, param=exc.param))
+            self.records.drop_workspace(job_id, workspace)
             return
         hyperparameters = method_hyperparameters(method)
         beta = getattr(hyperparameters, "beta", "auto")
-        write_record(job_dir / SPEC, JobSpec(
+        data = workspace / "data"
+        write_record(workspace / SPEC, JobSpec(
             name=name,
-            training_file=self.files.data_path(job.training_file).resolve(),
-            validation_file=self.files.data_path(job.validation_file).resolve() if job.validation_file else None,
+            training_file=self.files.records.local_file(f"{job.training_file}.jsonl", data).resolve(),
+            validation_file=self.files.records.local_file(f"{job.validation_file}.jsonl", data).resolve()
+            if job.validation_file else None,
             base_model_dir=self.base_model_dir.resolve(),
             base_model_name=self.registry.base_model_name,
             hyperparameters=Hyperparameters.model_validate(
@@ -448,34 +639,49 @@ class JobService:
             beta=None if beta == "auto" else beta,
             init_adapter=init_adapter,
         ))
+        shipped = (workspace / EVENTS).stat().st_size if (workspace / EVENTS).exists() else 0
         async with self._commit:
-            if job_id in self._cancelled or self.get(job_id).status in FINISHED:
+            if job_id in self._cancelled or self._update(self.get(job_id), status="running").status != "running":
                 return
-            self._update(self.get(job_id), status="running")
             self._running_job = job_id
             self._worker = None
         try:
-            with open(job_dir / TRAIN_LOG, "ab") as train_log:
-                self._worker = await asyncio.create_subprocess_exec(
-                    *self._worker_command(job_dir),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=train_log, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True, env=self._worker_env(),
-                )
+            self._worker = await self.launcher.start(workspace)
             if job_id in self._cancelled:  # cancelled while the process was starting
                 await self._kill_worker()
-            await self._worker.wait()
+            waiting = asyncio.ensure_future(self._worker.wait())
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=min(self.lease_s / 4, 10))
+                if waiting.done():
+                    break
+                try:
+                    shipped = await asyncio.to_thread(self._publish, job_id, workspace, shipped)
+                    still_ours = await asyncio.to_thread(self._heartbeat, job_id)
+                    stopped = not still_ours or self.get(job_id).status in FINISHED  # cancelled elsewhere
+                except (StoreUnavailable, OSError) as exc:
+                    # The store away for a moment: training goes on; the lease outlasts a few missed beats.
+                    log.warning("job %s: could not reach the records (%s); still training", job_id, exc)
+                    continue
+                if stopped:
+                    self._cancelled.add(job_id)
+                    await self._kill_worker()
+            returncode = waiting.result()
         finally:
             self._running_job = None
+        await asyncio.to_thread(self._publish, job_id, workspace, shipped)
         if job_id in self._cancelled:
+            self.records.drop_workspace(job_id, workspace)
             return
-        result = load_record(job_dir / RESULT, JobResult)
+        result = _parse((workspace / RESULT).read_bytes() if (workspace / RESULT).exists() else None, JobResult)
         if result is None or result.status != "succeeded" or result.run_dir is None:
             error = result.error if result and result.error else None
             self._finish(job_id, "failed", level="error", error=JobError(
                 code=error.code if error else "worker_crashed",
-                message=error.message if error else f"the training process exited with {self._worker.returncode}"))
+                message=error.message if error else f"the training process exited with {returncode}"))
+            self.records.drop_workspace(job_id, workspace)
             return
-        await self._register(job_id, name, result)
+        await self._register(job_id, name, result, workspace)
+        self.records.drop_workspace(job_id, workspace)
 
     async def _register_folder(self, name: str, folder: Path, make_current: bool):
         files = [(file, open(folder / file, "rb")) for file in ADAPTER_FILES]
@@ -485,19 +691,19 @@ class JobService:
             for _, handle in files:
                 handle.close()
 
-    async def _register(self, job_id: str, name: str, result: JobResult) -> None:
+    async def _register(self, job_id: str, name: str, result: JobResult, workspace: Path) -> None:
+        """Runs on the runner that holds the workspace: the checkpoints' weights are there."""
         async with self._commit:  # the commit point: a cancel either came before (nothing registers) or waits
             if job_id in self._cancelled or self.get(job_id).status in FINISHED:
                 return
-            job_dir = self._job_dir(job_id)
             # Each epoch's checkpoint becomes a staged version (served as `name@N`, never under the bare name).
             staged: dict[str, int] = {}  # the weights' sha256 -> version
-            listed: list[tuple[Path, CheckpointRecord]] = []  # recorded once the job commits
+            listed: list[CheckpointRecord] = []  # recorded once the job commits
             try:
-                for folder, record in self._checkpoint_records(job_id)[-KEPT_CHECKPOINTS:]:
+                for folder, record in self._workspace_checkpoints(workspace)[-KEPT_CHECKPOINTS:]:
                     version = await self._register_folder(name, folder, make_current=False)
                     staged[file_sha256(folder / ADAPTER_FILES[1])] = version.version
-                    listed.append((folder, record.model_copy(update={"fine_tuned_model_checkpoint": version.id})))
+                    listed.append(record.model_copy(update={"fine_tuned_model_checkpoint": version.id}))
                 # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
                 # then that version is promoted rather than registered twice.
                 final = staged.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
@@ -515,8 +721,9 @@ class JobService:
                     with contextlib.suppress(DomainError, OSError):
                         await self.registry.delete(name, version)
                 raise
-            for folder, record in listed:
-                write_record(folder / CHECKPOINT, record)
+            for record in listed:  # into the shared records, where `checkpoints()` reads them on any replica
+                self.records.write(f"{job_id}/{CHECKPOINTS}/step-{record.step}/{CHECKPOINT}",
+                                   record.model_dump_json(indent=2).encode())
             changes = {}
             if result.hyperparameters is not None:  # what `auto` became
                 used = result.hyperparameters.model_dump(exclude_none=True)
@@ -525,7 +732,7 @@ class JobService:
                 changes["hyperparameters"] = Hyperparameters.model_validate(
                     {k: v for k, v in used.items() if k in Hyperparameters.model_fields})
                 changes["method"] = with_hyperparameters(method, used)
-            results = self._results_file(job_id, job_dir)
+            results = self._results_file(job_id)
             if gate is not None and not gate.passed:  # the name's suite kept it from becoming current
                 self._finish(job_id, "succeeded", f"gated: {gate.passed_cases}/{gate.total_cases} passed, staged as "
                              f"{version_id} (report: {gate.report}.md)", level="warn", fine_tuned_model=version_id,
@@ -535,15 +742,16 @@ class JobService:
             self._finish(job_id, "succeeded", f"New fine-tuned model created: {name} ({version_id}){passed}",
                          fine_tuned_model=name, trained_tokens=result.trained_tokens, result_files=results, **changes)
 
-    def _results_file(self, job_id: str, job_dir: Path) -> list[str]:
-        """The metrics CSV as a file of purpose `fine-tune-results`; a failure to write it costs the job
-        nothing but the file (a warning event says so)."""
+    def _results_file(self, job_id: str) -> list[str]:
+        """The metrics CSV (from the job's published events) as a file of purpose `fine-tune-results`, in the
+        shared records; a failure to write it costs the job nothing but the file (a warning event says so)."""
         try:
-            content = metrics_csv(EventLog(job_dir).read())
+            content = metrics_csv(self._events(job_id))
             return [self.files.create_result(f"{job_id}-results.csv", content).id]
-        except OSError as exc:
+        except (OSError, StoreUnavailable) as exc:
             log.warning("job %s: the results file could not be written: %s", job_id, exc)
-            EventLog(job_dir).emit("The results file could not be written", level="warn")
+            with contextlib.suppress(OSError, StoreUnavailable):
+                self._emit(job_id, "The results file could not be written", level="warn")
             return []
 
 
@@ -602,3 +810,27 @@ def metrics_csv(events: list[JobEventRecord]) -> bytes:
     for step in sorted(rows):
         writer.writerow({**rows[step], "step": step})
     return out.getvalue().encode()
+
+
+def _dump(job: FineTuningJob) -> bytes:
+    return json.dumps(job.model_dump(mode="json"), indent=2, ensure_ascii=False).encode()
+
+
+def _parse_events(raw: bytes | None) -> list[JobEventRecord]:
+    events = []
+    for line in (raw or b"").decode("utf-8", errors="replace").splitlines():
+        try:
+            events.append(JobEventRecord.model_validate_json(line))
+        except (ValueError, RecursionError):  # a line being written right now, or damaged: skip it
+            continue
+    return events
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -138,6 +138,10 @@ Refuse settings that would deploy but not work: several replicas on a store only
 {{- if and (eq .Values.device "gpu") (gt (int .Values.engine.tensorParallelSize) (int .Values.gpu.count)) }}
 {{- fail (printf "engine.tensorParallelSize (%d) needs at least as many GPUs per pod: gpu.count is %d" (int .Values.engine.tensorParallelSize) (int .Values.gpu.count)) }}
 {{- end }}
+{{- $store := .Values.adapterStore.persistence }}
+{{- if and .Values.finetuning.worker.enabled (not $s3) (not $store.existingClaim) (ne $store.accessMode "ReadWriteMany") }}
+{{- fail "finetuning.worker shares the adapter store (and the job records on it) with the servers from other nodes: set adapterStore.persistence.accessMode=ReadWriteMany (or an RWX existingClaim), or use adapterStore.backend=s3" }}
+{{- end }}
 {{- if and .Values.training.enabled (not (or .Values.training.data.existingClaim .Values.training.data.configMap)) }}
 {{- fail "training.enabled needs training.data.existingClaim or training.data.configMap (holding train.jsonl)" }}
 {{- end }}
@@ -156,5 +160,51 @@ Refuse settings that would deploy but not work: several replicas on a store only
 {{- with .Values.model.path }}
 - name: QUIVER_MODEL
   value: {{ . | quote }}
+{{- end }}
+{{- if ne .Values.adapterStore.backend "s3" }}
+# Uploaded training files and job records beside the adapters, on the same shared volume (the store skips
+# dot folders); with an S3 store they live in its bucket instead.
+- name: QUIVER_FINETUNING_DIR
+  value: {{ printf "%s/.finetuning" .Values.adapterStore.mountPath | quote }}
+{{- end }}
+- name: QUIVER_FINETUNING_POLL_S
+  value: {{ .Values.finetuning.pollSeconds | quote }}
+- name: QUIVER_FINETUNING_LEASE_S
+  value: {{ .Values.finetuning.leaseSeconds | quote }}
+{{- end }}
+
+{{/* The S3 adapter store's environment (server and fine-tuning worker): the bucket, its endpoint, credentials. */}}
+{{- define "quiver.s3Env" -}}
+{{- if eq .Values.adapterStore.backend "s3" }}
+{{- $store := .Values.adapterStore.s3 }}
+- name: QUIVER_STORE_URL
+  value: {{ include "quiver.adapterStoreURL" . | quote }}
+- name: QUIVER_STORE_CACHE_DIR
+  value: /var/lib/quiver/adapter-cache
+{{- with $store.endpoint }}
+- name: QUIVER_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $store.addressingStyle }}
+- name: QUIVER_S3_ADDRESSING_STYLE
+  value: {{ . | quote }}
+{{- end }}
+{{- with $store.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $store.credentials.existingSecret }}
+# Read by the AWS SDK's standard credential chain; quiver never sees them as settings.
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $store.credentials.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $store.credentials.secretAccessKeyKey }}
+{{- end }}
 {{- end }}
 {{- end }}
