@@ -60,13 +60,19 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def document_errors(app: FastAPI) -> None:
     """Make the OpenAPI schema tell the truth about errors: validation failures are 400s in the envelope
-    (see `_validation_error`), never FastAPI's 422 `HTTPValidationError`."""
+    (see `_validation_error`), never FastAPI's 422 `HTTPValidationError`; and an error is JSON even where the
+    route's own answer is not (FastAPI files the envelope under the route's media type, e.g. text/markdown)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
                 operation.get("responses", {}).pop("422", None)
+                for status, response in operation.get("responses", {}).items():
+                    envelope = next((media["schema"] for media in response.get("content", {}).values()
+                                     if media.get("schema", {}).get("$ref", "").endswith("/ErrorEnvelope")), None)
+                    if status.isdigit() and int(status) >= 400 and envelope is not None:
+                        response["content"] = {"application/json": {"schema": envelope}}
             for unused in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(unused, None)
             app.openapi_schema = schema
