@@ -196,8 +196,13 @@ def prepare_default_model(model_dir: Path, gguf_path: Path | None = None) -> Pat
     if is_prepared(model_dir):
         if prepared_version(model_dir) < _PREPARED_VERSION:
             # Files are replaced atomically (new inodes), so an engine reading the folder meanwhile is unharmed.
-            write_generation_defaults(model_dir)
-            write_text_atomic(model_dir / _DONE_MARKER, _marker_text(_GGUF_FILE))
+            try:
+                write_generation_defaults(model_dir)
+                write_text_atomic(model_dir / _DONE_MARKER, _marker_text(_GGUF_FILE))
+            except OSError as exc:  # a read-only mount (a container's model volume): serve the folder as it is
+                log.warning("could not upgrade %s (%s): served without the model card's sampling defaults; "
+                            "prepare the folder again where it is writable", model_dir, exc)
+                return model_dir
             log.info("upgraded %s to preparation version %d", model_dir, _PREPARED_VERSION)
         return model_dir
     gguf_path = gguf_path or default_gguf_path()

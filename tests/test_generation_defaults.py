@@ -42,6 +42,24 @@ def test_a_folder_prepared_before_is_upgraded_once_in_place(tmp_path: Path) -> N
     assert (folder / "generation_config.json").stat().st_mtime_ns == before
 
 
+def test_an_old_folder_on_a_read_only_mount_is_served_as_it_is(tmp_path: Path, monkeypatch) -> None:
+    # A container's model volume is often mounted read-only (the image test does): the upgrade is skipped, not fatal.
+    import errno
+
+    import quiver.common.base_model as base_model
+
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    folder.mkdir()
+    (folder / ".quiver-prepared").write_text("converted from SmolLM2-135M-Instruct.Q4_1.gguf\n")
+
+    def read_only(path, *_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(base_model, "write_text_atomic", read_only)
+    assert prepare_default_model(folder) == folder
+    assert prepared_version(folder) == 1 and not (folder / "generation_config.json").exists()
+
+
 def test_a_model_folder_of_ones_own_is_never_rewritten(tmp_path: Path) -> None:
     folder = tmp_path / "my-model"
     folder.mkdir()
