@@ -159,14 +159,21 @@ class FileService:
             record = FileObject(id=file_id, bytes=size, created_at=int(time.time()),
                                 filename=Path(filename).name[:255] or "training.jsonl", purpose=purpose,
                                 status_details=f"{len(report.examples)} examples, {len(report.warnings)} warnings")
-            self.records.put_file(f"{file_id}.jsonl", tmp)
-            # The record commits the upload.
-            self.records.write(f"{file_id}.json", json.dumps(record.model_dump(), indent=2).encode())
         except BaseException:
-            # Whatever failed (a refusal, a full disk, a cancelled request): nothing of this upload stays behind.
+            tmp.unlink(missing_ok=True)
+            raise
+        return self._store(tmp, record)
+
+    def _store(self, tmp: Path, record: FileObject) -> FileObject:
+        """Move the file's bytes into the records, then its record, which commits the file. Whatever fails (a
+        full disk, a cancelled request), nothing of it stays behind."""
+        try:
+            self.records.put_file(f"{record.id}.jsonl", tmp)
+            self.records.write(f"{record.id}.json", json.dumps(record.model_dump(), indent=2).encode())
+        except BaseException:
             tmp.unlink(missing_ok=True)
             with contextlib.suppress(Exception):
-                self.records.delete(f"{file_id}.jsonl")
+                self.records.delete(f"{record.id}.jsonl")
             raise
         return record
 
@@ -201,16 +208,8 @@ class FileService:
         record = FileObject(id=file_id, bytes=len(content), created_at=int(time.time()), filename=filename,
                             purpose=RESULTS_PURPOSE)
         tmp = self.records.scratch_dir / f".{file_id}.tmp"
-        try:
-            write_bytes_atomic(tmp, content)
-            self.records.put_file(f"{file_id}.jsonl", tmp)
-            self.records.write(f"{file_id}.json", json.dumps(record.model_dump(), indent=2).encode())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            with contextlib.suppress(Exception):
-                self.records.delete(f"{file_id}.jsonl")
-            raise
-        return record
+        write_bytes_atomic(tmp, content)
+        return self._store(tmp, record)
 
     def get(self, file_id: str, param: str = "file_id") -> FileObject:
         record = load_record(self.records, f"{file_id}.json", FileObject) if _FILE_ID.match(file_id) else None
