@@ -20,7 +20,7 @@ from quiver.adapters.service import AdapterRegistry
 from quiver.adapters.store_factory import open_store
 from quiver.adapters.validation import BaseModelSpec
 from quiver.auth import Auth, AuthGate, metrics_auth
-from quiver.base_model import prepare_default_model
+from quiver.common.base_model import prepare_default_model
 from quiver.engine import EngineSupervisor
 from quiver.engine_client import Engine, EngineError
 from quiver.console.router import router as console_router

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from quiver.base_model import DEFAULT_MODEL_NAME
+from quiver.common.base_model import DEFAULT_MODEL_NAME
 
 ADMIN_KEY = "test-admin-key"
 API_KEY = "test-inference-key"

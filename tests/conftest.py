@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quiver.base_model import prepare_default_model  # noqa: E402
+from quiver.common.base_model import prepare_default_model  # noqa: E402
 from quiver.settings import Settings  # noqa: E402
 # One launcher for tests, load tests and benchmarks; re-exported for the test modules that import it from here.
 from quiver.testing import ADMIN_KEY, API_KEY, QuiverServer, free_port  # noqa: E402,F401

@@ -32,7 +32,7 @@ import httpx
 import openai
 import pytest
 
-from quiver.base_model import DEFAULT_MODEL_NAME, prepare_default_model
+from quiver.common.base_model import DEFAULT_MODEL_NAME, prepare_default_model
 from quiver.settings import Settings
 
 pytestmark = pytest.mark.image

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    from quiver.base_model import prepare_default_model
+    from quiver.common.base_model import prepare_default_model
 
     return prepare_default_model(Path(os.environ.get("QUIVER_TEST_MODEL_DIR", "/tmp/qmodel/SmolLM2-135M-Instruct")))
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from quiver.base_model import DEFAULT_MODEL_NAME
+from quiver.common.base_model import DEFAULT_MODEL_NAME
 
 
 class StreamOptions(BaseModel):
