@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+CANARY_DOCUMENT = "canary.json"  # the record's key among the name's store documents (beside index.json)
 # Outcomes kept per version and canary: bounds memory whatever the traffic (then the window is shorter).
 MAX_OUTCOMES = 10_000
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, AsyncIterator, BinaryIO, Protocol
 
-from quiver.adapters.canary import Canary, CanaryRequest, CanaryWatch, choose_version
+from quiver.adapters.canary import CANARY_DOCUMENT, Canary, CanaryRequest, CanaryWatch, choose_version
 from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
@@ -486,7 +486,8 @@ class AdapterRegistry:
     # --- canaries (see quiver.adapters.canary) -----------------------------------------------------
 
     def _read_canaries(self, adapters: dict[str, StoredAdapter]) -> dict[str, Canary]:
-        records = {name: parse_canary(name, self.store.read_canary(name)) for name in adapters}
+        raw = self.store.read_documents(sorted(adapters), CANARY_DOCUMENT)
+        records = {name: parse_canary(name, data) for name, data in raw.items()}
         return {name: canary for name, canary in records.items() if canary is not None}
 
     def _canary_running(self, name: str) -> bool:
@@ -581,7 +582,7 @@ class AdapterRegistry:
     async def _write_canary(self, canary: Canary) -> None:
         raw = canary.model_dump_json(exclude={"window"}, indent=2).encode()
         try:
-            await asyncio.to_thread(self.store.write_canary, canary.name, raw)
+            await asyncio.to_thread(self.store.write_document, canary.name, CANARY_DOCUMENT, raw)
         except OSError as exc:
             raise storage_error(exc) from None
         self._canaries[canary.name] = canary
@@ -609,7 +610,8 @@ class AdapterRegistry:
         try:
             async with self._write_lock:
                 # Ended or replaced meanwhile, here or by another replica (the store has the last word).
-                stored = await asyncio.to_thread(lambda: parse_canary(canary.name, self.store.read_canary(canary.name)))
+                raw = await asyncio.to_thread(self.store.read_document, canary.name, CANARY_DOCUMENT)
+                stored = parse_canary(canary.name, raw)
                 if self._canaries.get(canary.name) != canary or stored != canary:
                     return
                 await self._end_canary(canary.name, reason)
