@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, AsyncIterator, BinaryIO, Protocol
 
-from quiver.adapters.canary import CANARY_DOCUMENT, Canary, CanaryRequest, CanaryWatch, choose_version
+from quiver.adapters.canary import (
+    CANARY_DOCUMENT,
+    Canary,
+    CanaryRequest,
+    CanaryWatch,
+    GateOverride,
+    choose_version,
+)
 from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
@@ -117,6 +124,16 @@ class VersionGate(Protocol):
     async def record_override(self, name: str, version: int, by: str, reason: str | None) -> None: ...
 
 
+class LiveSampler(Protocol):
+    """What a canary's quality trigger needs from the suites (`quiver.suites.live.LiveScorer`)."""
+
+    async def live_suite_version(self, name: str) -> int:
+        """The name's suite that will score sampled traffic; a Conflict if it has no live checks."""
+
+    def offer(self, canary: Canary, current: int, endpoint: str, body: dict[str, Any]) -> bool:
+        """Queue one split request for replay and scoring; never waits (False: the queue was full)."""
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -152,6 +169,7 @@ class AdapterRegistry:
         self._rng = random.Random()
         self._rollbacks: set[asyncio.Task] = set()
         self.gate: VersionGate | None = None  # set by the app: runs a name's suite before a version can be current
+        self.sampler: LiveSampler | None = None  # set by the app: scores sampled canary traffic
 
     # --- start-up and engine restarts --------------------------------------------------------------
 
@@ -516,7 +534,7 @@ class AdapterRegistry:
         stats = watch.stats(adapter.current)
         return canary.model_copy(update={"window": {engine_name(name, v): s for v, s in stats.items()}})
 
-    async def set_canary(self, name: str, request: CanaryRequest) -> Canary:
+    async def set_canary(self, name: str, request: CanaryRequest, by: str = "admin") -> Canary:
         """Start (or re-weight) a canary: `request.weight` of the bare name's traffic goes to `request.version`."""
         async with self._write_lock:
             adapter = self._adapters.get(name)
@@ -530,13 +548,31 @@ class AdapterRegistry:
             if request.version == adapter.current:
                 raise Conflict(f"version {request.version} is already `{name}`'s current version",
                                code="canary_is_current", param="version")
-            # Before any traffic: the engine has the last word on what it can serve.
-            await self._ensure_loaded(name, request.version)
             running = self._canaries.get(name)
             same = running is not None and running.active and running.version == request.version
+            gate = adapter.versions[request.version].gate
+            override = running.gate_override if same else None
+            if gate is not None and not gate.passed and override is None:
+                if not request.override_gate:
+                    raise Conflict(f"`{name}@{request.version}` failed its suite ({gate.passed_cases}/"
+                                   f"{gate.total_cases} cases passed; report: {gate.report}): start the canary with "
+                                   f"override_gate=true to send it traffic anyway", code="gate_failed",
+                                   param="version")
+                override = GateOverride(by=by, at=int(time.time()), reason=request.reason)
+                log.warning("canary on %s@%d started by %s although it failed its suite%s", name, request.version, by,
+                            f": {request.reason}" if request.reason else "")
+            live_suite = None
+            if request.rollback.live_sample_rate > 0:
+                if self.sampler is None:
+                    raise InvalidRequest("this server scores no live traffic", code="invalid_rollback_policy",
+                                         param="rollback.live_sample_rate")
+                live_suite = await self.sampler.live_suite_version(name)
+            # Before any traffic: the engine has the last word on what it can serve.
+            await self._ensure_loaded(name, request.version)
             canary = Canary(name=name, version=request.version, weight=request.weight, rollback=request.rollback,
                             # re-weighting the same canary keeps its start (and this replica's window)
-                            started_at=running.started_at if same else int(time.time()))
+                            started_at=running.started_at if same else int(time.time()),  # type: ignore[union-attr]
+                            live_suite_version=live_suite, gate_override=override)
             await self._write_canary(canary)
             if not same:
                 self._watches.pop(name, None)
@@ -595,11 +631,42 @@ class AdapterRegistry:
         canary = self._active_canary(adapter) if adapter is not None else None
         if canary is None or adapter is None or adapter.current is None:
             return
+        self._watch(canary).record(target.version, error)
+        self._judge(canary, adapter.current)
+
+    def sample(self, target: Target, endpoint: str, body: dict[str, Any]) -> None:
+        """A split request may be replayed on both versions and scored (the canary's quality trigger); this only
+        draws and queues, so the caller never waits for it."""
+        if not target.split or target.adapter is None or self.sampler is None:
+            return
+        adapter = self._adapters.get(target.adapter)
+        canary = self._active_canary(adapter) if adapter is not None else None
+        if canary is None or adapter is None or adapter.current is None:
+            return
+        rate = canary.rollback.live_sample_rate
+        if rate > 0 and canary.live_suite_version is not None and self._rng.random() < rate:
+            self.sampler.offer(canary, adapter.current, endpoint, body)
+
+    def record_scores(self, canary: Canary, scores: dict[int, float]) -> None:
+        """One sample's live scores, per version; may start an automatic rollback. Ignored when the canary has
+        ended or changed since the sample was taken."""
+        adapter = self._adapters.get(canary.name)
+        if adapter is None or self._active_canary(adapter) != canary or adapter.current not in scores:
+            return
+        watch = self._watch(canary)
+        for version, score in scores.items():
+            watch.record_score(version, score)
+        self._judge(canary, adapter.current)  # type: ignore[arg-type]
+
+    def _watch(self, canary: Canary) -> CanaryWatch:
         watch = self._watches.get(canary.name)
         if watch is None or watch.canary != canary:
             watch = self._watches[canary.name] = CanaryWatch(canary)
-        watch.record(target.version, error)
-        reason = watch.verdict(adapter.current)
+        return watch
+
+    def _judge(self, canary: Canary, current: int) -> None:
+        watch = self._watches[canary.name]
+        reason = watch.verdict(current)
         if reason is not None:
             watch.ending = True
             task = asyncio.get_running_loop().create_task(self._roll_back(canary, reason))
