@@ -163,7 +163,11 @@ class AdapterRegistry:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: Counter[str] = Counter()
         self._retired: set[str] = set()  # deleted versions waiting for their last request to finish
+        # Two levels: a name's lock is held for the whole of a change to that name, a suite run included (its
+        # current version, a comparison's reference, stays put meanwhile); the write lock only for the short
+        # commit to the registry and the store, so other names never wait for a suite. Always name, then write.
         self._write_lock = asyncio.Lock()
+        self._name_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (lock, [holders and waiters])
         self._canaries: dict[str, Canary] = {}  # the store's canary records (ended ones too), by adapter name
         self._watches: dict[str, CanaryWatch] = {}  # this replica's error-rate windows of the active canaries
         self._rng = random.Random()
@@ -355,6 +359,19 @@ class AdapterRegistry:
 
     # --- writing -----------------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def name_lock(self, name: str) -> AsyncIterator[None]:
+        """Serialises changes to one name (see `_write_lock`); dropped once nobody holds or waits for it."""
+        lock, users = self._name_locks.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._name_locks[name]
+
     async def register(self, name: str, files: list[tuple[str, BinaryIO]], make_current: bool = True) -> AdapterVersion:
         check_adapter_name(name)
         if name == self.base_model_name:
@@ -363,10 +380,12 @@ class AdapterRegistry:
         try:
             staging = self.store.new_staging_dir()
             try:
-                await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
+                # A suite.json inside an archive counts like a loose one.
+                await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes, (SUITE_FILE,))
+                suite = await asyncio.to_thread(self._take_archived_suite, staging, suite)
                 spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
                 stored_files = await asyncio.to_thread(self._describe_files, staging)
-                async with self._write_lock:
+                async with self.name_lock(name):
                     return await self._add_version(name, staging, spec, stored_files, make_current, suite)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -384,6 +403,18 @@ class AdapterRegistry:
         suite = self.gate.parse_upload(suites[0])
         return [(filename, source) for filename, source in files if PurePosixPath(filename).name != SUITE_FILE], suite
 
+    def _take_archived_suite(self, staging: Path, suite: Any) -> Any:
+        path = staging / SUITE_FILE
+        if not path.exists():
+            return suite
+        if self.gate is None:
+            raise InvalidRequest("this server runs no suites", code="invalid_suite", param="files")
+        try:
+            with open(path, "rb") as source:
+                return self.gate.parse_upload(source)
+        finally:
+            path.unlink()
+
     @staticmethod
     def _describe_files(folder: Path) -> list[StoredFile]:
         return [
@@ -392,7 +423,7 @@ class AdapterRegistry:
         ]
 
     async def _add_version(self, name, staging, spec, stored_files, make_current, suite=None) -> AdapterVersion:
-        adapter = self._adapters.get(name)
+        """Under the name's lock (not the write lock: the suite may take minutes)."""
         # Store calls run in a thread: with a remote store they are network round trips and uploads.
         version = await asyncio.to_thread(self.store.reserve_version, name)
         record = AdapterVersion(
@@ -413,24 +444,29 @@ class AdapterRegistry:
             # Loaded before it is committed: the engine has the last word on what it can serve.
             await self._load(name, version)
             if self.gate is not None:
-                # Under the write lock: the current version (a comparison's reference) stays put meanwhile.
+                # Under the name's lock: the current version (a comparison's reference) stays put meanwhile.
                 record.gate = await self.gate.gate(name, version, suite)
-            await asyncio.to_thread(self.store.commit_version, record)
+            async with self._write_lock:
+                await asyncio.to_thread(self.store.commit_version, record)
+                adapter = self._adapters.get(name)  # read now: a store poll may have replaced it meanwhile
+                if adapter is None:
+                    adapter = StoredAdapter(name=name, current=None)
+                    self._adapters[name] = adapter
+                adapter.versions[version] = record
+                # Only an explicit make_current moves the name: a version registered with make_current=false is
+                # never served under the bare name unless promoted (not even as the first version).
+                if make_current and (record.gate is None or record.gate.passed):
+                    adapter.current = version
+                await asyncio.to_thread(self.store.set_current, name, adapter.current)
         except (APIError, DomainError, OSError):
             await self._unload(record.id)
             with suppress(APIError, DomainError, OSError):  # a store that failed the commit may fail this too;
                 # leftovers stay invisible (no manifest) and are swept at the next start
                 await asyncio.to_thread(self.store.remove_version, name, version)
+            adapter = self._adapters.get(name)
+            if adapter is not None and adapter.versions.get(version) is record:  # committed, then set_current failed
+                del adapter.versions[version]
             raise
-        if adapter is None:
-            adapter = StoredAdapter(name=name, current=None)
-            self._adapters[name] = adapter
-        adapter.versions[version] = record
-        # Only an explicit make_current moves the name: a version registered with make_current=false is
-        # never served under the bare name unless promoted (not even as the first version).
-        if make_current and (record.gate is None or record.gate.passed):
-            adapter.current = version
-        await asyncio.to_thread(self.store.set_current, name, adapter.current)
         self._update_gauge()
         log.info("registered %s (current: %s@%s)%s", record.id, name, adapter.current,
                  "" if record.gate is None else f", gate {record.gate.passed_cases}/{record.gate.total_cases}")
@@ -438,7 +474,7 @@ class AdapterRegistry:
 
     async def promote(self, name: str, version: int, override_gate: bool = False, by: str = "admin",
                       reason: str | None = None) -> Adapter:
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
@@ -463,6 +499,16 @@ class AdapterRegistry:
                 await self._end_canary_after(name, "promoted")  # its version is current: nothing left to split
             return self._describe(adapter)
 
+    async def set_gate(self, name: str, version: int, gate: GateResult) -> None:
+        """A suite ran again on a committed version (`SuiteService.rerun`): its manifest carries the new result."""
+        async with self._write_lock:
+            record = self.version(name, version).model_copy(update={"gate": gate})
+            try:
+                await asyncio.to_thread(self.store.commit_version, record)
+            except OSError as exc:
+                raise storage_error(exc) from None
+            self._adapters[name].versions[version] = record
+
     async def delete(self, name: str, version: int | None = None) -> None:
         try:
             await self._delete(name, version)
@@ -470,7 +516,7 @@ class AdapterRegistry:
             raise storage_error(exc) from None
 
     async def _delete(self, name: str, version: int | None) -> None:
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
@@ -519,6 +565,9 @@ class AdapterRegistry:
         if (canary is None or not canary.active or adapter.current is None or canary.version == adapter.current
                 or canary.version not in adapter.versions):
             return None
+        watch = self._watches.get(adapter.name)
+        if watch is not None and watch.ending and watch.canary == canary:
+            return None  # this replica decided to roll it back: no more traffic while the end is being recorded
         return canary
 
     def get_canary(self, name: str) -> Canary:
@@ -536,7 +585,7 @@ class AdapterRegistry:
 
     async def set_canary(self, name: str, request: CanaryRequest, by: str = "admin") -> Canary:
         """Start (or re-weight) a canary: `request.weight` of the bare name's traffic goes to `request.version`."""
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
@@ -581,7 +630,7 @@ class AdapterRegistry:
             return canary
 
     async def end_canary(self, name: str, reason: str = "ended") -> Canary:
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             if name not in self._adapters:
                 raise adapter_not_found(name)
             if not self._canary_running(name):

@@ -131,11 +131,31 @@ class SuiteService:
     async def gate(self, name: str, version: int, uploaded: SuiteSpec | None) -> GateResult | None:
         """Run the name's suite (`uploaded` first becomes it) on `name@version`, already loaded in the engine
         and not yet committed; store the report. None when the name has no suite. Called by the registry
-        under its write lock, so the current version cannot change or disappear meanwhile."""
+        under the name's lock, so its current version cannot change or disappear meanwhile (other names'
+        registrations go on)."""
         suite = await self.put_suite(name, uploaded) if uploaded is not None else await self.current_suite(name)
         if suite is None:
             return None
-        current = self._current_version(name)
+        return (await self._judge(suite, name, version, self._current_version(name)))[1]
+
+    async def rerun(self, name: str, version: int) -> Report:
+        """Run the name's suite again on one of its versions (after the suite changed, say): the report is
+        replaced and the version's gate result updated, so a version that passes now promotes without override."""
+        async with self.registry.name_lock(name):  # its current version (a reference) stays put meanwhile
+            self.registry.version(name, version)  # 404s for an unknown name or version
+            suite = await self.current_suite(name)
+            if suite is None:
+                raise suite_not_found(name)
+            current = self._current_version(name)
+            async with self.registry.lease(Target(engine_model=engine_name(name, version), adapter=name,
+                                                  version=version)):
+                # the current version compared with itself proves nothing: no `current` reference then
+                report, result = await self._judge(suite, name, version, None if current == version else current)
+            await self.registry.set_gate(name, version, result)
+        return report
+
+    async def _judge(self, suite: Suite, name: str, version: int, current: int | None) -> tuple[Report, GateResult]:
+        """Run `suite` on `name@version` (loaded), store its report; under the name's lock."""
         references = {"base": self.registry.base_model_name,
                       "current": engine_name(name, current) if current is not None else None}
         started = time.monotonic()
@@ -147,8 +167,9 @@ class SuiteService:
         await self._write_report(report)
         log.info("gate on %s@%d: %d/%d cases passed (%s) in %.1f s", name, version, report.passed_cases,
                  report.total_cases, "passed" if report.passed else "failed", time.monotonic() - started)
-        return GateResult(passed=report.passed, passed_cases=report.passed_cases, total_cases=report.total_cases,
-                          suite_version=suite.version, report=report_path(name, version))
+        return report, GateResult(passed=report.passed, passed_cases=report.passed_cases,
+                                  total_cases=report.total_cases, suite_version=suite.version,
+                                  report=report_path(name, version))
 
     def _current_version(self, name: str) -> int | None:
         try:
