@@ -32,6 +32,7 @@ from quiver.finetuning.service import FileService, JobService
 from quiver.inference.limiter import KeyLimiter, RequestLimiter
 from quiver.inference.router import router as inference_router
 from quiver.suites.router import router as suites_router
+from quiver.suites.live import LiveScorer
 from quiver.suites.service import SuiteService
 from quiver.inference.service import InferenceService
 from quiver.limits import BodySizeLimit
@@ -69,6 +70,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         engine.on_restart(registry.forget_engine_state)
         state.engine, state.registry = engine, registry
         state.suites = registry.gate = SuiteService(registry.store, engine, registry)
+        state.live_scorer = registry.sampler = LiveScorer(registry, state.suites, settings.canary_sample_queue,
+                                                          settings.canary_sample_concurrency)
         limiter = RequestLimiter(settings.max_running_requests, settings.max_waiting_requests, state.metrics)
         state.usage = UsageLedger(settings.state_dir / "usage.sqlite3", settings.usage_retention_days * 86_400)
         state.inference = InferenceService(
@@ -89,10 +92,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if settings.store_poll_s:
                 background.append(asyncio.create_task(registry.watch_store(settings.store_poll_s)))
             background.append(asyncio.create_task(state.usage.run()))
+            state.live_scorer.start()
             yield
         finally:
             for task in background:
                 task.cancel()
+            await state.live_scorer.stop()
             await state.jobs.stop()
             await engine.stop()
             await asyncio.to_thread(state.usage.close)

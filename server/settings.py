@@ -91,6 +91,9 @@ class Settings(BaseModelSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     # The usage ledger (GET /v1/usage): per-minute buckets in <state_dir>/usage.sqlite3, kept this long.
     usage_retention_days: int = Field(90, ge=1, le=3650, description="how long per-minute usage is kept")
+    # A canary's quality trigger (rollback.live_sample_rate): sampled requests waiting for replay, replays at once.
+    canary_sample_queue: int = Field(16, ge=1, le=1024, description="sampled canary requests waiting to be scored")
+    canary_sample_concurrency: int = Field(1, ge=1, le=16, description="sampled canary requests replayed at once")
 
     # The vLLM engine.
     engine_port: int | None = Field(None, ge=1, le=65535, description="private loopback port; free one if unset")

@@ -432,3 +432,106 @@ def test_a_fine_tuning_job_respects_the_gate_and_says_so(gateway: InProcessGatew
     assert event.level == "warn"
     assert event.message == "gated: 0/1 passed, staged as bot@2 (report: /v1/adapters/bot@2/report.md)"
     assert gateway.admin().get("/v1/adapters/bot").json()["current_version"] == 1
+
+
+# --- running a suite again, suites in archives, suites outside the registry's write lock ------------------------
+
+
+def test_a_suite_run_again_replaces_the_report_and_the_gate(gateway: InProcessGateway, fake_adapter: Path) -> None:
+    admin = gateway.admin()
+    admin.put("/v1/adapters/bot/suite", json=only_version(1))
+    gateway.register("bot", fake_adapter)
+    assert gateway.register("bot", fake_adapter).json()["gate"]["passed"] is False
+    assert admin.post("/v1/adapters/bot/promote", json={"version": 2}).status_code == 409
+    # the suite was wrong: fixed, run again on version 2, which now passes and promotes without an override
+    assert admin.put("/v1/adapters/bot/suite", json=only_version(2)).json()["version"] == 2
+    rerun = admin.post("/v1/adapters/bot@2/suite/run")
+    assert rerun.status_code == 200, rerun.text
+    assert (rerun.json()["passed"], rerun.json()["suite_version"]) == (True, 2)
+    assert admin.get("/v1/adapters/bot@2/report").json() == rerun.json()
+    gate = admin.get("/v1/adapters/bot").json()["versions"][1]["gate"]
+    assert gate == {"passed": True, "passed_cases": 1, "total_cases": 1, "suite_version": 2,
+                    "report": "/v1/adapters/bot@2/report"}
+    promoted = admin.post("/v1/adapters/bot/promote", json={"version": 2})
+    assert promoted.status_code == 200 and promoted.json()["current_version"] == 2
+    # ...and version 1, which fails the new suite, loses its pass the same way (the current version: no comparison)
+    assert admin.post("/v1/adapters/bot@1/suite/run").json()["passed"] is False
+    assert admin.post("/v1/adapters/bot/promote", json={"version": 1}).status_code == 409
+    # a restart reads the gate back from the store
+    reread = gateway.state.registry.store.scan()["bot"].versions
+    assert (reread[1].gate.passed, reread[2].gate.passed) == (False, True)
+    for ref, code in (("bot", 400), ("bot@9", 404), ("nobody@1", 404)):
+        answer = admin.post(f"/v1/adapters/{ref}/suite/run")
+        assert answer.status_code == code and "error" in answer.json(), (ref, answer.text)
+
+
+def test_a_suite_run_again_needs_a_suite(gateway: InProcessGateway, fake_adapter: Path) -> None:
+    gateway.register("bot", fake_adapter)
+    answer = gateway.admin().post("/v1/adapters/bot@1/suite/run")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "suite_not_found"
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_a_suite_inside_an_archive_counts_like_a_loose_one(gateway: InProcessGateway, fake_adapter: Path,
+                                                          tmp_path: Path, kind: str) -> None:
+    import io
+    import tarfile
+    import zipfile
+
+    members = {path.name: path.read_bytes() for path in fake_adapter.iterdir()}
+    members["suite.json"] = json.dumps(only_version(7)).encode()
+    buffer = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w") as bundle:
+            for name, data in members.items():
+                bundle.writestr(f"bot/{name}", data)
+    else:
+        with tarfile.open(fileobj=buffer, mode="w:gz") as bundle:
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"bot/{name}")
+                info.size = len(data)
+                bundle.addfile(info, io.BytesIO(data))
+    upload = [("files", (f"bot.{kind}", buffer.getvalue()))]
+    with gateway.admin() as admin:
+        record = admin.post("/v1/adapters", data={"name": "bot"}, files=upload).json()
+        assert record["gate"]["passed"] is False and record["current"] is False, record
+        assert "suite.json" not in {f["name"] for f in record["files"]}
+        assert admin.get("/v1/adapters/bot/suite").json()["cases"][0]["checks"][0]["pattern"] == "^bot@7#0 "
+        members["suite.json"] = b'{"cases": []}'
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as bundle:
+            for name, data in members.items():
+                bundle.writestr(name, data)
+        refused = admin.post("/v1/adapters", data={"name": "bot"}, files=[("files", ("bot.zip", buffer.getvalue()))])
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_suite", refused.text
+        assert [v["version"] for v in admin.get("/v1/adapters/bot").json()["versions"]] == [1]
+
+
+def test_other_names_do_not_wait_for_a_suite(gateway: InProcessGateway, fake_adapter: Path) -> None:
+    """A suite runs under its name's lock only: while one name's gate waits on the engine, another name registers
+    and promotes; the same name's promote waits for the gate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    admin = gateway.admin()
+    admin.put("/v1/adapters/slow/suite", json=suite(case({"type": "contains", "value": "slow"})))
+    assert gateway.register("slow", fake_adapter).status_code == 201
+    gateway.engine.hold()  # every generation (the suite's cases) waits until released
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            gated = pool.submit(gateway.register, "slow", fake_adapter)
+            deadline = time.monotonic() + 30
+            while not any(body.get("model") == "slow@2" for body in gateway.engine.requests):
+                assert time.monotonic() < deadline and not gated.done()
+                time.sleep(0.05)
+            same_name = pool.submit(admin.post, "/v1/adapters/slow/promote", json={"version": 1})
+            started = time.monotonic()
+            other = gateway.register("fast", fake_adapter)
+            assert other.status_code == 201 and other.json()["current"]
+            assert admin.post("/v1/adapters/fast/promote", json={"version": 1}).status_code == 200
+            assert time.monotonic() - started < 10
+            assert not gated.done() and not same_name.done()  # the same name waits for its suite
+            gateway.engine.release()
+            assert gated.result(timeout=30).json()["gate"]["passed"] is True
+            assert same_name.result(timeout=30).status_code == 200
+    finally:
+        gateway.engine.release()

@@ -62,10 +62,12 @@ async def get_canary(name: str, registry: Registry) -> Canary:
 
 
 @router.put("/{name}/canary", responses=error_responses(400, 404, 409, 413))
-async def set_canary(name: str, body: CanaryRequest, registry: Registry) -> Canary:
+async def set_canary(name: str, body: CanaryRequest, registry: Registry, request: Request) -> Canary:
     """Send `weight` of the bare name's traffic to `version` (sticky per `user` / `x-quiver-session`), with
-    automatic rollback when its error rate exceeds the current version's by `rollback.max_error_rate_margin`."""
-    return await registry.set_canary(parse_adapter_name(name), body)
+    automatic rollback when its error rate exceeds the current version's by `rollback.max_error_rate_margin`, or
+    (with `rollback.live_sample_rate`) its live suite score is below the current version's by
+    `rollback.max_score_margin`. A version that failed its suite needs `override_gate: true` (recorded)."""
+    return await registry.set_canary(parse_adapter_name(name), body, _caller(request))
 
 
 @router.delete("/{name}/canary", responses=error_responses(400, 404))

@@ -47,7 +47,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from quiver.adapters.protocol import AdapterVersion
 from quiver.adapters.store import (
-    CANARY,
     INDEX,
     MANIFEST,
     AdapterStore,
@@ -122,6 +121,7 @@ class _Listed:
     index_etag: str | None = None
     manifests: dict[int, str] = field(default_factory=dict)  # version -> the manifest's ETag
     numbers: set[int] = field(default_factory=set)  # every version folder, reserved or committed
+    documents: dict[str, str] = field(default_factory=dict)  # `<name>/<key>` documents -> ETag (canary.json, ...)
 
 
 class S3AdapterStore(AdapterStore):
@@ -141,6 +141,7 @@ class S3AdapterStore(AdapterStore):
         self._pending: set[tuple[str, int]] = set()  # placed in the cache, not committed yet
         self._parsed: dict[str, tuple[str, object]] = {}  # key -> (ETag, parsed manifest or index)
         self._verified: dict[tuple[str, int], AdapterVersion] = {}  # cached folders known to match the bucket
+        self._documents: dict[tuple[str, str], str] = {}  # (name, key) -> ETag of a top-level document, last scan
 
     @property
     def location(self) -> str:
@@ -181,6 +182,8 @@ class S3AdapterStore(AdapterStore):
                 listed = listing.setdefault(parts[0], _Listed())
                 if parts[1:] == [INDEX]:
                     listed.index_etag = item["ETag"]
+                elif len(parts) == 2:
+                    listed.documents[parts[1]] = item["ETag"]
                 elif len(parts) == 3 and parts[1].isdigit():
                     version = int(parts[1])
                     listed.numbers.add(version)
@@ -278,6 +281,8 @@ class S3AdapterStore(AdapterStore):
                 adapter = assemble(name, versions, index)
                 if adapter is not None:
                     adapters[name] = adapter
+            self._documents = {(name, key): etag for name, listed in listing.items()
+                               for key, etag in listed.documents.items()}
             self._forget_unlisted(listing)
             self._prune_cache(adapters)
             return adapters
@@ -299,7 +304,7 @@ class S3AdapterStore(AdapterStore):
     def _forget_unlisted(self, listing: dict[str, _Listed]) -> None:
         present = {self._key(name, INDEX) for name in listing} | {
             self._key(name, version, MANIFEST) for name, listed in listing.items() for version in listed.manifests
-        }
+        } | {self._key(name, key) for name, listed in listing.items() for key in listed.documents}
         for key in set(self._parsed) - present:
             del self._parsed[key]
 
@@ -331,7 +336,8 @@ class S3AdapterStore(AdapterStore):
             cached = parse_manifest((folder / MANIFEST).read_bytes(), record.name, record.version)
         except OSError:
             return False
-        if cached != record:
+        # The gate's result is the one field a committed manifest may change (a suite run again): the files are not.
+        if cached is None or cached.model_copy(update={"gate": record.gate}) != record:
             log.warning("cached %s does not match the adapter store; dropping it", record.id)
             return False
         self._verified[key] = record
@@ -458,7 +464,20 @@ class S3AdapterStore(AdapterStore):
 
     def write_document(self, name: str, key: str, data: bytes) -> None:
         with self._reaching(f"writing {name}/{key}"):  # a put is atomic: readers see the old or the new object
-            self._client.put_object(Bucket=self.bucket, Key=self._key(name, key), Body=data)
+            self._client.put_object(Bucket=self.bucket, Key=self._key(name, key), Body=data,
+                                    ContentType="application/json")
+
+    def read_documents(self, names: list[str], key: str) -> dict[str, bytes]:
+        """From the last scan's listing: a name without the document costs no request, and one whose document
+        kept its ETag is served from memory; only new or changed ones are read (one GET each)."""
+        found: dict[str, bytes] = {}
+        with self._reaching(f"reading the {key} documents"):
+            for name in names:
+                etag = self._documents.get((name, key))
+                raw = None if etag is None else self._parsed_object(self._key(name, key), etag, lambda data: data)
+                if raw is not None:
+                    found[name] = raw
+        return found
 
     def remove_version(self, name: str, version: int) -> None:
         with self._reaching(f"deleting {name}@{version}"):
@@ -475,16 +494,6 @@ class S3AdapterStore(AdapterStore):
         with self._lock:
             self._pending.discard((name, version))
         discard(self.cache_path(name, version), self.cache_dir / _TRASH)
-
-    def read_canary(self, name: str) -> bytes | None:
-        with self._reaching(f"reading {name}/{CANARY}"):
-            got = self._get(self._key(name, CANARY))
-        return got[0] if got is not None else None
-
-    def write_canary(self, name: str, raw: bytes) -> None:
-        with self._reaching(f"writing {name}/{CANARY}"):  # one PUT: readers see the old or the new object
-            self._client.put_object(Bucket=self.bucket, Key=self._key(name, CANARY), Body=raw,
-                                    ContentType="application/json")
 
 
 def _unsafe_file_name(name: str) -> bool:

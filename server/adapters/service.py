@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, AsyncIterator, BinaryIO, Protocol
 
-from quiver.adapters.canary import Canary, CanaryRequest, CanaryWatch, choose_version
+from quiver.adapters.canary import (
+    CANARY_DOCUMENT,
+    Canary,
+    CanaryRequest,
+    CanaryWatch,
+    GateOverride,
+    choose_version,
+)
 from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
@@ -117,6 +124,16 @@ class VersionGate(Protocol):
     async def record_override(self, name: str, version: int, by: str, reason: str | None) -> None: ...
 
 
+class LiveSampler(Protocol):
+    """What a canary's quality trigger needs from the suites (`quiver.suites.live.LiveScorer`)."""
+
+    async def live_suite_version(self, name: str) -> int:
+        """The name's suite that will score sampled traffic; a Conflict if it has no live checks."""
+
+    def offer(self, canary: Canary, current: int, endpoint: str, body: dict[str, Any]) -> bool:
+        """Queue one split request for replay and scoring; never waits (False: the queue was full)."""
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -146,12 +163,17 @@ class AdapterRegistry:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: Counter[str] = Counter()
         self._retired: set[str] = set()  # deleted versions waiting for their last request to finish
+        # Two levels: a name's lock is held for the whole of a change to that name, a suite run included (its
+        # current version, a comparison's reference, stays put meanwhile); the write lock only for the short
+        # commit to the registry and the store, so other names never wait for a suite. Always name, then write.
         self._write_lock = asyncio.Lock()
+        self._name_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (lock, [holders and waiters])
         self._canaries: dict[str, Canary] = {}  # the store's canary records (ended ones too), by adapter name
         self._watches: dict[str, CanaryWatch] = {}  # this replica's error-rate windows of the active canaries
         self._rng = random.Random()
         self._rollbacks: set[asyncio.Task] = set()
         self.gate: VersionGate | None = None  # set by the app: runs a name's suite before a version can be current
+        self.sampler: LiveSampler | None = None  # set by the app: scores sampled canary traffic
 
     # --- start-up and engine restarts --------------------------------------------------------------
 
@@ -337,6 +359,19 @@ class AdapterRegistry:
 
     # --- writing -----------------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def name_lock(self, name: str) -> AsyncIterator[None]:
+        """Serialises changes to one name (see `_write_lock`); dropped once nobody holds or waits for it."""
+        lock, users = self._name_locks.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._name_locks[name]
+
     async def register(self, name: str, files: list[tuple[str, BinaryIO]], make_current: bool = True) -> AdapterVersion:
         check_adapter_name(name)
         if name == self.base_model_name:
@@ -345,10 +380,12 @@ class AdapterRegistry:
         try:
             staging = self.store.new_staging_dir()
             try:
-                await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes)
+                # A suite.json inside an archive counts like a loose one.
+                await asyncio.to_thread(stage_upload, files, staging, self.max_upload_bytes, (SUITE_FILE,))
+                suite = await asyncio.to_thread(self._take_archived_suite, staging, suite)
                 spec = await asyncio.to_thread(validate_adapter_dir, staging, self.base, self.max_rank)
                 stored_files = await asyncio.to_thread(self._describe_files, staging)
-                async with self._write_lock:
+                async with self.name_lock(name):
                     return await self._add_version(name, staging, spec, stored_files, make_current, suite)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -366,6 +403,18 @@ class AdapterRegistry:
         suite = self.gate.parse_upload(suites[0])
         return [(filename, source) for filename, source in files if PurePosixPath(filename).name != SUITE_FILE], suite
 
+    def _take_archived_suite(self, staging: Path, suite: Any) -> Any:
+        path = staging / SUITE_FILE
+        if not path.exists():
+            return suite
+        if self.gate is None:
+            raise InvalidRequest("this server runs no suites", code="invalid_suite", param="files")
+        try:
+            with open(path, "rb") as source:
+                return self.gate.parse_upload(source)
+        finally:
+            path.unlink()
+
     @staticmethod
     def _describe_files(folder: Path) -> list[StoredFile]:
         return [
@@ -374,7 +423,7 @@ class AdapterRegistry:
         ]
 
     async def _add_version(self, name, staging, spec, stored_files, make_current, suite=None) -> AdapterVersion:
-        adapter = self._adapters.get(name)
+        """Under the name's lock (not the write lock: the suite may take minutes)."""
         # Store calls run in a thread: with a remote store they are network round trips and uploads.
         version = await asyncio.to_thread(self.store.reserve_version, name)
         record = AdapterVersion(
@@ -395,24 +444,29 @@ class AdapterRegistry:
             # Loaded before it is committed: the engine has the last word on what it can serve.
             await self._load(name, version)
             if self.gate is not None:
-                # Under the write lock: the current version (a comparison's reference) stays put meanwhile.
+                # Under the name's lock: the current version (a comparison's reference) stays put meanwhile.
                 record.gate = await self.gate.gate(name, version, suite)
-            await asyncio.to_thread(self.store.commit_version, record)
+            async with self._write_lock:
+                await asyncio.to_thread(self.store.commit_version, record)
+                adapter = self._adapters.get(name)  # read now: a store poll may have replaced it meanwhile
+                if adapter is None:
+                    adapter = StoredAdapter(name=name, current=None)
+                    self._adapters[name] = adapter
+                adapter.versions[version] = record
+                # Only an explicit make_current moves the name: a version registered with make_current=false is
+                # never served under the bare name unless promoted (not even as the first version).
+                if make_current and (record.gate is None or record.gate.passed):
+                    adapter.current = version
+                await asyncio.to_thread(self.store.set_current, name, adapter.current)
         except (APIError, DomainError, OSError):
             await self._unload(record.id)
             with suppress(APIError, DomainError, OSError):  # a store that failed the commit may fail this too;
                 # leftovers stay invisible (no manifest) and are swept at the next start
                 await asyncio.to_thread(self.store.remove_version, name, version)
+            adapter = self._adapters.get(name)
+            if adapter is not None and adapter.versions.get(version) is record:  # committed, then set_current failed
+                del adapter.versions[version]
             raise
-        if adapter is None:
-            adapter = StoredAdapter(name=name, current=None)
-            self._adapters[name] = adapter
-        adapter.versions[version] = record
-        # Only an explicit make_current moves the name: a version registered with make_current=false is
-        # never served under the bare name unless promoted (not even as the first version).
-        if make_current and (record.gate is None or record.gate.passed):
-            adapter.current = version
-        await asyncio.to_thread(self.store.set_current, name, adapter.current)
         self._update_gauge()
         log.info("registered %s (current: %s@%s)%s", record.id, name, adapter.current,
                  "" if record.gate is None else f", gate {record.gate.passed_cases}/{record.gate.total_cases}")
@@ -420,7 +474,7 @@ class AdapterRegistry:
 
     async def promote(self, name: str, version: int, override_gate: bool = False, by: str = "admin",
                       reason: str | None = None) -> Adapter:
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
@@ -445,6 +499,16 @@ class AdapterRegistry:
                 await self._end_canary_after(name, "promoted")  # its version is current: nothing left to split
             return self._describe(adapter)
 
+    async def set_gate(self, name: str, version: int, gate: GateResult) -> None:
+        """A suite ran again on a committed version (`SuiteService.rerun`): its manifest carries the new result."""
+        async with self._write_lock:
+            record = self.version(name, version).model_copy(update={"gate": gate})
+            try:
+                await asyncio.to_thread(self.store.commit_version, record)
+            except OSError as exc:
+                raise storage_error(exc) from None
+            self._adapters[name].versions[version] = record
+
     async def delete(self, name: str, version: int | None = None) -> None:
         try:
             await self._delete(name, version)
@@ -452,7 +516,7 @@ class AdapterRegistry:
             raise storage_error(exc) from None
 
     async def _delete(self, name: str, version: int | None) -> None:
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
@@ -486,7 +550,8 @@ class AdapterRegistry:
     # --- canaries (see quiver.adapters.canary) -----------------------------------------------------
 
     def _read_canaries(self, adapters: dict[str, StoredAdapter]) -> dict[str, Canary]:
-        records = {name: parse_canary(name, self.store.read_canary(name)) for name in adapters}
+        raw = self.store.read_documents(sorted(adapters), CANARY_DOCUMENT)
+        records = {name: parse_canary(name, data) for name, data in raw.items()}
         return {name: canary for name, canary in records.items() if canary is not None}
 
     def _canary_running(self, name: str) -> bool:
@@ -500,6 +565,9 @@ class AdapterRegistry:
         if (canary is None or not canary.active or adapter.current is None or canary.version == adapter.current
                 or canary.version not in adapter.versions):
             return None
+        watch = self._watches.get(adapter.name)
+        if watch is not None and watch.ending and watch.canary == canary:
+            return None  # this replica decided to roll it back: no more traffic while the end is being recorded
         return canary
 
     def get_canary(self, name: str) -> Canary:
@@ -515,9 +583,9 @@ class AdapterRegistry:
         stats = watch.stats(adapter.current)
         return canary.model_copy(update={"window": {engine_name(name, v): s for v, s in stats.items()}})
 
-    async def set_canary(self, name: str, request: CanaryRequest) -> Canary:
+    async def set_canary(self, name: str, request: CanaryRequest, by: str = "admin") -> Canary:
         """Start (or re-weight) a canary: `request.weight` of the bare name's traffic goes to `request.version`."""
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise adapter_not_found(name)
@@ -529,13 +597,31 @@ class AdapterRegistry:
             if request.version == adapter.current:
                 raise Conflict(f"version {request.version} is already `{name}`'s current version",
                                code="canary_is_current", param="version")
-            # Before any traffic: the engine has the last word on what it can serve.
-            await self._ensure_loaded(name, request.version)
             running = self._canaries.get(name)
             same = running is not None and running.active and running.version == request.version
+            gate = adapter.versions[request.version].gate
+            override = running.gate_override if same else None
+            if gate is not None and not gate.passed and override is None:
+                if not request.override_gate:
+                    raise Conflict(f"`{name}@{request.version}` failed its suite ({gate.passed_cases}/"
+                                   f"{gate.total_cases} cases passed; report: {gate.report}): start the canary with "
+                                   f"override_gate=true to send it traffic anyway", code="gate_failed",
+                                   param="version")
+                override = GateOverride(by=by, at=int(time.time()), reason=request.reason)
+                log.warning("canary on %s@%d started by %s although it failed its suite%s", name, request.version, by,
+                            f": {request.reason}" if request.reason else "")
+            live_suite = None
+            if request.rollback.live_sample_rate > 0:
+                if self.sampler is None:
+                    raise InvalidRequest("this server scores no live traffic", code="invalid_rollback_policy",
+                                         param="rollback.live_sample_rate")
+                live_suite = await self.sampler.live_suite_version(name)
+            # Before any traffic: the engine has the last word on what it can serve.
+            await self._ensure_loaded(name, request.version)
             canary = Canary(name=name, version=request.version, weight=request.weight, rollback=request.rollback,
                             # re-weighting the same canary keeps its start (and this replica's window)
-                            started_at=running.started_at if same else int(time.time()))
+                            started_at=running.started_at if same else int(time.time()),  # type: ignore[union-attr]
+                            live_suite_version=live_suite, gate_override=override)
             await self._write_canary(canary)
             if not same:
                 self._watches.pop(name, None)
@@ -544,7 +630,7 @@ class AdapterRegistry:
             return canary
 
     async def end_canary(self, name: str, reason: str = "ended") -> Canary:
-        async with self._write_lock:
+        async with self.name_lock(name), self._write_lock:
             if name not in self._adapters:
                 raise adapter_not_found(name)
             if not self._canary_running(name):
@@ -581,7 +667,7 @@ class AdapterRegistry:
     async def _write_canary(self, canary: Canary) -> None:
         raw = canary.model_dump_json(exclude={"window"}, indent=2).encode()
         try:
-            await asyncio.to_thread(self.store.write_canary, canary.name, raw)
+            await asyncio.to_thread(self.store.write_document, canary.name, CANARY_DOCUMENT, raw)
         except OSError as exc:
             raise storage_error(exc) from None
         self._canaries[canary.name] = canary
@@ -594,11 +680,42 @@ class AdapterRegistry:
         canary = self._active_canary(adapter) if adapter is not None else None
         if canary is None or adapter is None or adapter.current is None:
             return
+        self._watch(canary).record(target.version, error)
+        self._judge(canary, adapter.current)
+
+    def sample(self, target: Target, endpoint: str, body: dict[str, Any]) -> None:
+        """A split request may be replayed on both versions and scored (the canary's quality trigger); this only
+        draws and queues, so the caller never waits for it."""
+        if not target.split or target.adapter is None or self.sampler is None:
+            return
+        adapter = self._adapters.get(target.adapter)
+        canary = self._active_canary(adapter) if adapter is not None else None
+        if canary is None or adapter is None or adapter.current is None:
+            return
+        rate = canary.rollback.live_sample_rate
+        if rate > 0 and canary.live_suite_version is not None and self._rng.random() < rate:
+            self.sampler.offer(canary, adapter.current, endpoint, body)
+
+    def record_scores(self, canary: Canary, scores: dict[int, float]) -> None:
+        """One sample's live scores, per version; may start an automatic rollback. Ignored when the canary has
+        ended or changed since the sample was taken."""
+        adapter = self._adapters.get(canary.name)
+        if adapter is None or self._active_canary(adapter) != canary or adapter.current not in scores:
+            return
+        watch = self._watch(canary)
+        for version, score in scores.items():
+            watch.record_score(version, score)
+        self._judge(canary, adapter.current)  # type: ignore[arg-type]
+
+    def _watch(self, canary: Canary) -> CanaryWatch:
         watch = self._watches.get(canary.name)
         if watch is None or watch.canary != canary:
             watch = self._watches[canary.name] = CanaryWatch(canary)
-        watch.record(target.version, error)
-        reason = watch.verdict(adapter.current)
+        return watch
+
+    def _judge(self, canary: Canary, current: int) -> None:
+        watch = self._watches[canary.name]
+        reason = watch.verdict(current)
         if reason is not None:
             watch.ending = True
             task = asyncio.get_running_loop().create_task(self._roll_back(canary, reason))
@@ -609,7 +726,8 @@ class AdapterRegistry:
         try:
             async with self._write_lock:
                 # Ended or replaced meanwhile, here or by another replica (the store has the last word).
-                stored = await asyncio.to_thread(lambda: parse_canary(canary.name, self.store.read_canary(canary.name)))
+                raw = await asyncio.to_thread(self.store.read_document, canary.name, CANARY_DOCUMENT)
+                stored = parse_canary(canary.name, raw)
                 if self._canaries.get(canary.name) != canary or stored != canary:
                     return
                 await self._end_canary(canary.name, reason)

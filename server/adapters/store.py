@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
-CANARY = "canary.json"  # the adapter's canary record (quiver.adapters.canary), beside index.json
 _STAGING = ".staging"
 _TRASH = ".trash"
 _CORRUPT = ".corrupt"
@@ -151,16 +150,9 @@ class AdapterStore(ABC):
             self.remove_version(name, version)
         self.set_current(name, None)
 
-    @abstractmethod
-    def read_canary(self, name: str) -> bytes | None:
-        """The raw canary record of `name`, or None when it never had one."""
-
-    @abstractmethod
-    def write_canary(self, name: str, raw: bytes) -> None:
-        """Replace the canary record of `name` (atomically: readers see the old or the new one)."""
     # Small documents kept beside a name's versions, outside any version folder (scans ignore them): the
-    # name's suite (`suite.json`, `suites/<n>.json`) and the reports of its versions (`reports/<version>.json`).
-    # `key` is always built by quiver, never taken from a caller.
+    # name's canary record (`canary.json`), its suite (`suite.json`, `suites/<n>.json`) and the reports of its
+    # versions (`reports/<version>.json`). `key` is always built by quiver, never taken from a caller.
 
     @abstractmethod
     def read_document(self, name: str, key: str) -> bytes | None:
@@ -169,6 +161,12 @@ class AdapterStore(ABC):
     @abstractmethod
     def write_document(self, name: str, key: str, data: bytes) -> None:
         """Replace the document in one step (readers see the old or the new bytes)."""
+
+    def read_documents(self, names: list[str], key: str) -> dict[str, bytes]:
+        """`key`'s document of each name that has one, as of the last `scan` (a store poll reads every name's
+        canary record this way: a remote store reads only those that changed)."""
+        found = {name: self.read_document(name, key) for name in names}
+        return {name: raw for name, raw in found.items() if raw is not None}
 
 
 class LocalAdapterStore(AdapterStore):
@@ -293,7 +291,7 @@ class LocalAdapterStore(AdapterStore):
     def read_document(self, name: str, key: str) -> bytes | None:
         try:
             return (self.root / name / key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def write_document(self, name: str, key: str, data: bytes) -> None:
@@ -306,16 +304,6 @@ class LocalAdapterStore(AdapterStore):
         # Un-commit first, so a crash mid-delete cannot leave a half-present version.
         (folder / MANIFEST).unlink(missing_ok=True)
         discard(folder, self.root / _TRASH)
-
-    def read_canary(self, name: str) -> bytes | None:
-        try:
-            return (self.root / name / CANARY).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def write_canary(self, name: str, raw: bytes) -> None:
-        (self.root / name).mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.root / name / CANARY, raw)
 
 
 def discard(folder: Path, trash_root: Path) -> None:

@@ -31,7 +31,7 @@ def _is_archive(filename: str) -> bool:
     return filename.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _check_member_name(raw_name: str) -> str | None:
+def _check_member_name(raw_name: str, documents: tuple[str, ...] = ()) -> str | None:
     """The stored file name for an upload or archive member, None if it is to be ignored."""
     if "\x00" in raw_name or "\\" in raw_name:
         raise _refuse("unsafe_file_name", f"file name {raw_name!r} is not allowed")
@@ -43,7 +43,7 @@ def _check_member_name(raw_name: str) -> str | None:
             "pickle_not_allowed",
             f"{path.name} is a pickle file; pickles can run code when loaded, so only safetensors are accepted",
         )
-    return path.name if path.name in STORED_FILES else None
+    return path.name if path.name in STORED_FILES or path.name in documents else None
 
 
 def _charge(budget: list[int], size: int) -> None:
@@ -72,7 +72,7 @@ def _place(name: str | None, source: BinaryIO, staging: Path, budget: list[int])
     _copy_capped(source, target, budget)
 
 
-def _extract_zip(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
+def _extract_zip(archive: BinaryIO, staging: Path, budget: list[int], documents: tuple[str, ...]) -> None:
     try:
         bundle = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
@@ -92,13 +92,13 @@ def _extract_zip(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
             if member.is_dir():
                 _check_member_name(member.filename)
                 continue
-            name = _check_member_name(member.filename)
+            name = _check_member_name(member.filename, documents)
             if name is not None:
                 with bundle.open(member) as source:
                     _place(name, source, staging, [member.file_size])  # already charged
 
 
-def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
+def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int], documents: tuple[str, ...]) -> None:
     try:
         bundle = tarfile.open(fileobj=archive, mode="r:*")
     except (tarfile.TarError, OSError, EOFError):
@@ -112,7 +112,7 @@ def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
                     raise _refuse("unsafe_archive", f"archive member {member.name!r} is a link")
                 if not (member.isfile() or member.isdir()):
                     raise _refuse("unsafe_archive", f"archive member {member.name!r} is not a regular file")
-                name = _check_member_name(member.name)
+                name = _check_member_name(member.name, documents)
                 # The stream decompresses every member's data to move past it, kept or not: count it first.
                 _charge(budget, member.size)
                 if member.isfile() and name is not None:
@@ -123,8 +123,10 @@ def _extract_tar(archive: BinaryIO, staging: Path, budget: list[int]) -> None:
             raise _refuse("invalid_archive", "the tar archive is corrupt or truncated") from None
 
 
-def stage_upload(files: list[tuple[str, BinaryIO]], staging: Path, max_bytes: int) -> None:
-    """Write the upload's adapter files into `staging`; raises AdmissionError for anything unsafe."""
+def stage_upload(files: list[tuple[str, BinaryIO]], staging: Path, max_bytes: int,
+                 documents: tuple[str, ...] = ()) -> None:
+    """Write the upload's adapter files into `staging`; raises AdmissionError for anything unsafe. An archive's
+    members named in `documents` (a `suite.json`) are staged too, for the caller to take out."""
     if not files:
         raise _refuse("missing_files", "upload the adapter files (or one .tar.gz/.zip archive) as `files`")
     budget = [max_bytes]
@@ -135,7 +137,7 @@ def stage_upload(files: list[tuple[str, BinaryIO]], staging: Path, max_bytes: in
         filename, source = files[0]
         _check_member_name(filename)
         extract = _extract_zip if filename.lower().endswith(".zip") else _extract_tar
-        extract(source, staging, budget)
+        extract(source, staging, budget, documents)
         return
     for filename, source in files:
         _place(_check_member_name(filename), source, staging, budget)

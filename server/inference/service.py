@@ -93,6 +93,7 @@ class InferenceService:
                 await stack.enter_async_context(self.limiter.slot())
                 await stack.enter_async_context(self.registry.lease(target))
                 upstream = await self._send(endpoint, body)
+                self.registry.sample(target, endpoint, body)  # a canary's quality trigger; queued, never awaited
             except BaseException:
                 await stack.aclose()
                 raise

@@ -130,6 +130,13 @@ Check = Annotated[
 ]
 
 
+# The checks that judge any answer, whatever its prompt: a canary's live checks score sampled live traffic.
+LiveCheck = Annotated[
+    Union[ContainsCheck, RegexCheck, JsonCheck, JsonSchemaCheck, MaxTokensCheck],
+    Field(discriminator="type"),
+]
+
+
 class Case(_Strict):
     id: str = Field(pattern=CASE_ID)
     request: ChatRequest
@@ -151,6 +158,10 @@ class SuiteSpec(_Strict):
     description: str | None = Field(None, max_length=MAX_EXPECTED_CHARS)
     min_pass_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of cases that must pass for the gate")
     cases: list[Case] = Field(min_length=1, max_length=MAX_CASES)
+    live_checks: list[LiveCheck] = Field(
+        default_factory=list, max_length=MAX_CHECKS_PER_CASE,
+        description="checks any answer of this name should pass (contains, regex, json, json_schema, max_tokens): "
+                    "a canary with rollback.live_sample_rate scores sampled live traffic of both versions with them")
 
     @field_validator("cases")
     @classmethod

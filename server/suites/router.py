@@ -48,6 +48,13 @@ async def put_suite(name: str, spec: SuiteSpec, suites: Suites) -> Suite:
     return await suites.put_suite(parse_adapter_name(name), spec)
 
 
+@router.post("/{ref}/suite/run", responses=error_responses(400, 404))
+async def rerun_suite(ref: str, suites: Suites) -> Report:
+    """Run the name's suite (its latest) on `name@N` again: the report is replaced and the version's gate result
+    updated (a version that passes now promotes without `override_gate`)."""
+    return await suites.rerun(*_version_ref(ref))
+
+
 @router.get("/{ref}/report", responses=error_responses(400, 404))
 async def get_report(ref: str, suites: Suites) -> Report:
     """The gate's report on `name@N` (JSON)."""

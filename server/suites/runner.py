@@ -24,7 +24,8 @@ def parse_answer(model: str, completion: Any) -> Answer:
     try:
         choice = completion["choices"][0]
         message = choice.get("message") or {}
-        text = message.get("content")
+        # A chat answer's message, or a completion's text (a canary's sampled traffic may be either).
+        text = message.get("content") if "message" in choice else choice.get("text")
         calls = [
             ToolCallSeen(name=str(call["function"]["name"]), arguments=str(call["function"].get("arguments") or ""))
             for call in message.get("tool_calls") or ()

@@ -90,11 +90,16 @@ class SuiteService:
             raise suite_not_found(name)
         return Suite.model_validate_json(raw)
 
-    async def _current_suite(self, name: str) -> Suite | None:
+    async def current_suite(self, name: str) -> Suite | None:
         try:
             return await self.get_suite(name)
         except NotFound:
             return None
+
+    async def suite_version(self, name: str, number: int) -> Suite | None:
+        """The name's suite number `number` (kept for the reports and canaries that name it)."""
+        raw = await asyncio.to_thread(self.store.read_document, name, f"suites/{number}.json")
+        return None if raw is None else Suite.model_validate_json(raw)
 
     async def put_suite(self, name: str, spec: SuiteSpec) -> Suite:
         """Store `spec` as the name's next suite (a name may have a suite before its first version)."""
@@ -102,7 +107,7 @@ class SuiteService:
         if name == self.registry.base_model_name:
             raise InvalidRequest(f"`{name}` is the base model's name", code="name_conflict", param="name")
         async with self._lock:
-            previous = await self._current_suite(name)
+            previous = await self.current_suite(name)
             suite = Suite(name=name, version=(previous.version if previous else 0) + 1, created_at=int(time.time()),
                           **spec.model_dump(by_alias=True))
             data = suite.model_dump_json(by_alias=True, indent=1).encode()
@@ -126,11 +131,31 @@ class SuiteService:
     async def gate(self, name: str, version: int, uploaded: SuiteSpec | None) -> GateResult | None:
         """Run the name's suite (`uploaded` first becomes it) on `name@version`, already loaded in the engine
         and not yet committed; store the report. None when the name has no suite. Called by the registry
-        under its write lock, so the current version cannot change or disappear meanwhile."""
-        suite = await self.put_suite(name, uploaded) if uploaded is not None else await self._current_suite(name)
+        under the name's lock, so its current version cannot change or disappear meanwhile (other names'
+        registrations go on)."""
+        suite = await self.put_suite(name, uploaded) if uploaded is not None else await self.current_suite(name)
         if suite is None:
             return None
-        current = self._current_version(name)
+        return (await self._judge(suite, name, version, self._current_version(name)))[1]
+
+    async def rerun(self, name: str, version: int) -> Report:
+        """Run the name's suite again on one of its versions (after the suite changed, say): the report is
+        replaced and the version's gate result updated, so a version that passes now promotes without override."""
+        async with self.registry.name_lock(name):  # its current version (a reference) stays put meanwhile
+            self.registry.version(name, version)  # 404s for an unknown name or version
+            suite = await self.current_suite(name)
+            if suite is None:
+                raise suite_not_found(name)
+            current = self._current_version(name)
+            async with self.registry.lease(Target(engine_model=engine_name(name, version), adapter=name,
+                                                  version=version)):
+                # the current version compared with itself proves nothing: no `current` reference then
+                report, result = await self._judge(suite, name, version, None if current == version else current)
+            await self.registry.set_gate(name, version, result)
+        return report
+
+    async def _judge(self, suite: Suite, name: str, version: int, current: int | None) -> tuple[Report, GateResult]:
+        """Run `suite` on `name@version` (loaded), store its report; under the name's lock."""
         references = {"base": self.registry.base_model_name,
                       "current": engine_name(name, current) if current is not None else None}
         started = time.monotonic()
@@ -142,8 +167,9 @@ class SuiteService:
         await self._write_report(report)
         log.info("gate on %s@%d: %d/%d cases passed (%s) in %.1f s", name, version, report.passed_cases,
                  report.total_cases, "passed" if report.passed else "failed", time.monotonic() - started)
-        return GateResult(passed=report.passed, passed_cases=report.passed_cases, total_cases=report.total_cases,
-                          suite_version=suite.version, report=report_path(name, version))
+        return report, GateResult(passed=report.passed, passed_cases=report.passed_cases,
+                                  total_cases=report.total_cases, suite_version=suite.version,
+                                  report=report_path(name, version))
 
     def _current_version(self, name: str) -> int | None:
         try:
@@ -152,12 +178,13 @@ class SuiteService:
             return None  # the name's first version
 
     async def _run(self, suite: Suite, name: str, version: int, references: dict[str, str | None]) -> Report:
-        return await run_suite(suite, self._complete, engine_name(name, version), references,
+        return await run_suite(suite, self.complete, engine_name(name, version), references,
                                adapter=name, version=version, suite_version=suite.version)
 
-    async def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any], endpoint: str = "chat/completions") -> dict[str, Any]:
+        """One request straight to the engine (a suite's case, or a canary's replayed sample)."""
         try:
-            response = await self.engine.generate("chat/completions", body)
+            response = await self.engine.generate(endpoint, body)
             content = await response.read()
         except EngineUnavailable:
             # Not the version's fault: the registration fails (503) rather than record a failing report.
