@@ -111,6 +111,11 @@ class Settings(BaseModelSettings):
         default_factory=lambda: cache_home() / "vllm-cache",
         description="vLLM's cache (VLLM_CACHE_ROOT), kept across starts: with it, vLLM skips inspecting the "
                     "model class in a fresh subprocess (~9 s of a 36 s cold start here)")
+    engine_worker_in_core: bool = Field(
+        True, description="with one device (tensor_parallel_size 1), the model runs inside vLLM's engine-core "
+                          "process instead of a worker process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "
+                          "`uni` executor): one process less importing vLLM and torch at every start (~8 s of "
+                          "a cold start on CPU here) and no per-step hand-off between the two")
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_restart: bool = True
     # A hung engine must never hold a request forever, nor stay in place (see quiver.engine).
