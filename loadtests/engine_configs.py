@@ -112,7 +112,7 @@ def one_side(name: str, env: dict[str, str], adapters_dir: Path, work: Workload,
 
 def summarize(configs: list[str], sides: list[dict]) -> list[str]:
     def med(name: str, key: str) -> float:
-        return statistics.median(s[key] for s in sides if s["config"] == name)
+        return round(statistics.median(s[key] for s in sides if s["config"] == name), 2)
 
     first = configs[0]
     lines = ["| config | ready s (median) | base tok/s | mixed tok/s | mixed/base | base vs first | mixed vs first "
