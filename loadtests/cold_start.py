@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import typer
 
 from loadtests.servers import DEFAULT_MODEL_DIR, quiver_server
@@ -81,16 +83,30 @@ def phases(text: str) -> dict[str, float]:
     return found
 
 
-def one_run(env: dict[str, str], model_dir: Path, keep: Path | None, fresh_cache: bool = False) -> dict:
+def ready_from_log(gateway_log: str, process_started: float) -> float | None:
+    """Seconds from the gateway process's creation to its "Application startup complete" line (engine ready)."""
+    for line in gateway_log.splitlines():
+        if "Application startup complete" in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            return round(stamp - process_started, 2)
+    return None
+
+
+def one_run(env: dict[str, str], model_dir: Path, keep: Path | None, fresh_cache: bool = False,
+            label: str = "") -> dict:
     root = Path(tempfile.mkdtemp(prefix="quiver-cold-"))
     if fresh_cache:  # what every start did before the cache was kept: an empty VLLM_CACHE_ROOT
         env = {**env, "QUIVER_ENGINE_CACHE_DIR": str(root / "vllm-cache")}
     server = quiver_server(root, free_port(), env=env, model_dir=model_dir)
     server.kv_cache_gib = env.get("QUIVER_KV_CACHE_GIB", "1")
+    load_before = os.getloadavg()[0]
     started = time.monotonic()
     server.start()
     try:
         ready_s = time.monotonic() - started
+        # The launcher polls /ready once a second; the gateway's own log says to the millisecond when it was.
+        ready_log_s = ready_from_log(server.log_path.read_text(errors="replace"),
+                                     psutil.Process(server.process.pid).create_time())
         # First token after ready: what the first caller sees (lazy work after /ready shows here).
         t0 = time.monotonic()
         server.openai(key=server.api_key).chat.completions.create(
@@ -103,26 +119,35 @@ def one_run(env: dict[str, str], model_dir: Path, keep: Path | None, fresh_cache
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / "state" / "engine.log", keep / f"engine-{int(time.time())}.log")
     shutil.rmtree(root, ignore_errors=True)
-    return {"ready_s": round(ready_s, 2), "first_request_s": round(first_token_s, 3), "fresh_cache": fresh_cache,
-            "load_avg": os.getloadavg()[0], "phases": phases(engine_log)}
+    return {"ready_s": round(ready_s, 2), "ready_log_s": ready_log_s, "first_request_s": round(first_token_s, 3), "fresh_cache": fresh_cache,
+            "label": label, "env": env,
+            "load_avg_before": load_before, "load_avg": os.getloadavg()[0], "phases": phases(engine_log)}
 
 
 @app.command()
 def run(runs: int = 1, env: list[str] = typer.Option([], help="NAME=VALUE settings for the server"),
         model_dir: Path = DEFAULT_MODEL_DIR, json_out: Path | None = typer.Option(None, "--json"),
         keep_logs: Path | None = None,
-        compare_cache: bool = typer.Option(False, help="alternate runs with an empty vLLM cache (the old way)")) -> None:
+        compare_cache: bool = typer.Option(False, help="alternate runs with an empty vLLM cache (the old way)"),
+        compare_env: list[str] = typer.Option(
+            [], help="NAME=VALUE: alternate runs with these settings added (side B) against --env alone (side A)")) -> None:
     """Start a fresh server `runs` times; print ready time, first-request time and the engine's phases."""
     settings = dict(item.split("=", 1) for item in env)
+    other = {**settings, **dict(item.split("=", 1) for item in compare_env)}
     # A stopped benchmark must stop its server too (the `with`/`finally` blocks run on SystemExit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
-    for i in range(runs * (2 if compare_cache else 1)):
-        fresh = compare_cache and i % 2 == 1
-        result = one_run(settings, model_dir, keep_logs, fresh_cache=fresh)
+    sides = 2 if (compare_cache or compare_env) else 1
+    for i in range(runs * sides):
+        second = sides == 2 and i % 2 == 1
+        fresh = compare_cache and second
+        label = ("B" if second else "A") if compare_env else ""
+        result = one_run(other if (compare_env and second) else settings, model_dir, keep_logs, fresh_cache=fresh,
+                         label=label)
         results.append(result)
         summaries = result["phases"].pop("_summaries")
-        print(f"run {i + 1}{' (empty vLLM cache)' if fresh else ''}: ready {result['ready_s']} s, "
+        print(f"run {i + 1}{' (empty vLLM cache)' if fresh else ''}{f' side {label}' if label else ''}: "
+              f"ready {result['ready_s']} s (gateway log: {result['ready_log_s']} s), "
               f"first request {result['first_request_s']} s, load average {result['load_avg']:.1f}")
         print("  phases (s from the engine's first log line):", json.dumps(result["phases"]))
         for line in summaries:
@@ -132,6 +157,11 @@ def run(runs: int = 1, env: list[str] = typer.Option([], help="NAME=VALUE settin
         kept = sorted(r["ready_s"] for r in results if not r["fresh_cache"])
         empty = sorted(r["ready_s"] for r in results if r["fresh_cache"])
         print(f"median ready: kept cache {kept[len(kept) // 2]} s, empty cache {empty[len(empty) // 2]} s")
+    if compare_env:
+        for side in "AB":
+            times = sorted(r["ready_log_s"] or r["ready_s"] for r in results if r["label"] == side)
+            print(f"side {side} ({'--env' if side == 'A' else '--env + --compare-env'}): ready "
+                  f"{times}, median {statistics.median(times)} s")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"env": settings, "runs": results}, indent=1))

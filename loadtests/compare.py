@@ -119,11 +119,20 @@ def warm(t: Target, models: list[str], base_url: str | None = None) -> None:
                 concurrency=4, max_tokens=2, label="warm-up"))
 
 
-def alternate(t: Target, sides: dict[str, Workload]) -> dict[str, list[dict]]:
+def alternate(t: Target, sides: dict[str, Workload], cpu_of: int | None = None) -> dict[str, list[dict]]:
+    """Rounds of every side in turn; with `cpu_of` (the gateway's pid), each run also records that process's
+    own CPU seconds (user + system, children excluded) as `gateway_cpu_s`."""
+    import psutil
+
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(t.rounds):
         for name, work in sides.items():
-            runs[name].append(run(replace(work, label=f"{name} #{r + 1}", seed=r)))
+            cpu = psutil.Process(cpu_of) if cpu_of else None
+            before = sum(cpu.cpu_times()[:2]) if cpu else None
+            result = run(replace(work, label=f"{name} #{r + 1}", seed=r))
+            if cpu:
+                result["gateway_cpu_s"] = round(sum(cpu.cpu_times()[:2]) - before, 4)
+            runs[name].append(result)
     return runs
 
 
@@ -163,8 +172,12 @@ def do_gateway(t: Target) -> None:
     adapters = ensure_adapters(t, 4)  # pinned names (name@version) are the engine's own model names
     warm(t, [BASE_NAME, *adapters])
     mix = replace(t.work, shape="uniform", adapters=adapters, include_base=True)
-    runs = alternate(t, {"gateway": mix, "direct": replace(mix, base_url=t.engine_url, api_key=t.engine_key)})
+    runs = alternate(t, {"gateway": mix, "direct": replace(mix, base_url=t.engine_url, api_key=t.engine_key)},
+                     cpu_of=t.pid)
     gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
+    # The gateway's own CPU (its process alone, not the engine's) per streamed token: it shares the cores.
+    cpu_per_token = [r["gateway_cpu_s"] / r["overall"]["output_tokens"] * 1e3 for r in runs["gateway"]
+                     if r.get("gateway_cpu_s") is not None and r["overall"]["output_tokens"]]
     ttft_gw, ttft_direct = median(runs["gateway"], "ttft_ms", "p50"), median(runs["direct"], "ttft_ms", "p50")
     # At concurrency 16 a request's TTFT is mostly queueing for its batch's prefill, which swings by
     # tens of ms from run to run. One request at a time isolates what the gateway itself adds.
@@ -178,12 +191,15 @@ def do_gateway(t: Target) -> None:
                "ttft_p50_gateway_ms": ttft_gw, "ttft_p50_direct_ms": ttft_direct,
                "extra_ttft_p50_ms": round(ttft_gw - ttft_direct, 2),
                "ttft_p50_gateway_c1_ms": solo_gw, "ttft_p50_direct_c1_ms": solo_direct,
-               "extra_ttft_p50_c1_ms": round(solo_gw - solo_direct, 2)}
+               "extra_ttft_p50_c1_ms": round(solo_gw - solo_direct, 2),
+               "gateway_cpu_ms_per_token": round(statistics.median(cpu_per_token), 3) if cpu_per_token else None}
     save(t, "gateway", runs, [f"- gateway {gw} tok/s vs direct {direct} tok/s: **{figures['ratio']}x** (target >= 0.97x)",
                               f"- TTFT p50 at concurrency {t.work.concurrency}: gateway {ttft_gw} ms vs direct "
                               f"{ttft_direct} ms: **{figures['extra_ttft_p50_ms']:+} ms** (target <= 5 ms)",
                               f"- TTFT p50 one request at a time ({PROBE_REQUESTS} requests a side a round): gateway "
-                              f"{solo_gw} ms vs direct {solo_direct} ms: **{figures['extra_ttft_p50_c1_ms']:+} ms**"],
+                              f"{solo_gw} ms vs direct {solo_direct} ms: **{figures['extra_ttft_p50_c1_ms']:+} ms**",
+                              f"- gateway CPU per streamed token (its own process, user + system): "
+                              f"{figures['gateway_cpu_ms_per_token']} ms"],
          figures)
 
 

@@ -141,10 +141,36 @@ def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] 
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
     elif settings.cpu_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+    if settings.engine_worker_in_core and settings.tensor_parallel_size == 1:
+        # The API server still runs its engine core in a process of its own (AsyncLLM always does); this only
+        # keeps vLLM's CPU platform from forcing the `mp` executor, i.e. a third process for the model.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        cpus = bound_cpus(env.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+        if cpus and "OMP_NUM_THREADS" not in env:
+            # What vLLM's mp executor gives its worker process (utils/ompmultiprocessing.py): one OpenMP thread
+            # per bound core, bound to them. Without it vLLM cuts the engine core to one torch thread "for
+            # serving", which suits a scheduler, not the process that now runs the model.
+            env["OMP_NUM_THREADS"] = str(len(cpus))
+            env.setdefault("OMP_PLACES", "{" + ",".join(map(str, cpus)) + "}")
+            env.setdefault("OMP_PROC_BIND", "true")
     (scratch / "vllm-config").mkdir(parents=True, exist_ok=True)
     engine_tmpdir(scratch).mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.engine_cache_dir.mkdir(parents=True, exist_ok=True)
     return env
+
+
+def bound_cpus(bind: str) -> list[int] | None:
+    """The cores a VLLM_CPU_OMP_THREADS_BIND list such as `0-3,6` names (None: auto, nobind, or several
+    ranks' lists)."""
+    if not bind or bind in ("auto", "nobind") or "|" in bind:
+        return None
+    cpus: list[int] = []
+    for part in bind.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            return None
+        cpus += range(int(first), int(last) + 1) if last else [int(first)]
+    return cpus or None
 
 
 def engine_timeouts(settings: Settings) -> Timeouts:
@@ -237,7 +263,7 @@ class EngineSupervisor:
             with contextlib.suppress(EngineError):
                 await self.client.health()
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)  # a loopback GET; every 0.1 s of it is on every start's critical path
         await self._terminate()
         raise EngineUnavailable(
             f"the vLLM engine was not healthy after {self.settings.engine_start_timeout_s:g}s:\n{self.log_tail()}"

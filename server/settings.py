@@ -105,15 +105,21 @@ class Settings(BaseModelSettings):
     kv_cache_gib: float = Field(2.0, gt=0, description="CPU engines only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     cpu_threads_bind: str = Field("all", description="CPU engines only: VLLM_CPU_OMP_THREADS_BIND; 'all' binds every core")
     engine_nice: int = Field(
-        10, ge=0, le=19,
-        description="how far below the gateway the engine's CPU priority is (a Unix nice increment). On CPU the "
-                    "engine's threads fill every core; without this, relaying each chunk waits for a time slice "
-                    "(measured here: +8 to +39 ms TTFT at concurrency 1 at 0, none at 10)")
+        0, ge=0, le=19,
+        description="how far below the gateway the engine's CPU priority is (a Unix nice increment). 0: with the "
+                    "model in the engine-core process, 10 bought nothing measurable for the gateway here (one "
+                    "request at a time +4.3 ms TTFT over direct at 10, +2.2 ms at 0) while on a shared machine "
+                    "it hands every other process ~9x the engine's share of the cores (CFS weights 1024 vs 110)")
     engine_extra_args: KeyList = Field(default_factory=list)
     engine_cache_dir: Path = Field(
         default_factory=lambda: cache_home() / "vllm-cache",
         description="vLLM's cache (VLLM_CACHE_ROOT), kept across starts: with it, vLLM skips inspecting the "
                     "model class in a fresh subprocess (~9 s of a 36 s cold start here)")
+    engine_worker_in_core: bool = Field(
+        True, description="with one device (tensor_parallel_size 1), the model runs inside vLLM's engine-core "
+                          "process instead of a worker process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "
+                          "`uni` executor): one process less importing vLLM and torch at every start (~8 s of "
+                          "a cold start on CPU here) and no per-step hand-off between the two")
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_restart: bool = True
     # A hung engine must never hold a request forever, nor stay in place (see quiver.engine).

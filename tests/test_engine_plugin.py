@@ -486,3 +486,104 @@ def test_selected_slot_columns_are_bounded():
     assert 0 < len(fused._selected) <= 8
     cols, rows = fused.for_slots((1, 2))  # a run: views of the fused weights, nothing cached
     assert cols.data_ptr() == fused.a_t[:, fused.k:].data_ptr() and rows.data_ptr() == fused.b_t[fused.k:].data_ptr()
+
+
+# ------------------------------------------------------------------ slot swaps (many adapters)
+
+
+def _set_lora(a, b, slot, rank, g):
+    """What vLLM's set_lora does to one slot: reset it to zeros, then copy an adapter's weights in."""
+    for i in range(len(a)):
+        a[i][slot] = 0
+        b[i][slot] = 0
+        a[i][slot, 0, :rank] = torch.randn(rank, a[i].shape[-1], generator=g) / D_IN**0.5
+        b[i][slot, 0, :, :rank] = torch.randn(b[i].shape[2], rank, generator=g) / rank**0.5
+
+
+def _update(wrapper, slots, layout):
+    ids = [layout[s] if s >= 0 else 0 for s in slots]
+    wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=False), layout, len(layout) + 1, 1000)
+
+
+@pytest.mark.parametrize("slots", [[5, 1, -1, 5, 9, 1, 5, -1] * 2, [5] * 16, [5, 5, 5, -1, -1, 1, 1, 1]],
+                         ids=["masked", "uniform", "grouped"])
+def test_a_slot_swap_rewrites_only_the_swapped_slot(slots):
+    """16 slots: an adapter swapped into slot 5 (a new id there) updates that slot's columns of the fused
+    weights in place, no rebuild of the other 15, and the batch still gets exactly its adapters' deltas."""
+    total, out_slices = 16, LAYOUTS[0][1]
+    g = torch.Generator().manual_seed(3)
+    a = tuple(torch.zeros(total, 1, RANK, D_IN) for _ in out_slices)
+    b = tuple(torch.zeros(total, 1, o, RANK) for o in out_slices)
+    for slot in range(total):
+        _set_lora(a, b, slot, 8, g)
+    layout = [100 + s for s in range(total)]
+    wrapper = QuiverPunicaWrapperCPU(2048, 256, "cpu")
+    _update(wrapper, [1, 5, 9, -1], layout)
+    x4, y4 = torch.randn(4, D_IN), torch.zeros(4, sum(out_slices))
+    wrapper.add_lora_linear(y4, x4, a, b, 1.0, out_slices)  # builds the fused weights, caches {1, 5, 9}
+    fused = next(iter(wrapper._fused.values()))
+    a_ptr = fused.a_t.data_ptr()
+    _set_lora(a, b, 5, 4, g)  # a rank-4 adapter replaces slot 5's
+    layout = layout.copy()
+    layout[5] = 999
+    _update(wrapper, slots, layout)
+    x, y0 = torch.randn(len(slots), D_IN, generator=g), torch.randn(len(slots), sum(out_slices), generator=g)
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 0.5, out_slices)
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices, scale=0.5),
+                               rtol=1e-5, atol=1e-5)
+    assert next(iter(wrapper._fused.values())) is fused and fused.a_t.data_ptr() == a_ptr  # refreshed in place
+    assert fused.slot_ids == tuple(layout) and fused.is_current(a, b, out_slices, torch.float32)
+    # The stale selection holding slot 5 is gone; a batch over {1, 5, 9} again gets slot 5's new weights.
+    y4b = torch.zeros(4, sum(out_slices))
+    _update(wrapper, [1, 5, 9, -1], layout)
+    wrapper.add_lora_linear(y4b, x4, a, b, 1.0, out_slices)
+    torch.testing.assert_close(y4b.double(), reference(torch.zeros(4, sum(out_slices)), x4, a, b,
+                                                       [1, 5, 9, -1], out_slices), rtol=1e-5, atol=1e-5)
+
+
+def test_a_swap_that_cannot_be_explained_by_the_layout_rebuilds():
+    """A higher rank than any slot had, or a write with an unchanged layout: the whole layer is rebuilt."""
+    out_slices = LAYOUTS[2][1]
+    g = torch.Generator().manual_seed(4)
+    a, b = make_layer(out_slices, occupied=(0, 1, 2, 3), ranks=(8, 8, 8, 8))
+    layout = [10, 11, 12, 13]
+    slots = [0, 1, 2, 3, -1, 2]
+    wrapper = QuiverPunicaWrapperCPU(2048, 256, "cpu")
+    _update(wrapper, slots, layout)
+    x, y0 = torch.randn(len(slots), D_IN, generator=g), torch.randn(len(slots), 96, generator=g)
+    wrapper.add_lora_linear(y0.clone(), x, a, b, 1.0, out_slices)
+    first = next(iter(wrapper._fused.values()))
+    _set_lora(a, b, 2, 16, g)  # rank 16 > 8
+    _update(wrapper, slots, [10, 11, 42, 13])
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
+    rebuilt = next(iter(wrapper._fused.values()))
+    assert rebuilt is not first and rebuilt.rank == 16
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices), rtol=1e-5, atol=1e-5)
+    _set_lora(a, b, 1, 8, g)  # written in place with the same layout (not vLLM's way): still exact
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
+    assert next(iter(wrapper._fused.values())) is not rebuilt
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices), rtol=1e-5, atol=1e-5)
+
+
+def test_logits_and_embedding_slots_follow_a_swap():
+    slots = [0, 1, 2, -1, 1]
+    a, b = make_logits_layer((0,))
+    layout = [10, 11, 12, 13]
+    stock, quiver = PunicaWrapperCPU(2048, 256, "cpu"), QuiverPunicaWrapperCPU(2048, 256, "cpu")
+    for w in (stock, quiver):
+        _update(w, slots, layout)
+    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), VOCAB)
+    quiver.add_lora_logits(y0.clone(), x, a, b, 1.0)
+    in_use = quiver._logits_in_use
+    a[1, 0, :4].copy_(torch.randn(4, D_IN))  # an adapter with lm_head weights swapped into slot 1
+    b[1, 0, :, :4].copy_(torch.randn(VOCAB, 4))
+    for w in (stock, quiver):
+        _update(w, slots, [10, 77, 12, 13])
+    y_stock, y_quiver = y0.clone(), y0.clone()
+    stock.add_lora_logits(y_stock, x, a, b, 1.0)
+    quiver.add_lora_logits(y_quiver, x, a, b, 1.0)
+    assert quiver._logits_in_use is in_use and in_use.nonzero[1]
+    torch.testing.assert_close(y_quiver, y_stock, rtol=1e-5, atol=1e-5)

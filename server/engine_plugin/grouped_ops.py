@@ -130,14 +130,18 @@ class FusedLoRA:
     (views for a contiguous run of slots, copies cached otherwise): the
     masked path multiplies only those.
     Rebuilt when any source tensor's version counter moves (set_lora/reset_lora
-    write in place, which bumps it).
+    write in place, which bumps it) -- or, when the slot layout says which
+    slots changed (`refresh`), only those slots' columns and rows are rewritten.
     """
 
     def __init__(self, lora_a_stacked: Sequence[torch.Tensor],
                  lora_b_stacked: Sequence[torch.Tensor],
-                 output_slices: Sequence[int], expand_dtype: torch.dtype):
+                 output_slices: Sequence[int], expand_dtype: torch.dtype,
+                 slot_ids: Sequence[int | None] | None = None):
         self.sources = tuple(lora_a_stacked) + tuple(lora_b_stacked)
         self.versions = self._versions(self.sources)
+        # The adapter id in each slot when built (vLLM's lora_index_to_id), None if not known.
+        self.slot_ids = tuple(slot_ids) if slot_ids is not None else None
         self.expand_dtype = expand_dtype
         self.output_slices = tuple(output_slices)
         n = len(lora_a_stacked)
@@ -164,6 +168,48 @@ class FusedLoRA:
         self.in_use = (a_used & b_used).tolist()
         self._selected: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def refresh(self, lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor],
+                output_slices: Sequence[int], expand_dtype: torch.dtype,
+                slot_ids: Sequence[int | None] | None) -> bool:
+        """Bring the fused weights up to date by rewriting only the slots whose adapter changed; False when
+        that cannot be known (then the caller rebuilds everything).
+
+        A slot swap (one adapter loaded into one slot) used to rebuild every slot of every layer: ~24 ms a
+        decoder layer at 16 slots here, ~0.7 s a swap for SmolLM2's 30 layers, inside the engine's step.
+        vLLM writes a slot's weights only when it activates an adapter there, and an id names immutable
+        weights, so the slots whose id differs from when these were built are all that can have changed.
+        """
+        changed = changed_slots(self.slot_ids, slot_ids)
+        if not changed or not self._same_sources(lora_a_stacked, lora_b_stacked, output_slices, expand_dtype):
+            return False  # an in-place write the layout does not explain (or nothing known): rebuild
+        n, rank, k = len(lora_a_stacked), self.rank, self.k
+        for slot in changed:
+            if _slot_rank(lora_a_stacked, lora_b_stacked, slot) > rank:
+                return False  # a higher rank than any slot had: every slot's columns widen
+        d_in = self.a_t.shape[0]
+        a_cols = self.a_t.view(d_in, self.num_slots, k)
+        b_rows = self.b_t.view(self.num_slots, n, rank, self.total_out)
+        for slot in changed:
+            a_cols[:, slot] = torch.cat([w[slot, 0, :rank] for w in lora_a_stacked]).to(SHRINK_DTYPE).t()
+            b_rows[slot].zero_()
+            off = 0
+            for i, (w, size) in enumerate(zip(lora_b_stacked, self.output_slices)):
+                b_rows[slot, i, :, off:off + size] = w[slot, 0, :size, :rank].t().to(expand_dtype)
+                off += size
+            self.in_use[slot] = bool(a_cols[:, slot].ne(0).any()) and bool(b_rows[slot].ne(0).any())
+        for selected in [key for key in self._selected if set(key) & set(changed)]:
+            del self._selected[selected]
+        self.versions = self._versions(self.sources)
+        self.slot_ids = tuple(slot_ids)  # type: ignore[arg-type]
+        return True
+
+    def _same_sources(self, lora_a_stacked, lora_b_stacked, output_slices, expand_dtype) -> bool:
+        src, na = self.sources, len(lora_a_stacked)
+        return (expand_dtype == self.expand_dtype and tuple(output_slices) == self.output_slices
+                and len(src) == na + len(lora_b_stacked)
+                and all(a is b for a, b in zip(src, lora_a_stacked))
+                and all(a is b for a, b in zip(src[na:], lora_b_stacked)))
+
     def for_slots(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(in, len(slots)*K) columns of a_t and (len(slots)*K, sum(out_i)) rows of b_t, slot after slot."""
         k = self.k
@@ -186,16 +232,27 @@ class FusedLoRA:
         return tuple(t._version for t in ts)
 
     def is_current(self, lora_a_stacked, lora_b_stacked, output_slices, expand_dtype) -> bool:
-        src = self.sources
-        na = len(lora_a_stacked)
-        return (
-            expand_dtype == self.expand_dtype
-            and tuple(output_slices) == self.output_slices
-            and len(src) == na + len(lora_b_stacked)
-            and all(a is b for a, b in zip(src, lora_a_stacked))
-            and all(a is b for a, b in zip(src[na:], lora_b_stacked))
-            and self._versions(src) == self.versions
-        )
+        return (self._same_sources(lora_a_stacked, lora_b_stacked, output_slices, expand_dtype)
+                and self._versions(self.sources) == self.versions)
+
+
+def changed_slots(built: Sequence[int | None] | None, now: Sequence[int | None] | None) -> list[int]:
+    """Slots whose adapter id differs between two slot layouts; [] when either is unknown or they differ in
+    length (callers then rebuild all)."""
+    if built is None or now is None or len(built) != len(now):
+        return []
+    return [slot for slot, (old, new) in enumerate(zip(built, now)) if old != new]
+
+
+def _slot_rank(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor], slot: int) -> int:
+    """`used_rank` of one slot."""
+    used = torch.zeros(lora_a_stacked[0].shape[2], dtype=torch.bool)
+    for a in lora_a_stacked:
+        used |= a[slot, 0].ne(0).any(-1)
+    for b in lora_b_stacked:
+        used |= b[slot, 0].ne(0).any(0)
+    nonzero = torch.nonzero(used).reshape(-1)
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
 
 
 def used_rank(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor]) -> int:
@@ -251,17 +308,31 @@ class SlotsInUse:
     nothing, so such slots can be skipped. Cached by the tensors' version counters like FusedLoRA.
     """
 
-    def __init__(self, *stacked: torch.Tensor):
+    def __init__(self, *stacked: torch.Tensor, slot_ids: Sequence[int | None] | None = None):
         self.stacked = stacked
         self.versions = tuple(t._version for t in stacked)
+        self.slot_ids = tuple(slot_ids) if slot_ids is not None else None
         nonzero = stacked[0].flatten(1).ne(0).any(1)
         for t in stacked[1:]:
             nonzero &= t.flatten(1).ne(0).any(1)
         self.nonzero = nonzero.tolist()
 
     def is_current(self, *stacked: torch.Tensor) -> bool:
-        return (len(stacked) == len(self.stacked) and all(a is b for a, b in zip(stacked, self.stacked))
-                and tuple(t._version for t in stacked) == self.versions)
+        return self._same(stacked) and tuple(t._version for t in stacked) == self.versions
+
+    def _same(self, stacked: tuple[torch.Tensor, ...]) -> bool:
+        return len(stacked) == len(self.stacked) and all(a is b for a, b in zip(stacked, self.stacked))
+
+    def refresh(self, *stacked: torch.Tensor, slot_ids: Sequence[int | None] | None) -> bool:
+        """Re-read only the slots whose adapter changed (see FusedLoRA.refresh); False: rebuild instead."""
+        changed = changed_slots(self.slot_ids, slot_ids)
+        if not changed or not self._same(stacked):
+            return False
+        for slot in changed:
+            self.nonzero[slot] = all(bool(t[slot].ne(0).any()) for t in stacked)
+        self.versions = tuple(t._version for t in stacked)
+        self.slot_ids = tuple(slot_ids)  # type: ignore[arg-type]
+        return True
 
     def used_by(self, plan: LoRAPlan) -> bool:
         """Whether any slot the plan's tokens use has weights here (if not, the whole delta is zero)."""

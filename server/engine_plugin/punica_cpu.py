@@ -55,9 +55,13 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         self._sampler_plan: LoRAPlan | None = None
         self._logits_in_use: SlotsInUse | None = None
         self._embedding_in_use: SlotsInUse | None = None
+        # The adapter id in each slot (vLLM's lora_index_to_id, given with every new layout): which slots a
+        # swap changed, so that only those are re-read (FusedLoRA.refresh).
+        self._slot_ids: tuple[int | None, ...] | None = None
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self._slot_ids = tuple(lora_index_to_id)
         # token_lora_indices: slot per scheduled token, -1 = no adapter (what
         # the stock ops index with), so the plan agrees with stock by design.
         self._plan = build_plan(self.token_lora_indices)
@@ -70,8 +74,10 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         fused = self._fused.get(key)
         if fused is None or not fused.is_current(lora_a_stacked, lora_b_stacked,
                                                  output_slices, dtype):
-            fused = FusedLoRA(lora_a_stacked, lora_b_stacked, output_slices, dtype)
-            self._fused[key] = fused
+            if fused is None or not fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, dtype,
+                                                  self._slot_ids):
+                fused = FusedLoRA(lora_a_stacked, lora_b_stacked, output_slices, dtype, self._slot_ids)
+                self._fused[key] = fused
         return fused
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor,
@@ -113,7 +119,8 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
                                            buffer=buffer, **kwargs)
         in_use = self._logits_in_use
         if in_use is None or not in_use.is_current(lora_a_stacked, lora_b_stacked):
-            in_use = self._logits_in_use = SlotsInUse(lora_a_stacked, lora_b_stacked)
+            if in_use is None or not in_use.refresh(lora_a_stacked, lora_b_stacked, slot_ids=self._slot_ids):
+                in_use = self._logits_in_use = SlotsInUse(lora_a_stacked, lora_b_stacked, slot_ids=self._slot_ids)
         add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
         return None
 
@@ -125,6 +132,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
             return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
         in_use = self._embedding_in_use
         if in_use is None or not in_use.is_current(lora_b_stacked):
-            in_use = self._embedding_in_use = SlotsInUse(lora_b_stacked)
+            if in_use is None or not in_use.refresh(lora_b_stacked, slot_ids=self._slot_ids):
+                in_use = self._embedding_in_use = SlotsInUse(lora_b_stacked, slot_ids=self._slot_ids)
         add_lora_embedding(y2, x2, plan, lora_b_stacked, in_use)
         return None
