@@ -221,11 +221,14 @@ def compare(
     before = _machine()
     runs: dict[str, list[dict]] = {"quiver": [], "trl": []}
     for round_number in range(rounds):
-        order = ("quiver", "trl") if round_number % 2 == 0 else ("trl", "quiver")
+        order = ("trl", "quiver") if round_number % 2 == 0 else ("quiver", "trl")
         for side in order:
             run = in_fresh_process(side, data, model_dir, steps, {})
             runs[side].append(run)
             _print_run(f"round {round_number + 1} {side}", run)
+            if out:  # every run kept as it ends: a long benchmark on a shared machine may be stopped
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "train-bench-runs.json").write_text(json.dumps({"machine_before": before, "runs": runs}, indent=2))
     after = _machine()
     median = {side: statistics.median(r["tokens_per_second"] for r in side_runs) for side, side_runs in runs.items()}
     loss = {side: statistics.median(r["validation_loss"] for r in side_runs) for side, side_runs in runs.items()}
@@ -268,6 +271,9 @@ def levers(
             run = in_fresh_process(side, data, model_dir, steps, overrides)
             runs[name].append(run)
             _print_run(name, run)
+            if out:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "levers-runs.json").write_text(json.dumps({"machine_before": before, "runs": runs}, indent=2))
     after = _machine()
     median = {name: statistics.median(r["tokens_per_second"] for r in rs) for name, rs in runs.items()}
     loss = {name: statistics.median(r["validation_loss"] for r in rs) for name, rs in runs.items()}
