@@ -1,6 +1,6 @@
 """Padding-free batches (quiver's default data path) give the same loss and gradients as padded ones: on CPU the
-attention keeps the examples of the flattened row apart through their position ids. Forward/backward only, no
-optimizer step."""
+attention keeps the examples of the flattened row apart through their position ids. The LM head scoring only the
+trained positions gives the same as scoring all. Forward/backward only, no optimizer step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rich.console import Console
 from quiver.training.config import TrainConfig
 from quiver.training.data import read_examples
 from quiver.training.encoding import encode_examples
+from quiver.training.trainer import score_only_trained_positions
 from training_fixtures import REPO, base_model_dir, tokenizer  # noqa: F401
 
 # Backward passes of the real model: minutes on a loaded 2-core CPU, so not in the fast group.
@@ -54,6 +55,19 @@ def test_padding_free_matches_padded_loss_and_gradients(tmp_path, base_model_dir
     flat.model.load_state_dict(padded.model.state_dict())  # the same LoRA initialisation on both sides
     padded_loss, padded_grads, padded_batch, torch = _loss_and_grads(padded, _with_labels(features))
     flat_loss, flat_grads, flat_batch, _ = _loss_and_grads(flat, _with_labels(features))
+    # The LM head scoring every position (TRL's own CPU path) instead of the trained ones only: the same numbers.
+    import trl.trainer.utils
+
+    assert trl.trainer.utils._use_triton(torch.device("cpu"))
+    score_only_trained_positions(False)
+    try:
+        assert not trl.trainer.utils._use_triton(torch.device("cpu"))
+        full_loss, full_grads, _, _ = _loss_and_grads(padded, _with_labels(features))
+    finally:
+        score_only_trained_positions(True)
+    assert full_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
     assert "attention_mask" in padded_batch and padded_batch["input_ids"].shape == (3, MAX_LEN)
     assert "attention_mask" not in flat_batch and flat_batch["input_ids"].shape == (1, sum(lengths))

@@ -39,6 +39,9 @@ class TrainConfig(BaseModel):
     # lengths (HF's `group_by_length`: less padding when not padding-free, fewer wasted positions either way).
     padding_free: bool = True
     group_by_length: bool = True
+    # Project through the 49k-wide LM head, forward and backward, only the positions that carry loss (the assistant
+    # tokens), on CPU as TRL already does on GPUs.
+    compact_lm_head: bool = True
 
     # Method: supervised fine-tuning (SFTTrainer) or preference tuning (TRL's DPOTrainer, OpenAI's `dpo` method).
     method: Literal["supervised", "dpo"] = "supervised"

@@ -230,6 +230,7 @@ def setup(
         f"{epochs} epoch(s)"
     )
 
+    score_only_trained_positions(config.compact_lm_head)
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
     # A fresh LoRA is made by the trainer from `peft_config`; a continued one is loaded trainable here, and then
@@ -326,6 +327,29 @@ def _sft_data_args(config: TrainConfig) -> dict[str, Any]:
     if config.padding_free:
         args.update(padding_free=True, max_length=None)
     return args
+
+
+_COMPACT_ON_CPU = {"on": False}
+
+
+def score_only_trained_positions(on: bool) -> None:
+    """TRL's fused LM head (`add_fused_lm_head`, trl/trainer/utils.py) projects only the positions whose label is not
+    -100 on Triton devices, and every position elsewhere, so that compiling backends (Neuron) see fixed tile shapes.
+    Eager CPU compiles nothing, and with the loss on assistant tokens only (about a third of the tokens here) the rest
+    of the vocabulary-wide projection and its backward is waste. TRL decides with its module's `_use_triton`, consulted
+    for nothing else there (pinned TRL; tests/test_training_encoding_padding_free.py checks the hook and the loss)."""
+    import trl.trainer.utils as fused
+
+    _COMPACT_ON_CPU["on"] = on
+    if getattr(fused._use_triton, "quiver_compact_on_cpu", False):
+        return
+    triton_device = fused._use_triton
+
+    def compact(device: Any) -> bool:
+        return triton_device(device) or (device.type == "cpu" and _COMPACT_ON_CPU["on"])
+
+    compact.quiver_compact_on_cpu = True
+    fused._use_triton = compact
 
 
 def _lora_config(config: TrainConfig):
