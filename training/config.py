@@ -34,6 +34,14 @@ class TrainConfig(BaseModel):
     seed: int = 42
     # Trades compute for memory: worth it for large models on GPUs, a pure slowdown for small models on CPU.
     gradient_checkpointing: bool = False
+    # Data path (supervised only), measured in loadtests/train_bench.py: each batch's examples laid end to end in
+    # one row, kept apart by their position ids (no padding computed), and batches drawn from examples of similar
+    # lengths (HF's `group_by_length`: less padding when not padding-free, fewer wasted positions either way).
+    padding_free: bool = True
+    group_by_length: bool = True
+    # Project through the 49k-wide LM head, forward and backward, only the positions that carry loss (the assistant
+    # tokens), on CPU as TRL already does on GPUs.
+    compact_lm_head: bool = True
 
     # Method: supervised fine-tuning (SFTTrainer) or preference tuning (TRL's DPOTrainer, OpenAI's `dpo` method).
     method: Literal["supervised", "dpo"] = "supervised"

@@ -92,12 +92,15 @@ def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase) -> Enco
     return Encoded(list(encoding["input_ids"]), mask)
 
 
-def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> Dataset:
+def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_len: int | None = None) -> Dataset:
+    """The trainer's dataset, cut to `max_len` tokens from the start (as SFTTrainer's `keep_start` would: padding-free
+    batches leave truncation to the data)."""
     from datasets import Dataset
 
     encoded = [encode_example(e, tokenizer) for e in examples]
     return Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in encoded], "assistant_masks": [e.assistant_masks for e in encoded]}
+        {"input_ids": [e.input_ids[:max_len] for e in encoded],
+         "assistant_masks": [e.assistant_masks[:max_len] for e in encoded]}
     )
 
 

@@ -230,6 +230,7 @@ def setup(
         f"{epochs} epoch(s)"
     )
 
+    score_only_trained_positions(config.compact_lm_head)
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
     # A fresh LoRA is made by the trainer from `peft_config`; a continued one is loaded trainable here, and then
@@ -258,8 +259,8 @@ def setup(
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=encode_examples(split.train, tokenizer),
-            eval_dataset=encode_examples(split.validation, tokenizer) if has_validation else None,
+            train_dataset=encode_examples(split.train, tokenizer, config.max_seq_len),
+            eval_dataset=encode_examples(split.validation, tokenizer, config.max_seq_len) if has_validation else None,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
@@ -285,11 +286,10 @@ def _training_args(config: TrainConfig, checkpoints: Path, epochs: int, has_vali
     import torch
     from trl import DPOConfig, SFTConfig
 
-    method_args = {"beta": config.beta} if config.method == "dpo" else {}
+    method_args = {"beta": config.beta} if config.method == "dpo" else _sft_data_args(config)
     return (DPOConfig if config.method == "dpo" else SFTConfig)(
-        **method_args,
+        **{"max_length": config.max_seq_len, **method_args},
         output_dir=str(checkpoints),
-        max_length=config.max_seq_len,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -316,6 +316,40 @@ def _training_args(config: TrainConfig, checkpoints: Path, epochs: int, has_vali
         # when told it runs on CPU; otherwise each process would train alone on all the data.
         use_cpu=not torch.accelerator.is_available(),
     )
+
+
+def _sft_data_args(config: TrainConfig) -> dict[str, Any]:
+    """How SFT batches are built (loadtests/train_bench.py measures each). Padding-free lays a batch's examples end to
+    end in one row; the attention keeps them apart through their position ids (transformers builds a block-diagonal
+    mask from them for sdpa/eager, flash-attention uses the collator's cu_seq_lens). SFTTrainer then refuses to
+    truncate, so `encode_examples` does (max_length=None)."""
+    args: dict[str, Any] = {"train_sampling_strategy": "group_by_length" if config.group_by_length else "random"}
+    if config.padding_free:
+        args.update(padding_free=True, max_length=None)
+    return args
+
+
+_COMPACT_ON_CPU = {"on": False}
+
+
+def score_only_trained_positions(on: bool) -> None:
+    """TRL's fused LM head (`add_fused_lm_head`, trl/trainer/utils.py) projects only the positions whose label is not
+    -100 on Triton devices, and every position elsewhere, so that compiling backends (Neuron) see fixed tile shapes.
+    Eager CPU compiles nothing, and with the loss on assistant tokens only (about a third of the tokens here) the rest
+    of the vocabulary-wide projection and its backward is waste. TRL decides with its module's `_use_triton`, consulted
+    for nothing else there (pinned TRL; tests/test_training_encoding_padding_free.py checks the hook and the loss)."""
+    import trl.trainer.utils as fused
+
+    _COMPACT_ON_CPU["on"] = on
+    if getattr(fused._use_triton, "quiver_compact_on_cpu", False):
+        return
+    triton_device = fused._use_triton
+
+    def compact(device: Any) -> bool:
+        return triton_device(device) or (device.type == "cpu" and _COMPACT_ON_CPU["on"])
+
+    compact.quiver_compact_on_cpu = True
+    fused._use_triton = compact
 
 
 def _lora_config(config: TrainConfig):
