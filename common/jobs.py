@@ -117,12 +117,13 @@ class JobResult(BaseModel):
 
 class CheckpointRecord(BaseModel):
     """checkpoints/step-<N>/checkpoint.json: the worker writes it after the adapter's files; the gateway adds
-    `fine_tuned_model_checkpoint` (`name@version`) once the checkpoint is registered."""
+    `fine_tuned_model_checkpoint` (`name@version`) and the weights' digest once the checkpoint is registered."""
 
     step: int
     created_at: int
     metrics: dict[str, float] = Field(default_factory=dict)
     fine_tuned_model_checkpoint: str | None = None
+    adapter_sha256: str | None = None  # so that the final adapter is recognised as a checkpoint on any runner
 
 
 class JobEventRecord(BaseModel):

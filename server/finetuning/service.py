@@ -79,6 +79,8 @@ INIT_ADAPTER = "init_adapter"
 RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "train_mean_token_accuracy",
                   "valid_mean_token_accuracy")
 _MAX_REPORTED_ERRORS = 5
+# How often the runner looks for a new epoch checkpoint in the worker's workspace (a local glob) to register it.
+_CHECKPOINT_POLL_S = 1.0
 _COPY_CHUNK = 1024 * 1024
 # What `_new_id` makes; anything else is no id of ours (and never reaches a path or a key).
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
@@ -256,6 +258,8 @@ class JobService:
         self._worker: Run | None = None
         self._running_job: str | None = None
         self._cancelled: set[str] = set()
+        self._seen: dict[str, set[int]] = {}  # per job, the checkpoint steps this runner registered or refused
+        self._to_discard: set[str] = set()  # jobs the scan failed: their checkpoints go (async, in the queue)
         self._commit = asyncio.Lock()
 
     # --- persistence -------------------------------------------------------------------------------
@@ -303,10 +307,11 @@ class JobService:
         return _page(sorted(found, key=lambda c: c.step_number, reverse=True), after, limit)
 
     def _listed_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        """The checkpoints the job registered, from the shared records (any replica answers)."""
+        """The checkpoints the job registered so far, in step order, from the shared records (any replica
+        answers, while the job runs too)."""
         found = [record for key in self.records.keys(f"{job_id}/{CHECKPOINTS}/step-*/{CHECKPOINT}")
                  if (record := load_record(self.records, key, CheckpointRecord)) is not None]
-        return [record for record in found if record.fine_tuned_model_checkpoint]
+        return sorted((record for record in found if record.fine_tuned_model_checkpoint), key=lambda r: r.step)
 
     @staticmethod
     def _workspace_checkpoints(workspace: Path) -> list[tuple[Path, CheckpointRecord]]:
@@ -414,6 +419,7 @@ class JobService:
                              level="error", error=JobError(code="interrupted",
                                                            message="the server restarted while the job was running"))
                 self._done.add(job_id)
+                self._to_discard.add(job_id)
             elif job.status in ("validating_files", "queued"):
                 runnable.append((job.created_at, job_id))
         return [job_id for _, job_id in sorted(runnable)]
@@ -523,9 +529,11 @@ class JobService:
                 self._cancelled.discard(job_id)
                 raise Conflict(f"job `{job_id}` has already {job.status}", code="job_finished",
                                param="fine_tuning_job_id")
-        # Running here: stop it now. Running on another replica: its runner sees the state at its next heartbeat.
+        # Running here: stop it now. Running on another replica: its runner sees the state at its next heartbeat
+        # (and discards whatever it registered meanwhile).
         if self._running_job == job_id:
             await self._kill_worker()
+        await self._discard_checkpoints(job_id)
         return job
 
     async def _kill_worker(self) -> None:
@@ -540,6 +548,8 @@ class JobService:
                 try:  # jobs accepted by other replicas, and runners gone away
                     for job_id in await asyncio.to_thread(self.scan):
                         self._enqueue(job_id)
+                    while self._to_discard:
+                        await self._discard_checkpoints(self._to_discard.pop())
                 except Exception:  # the store away for a moment: the next scan tries again
                     log.exception("scanning the fine-tuning jobs failed")
                 continue
@@ -553,6 +563,7 @@ class JobService:
                 with contextlib.suppress(NotFound):  # its record may be gone
                     self._finish(job_id, "failed", f"Job failed: {exc}", level="error",
                                  error=JobError(code="internal_error", message=str(exc)))
+                await self._discard_checkpoints(job_id)
 
     def _source(self, job: FineTuningJob) -> ModelRef | None:
         """The adapter version a continued job starts from; None for a job from the base model."""
@@ -608,6 +619,7 @@ class JobService:
             await self._run_claimed(job_id)
         finally:
             self._running_job = None
+            self._seen.pop(job_id, None)
 
     async def _run_claimed(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -649,11 +661,17 @@ class JobService:
             if job_id in self._cancelled:  # cancelled while the process was starting
                 await self._kill_worker()
             waiting = asyncio.ensure_future(self._worker.wait())
+            beat = time.monotonic()
             while not waiting.done():
-                await asyncio.wait({waiting}, timeout=min(self.lease_s / 4, 10))
+                await asyncio.wait({waiting}, timeout=_CHECKPOINT_POLL_S)
                 if waiting.done():
                     break
                 try:
+                    async with self._commit:  # a new checkpoint is listed and callable within a second
+                        await self._register_checkpoints(job_id, name, workspace)
+                    if time.monotonic() - beat < min(self.lease_s / 4, 10):
+                        continue
+                    beat = time.monotonic()
                     shipped = await asyncio.to_thread(self._publish, job_id, workspace, shipped)
                     still_ours = await asyncio.to_thread(self._heartbeat, job_id)
                     stopped = not still_ours or self.get(job_id).status in FINISHED  # cancelled elsewhere
@@ -669,6 +687,7 @@ class JobService:
             self._running_job = None
         await asyncio.to_thread(self._publish, job_id, workspace, shipped)
         if job_id in self._cancelled:
+            await self._discard_checkpoints(job_id)
             self.records.drop_workspace(job_id, workspace)
             return
         result = _parse((workspace / RESULT).read_bytes() if (workspace / RESULT).exists() else None, JobResult)
@@ -677,52 +696,111 @@ class JobService:
             self._finish(job_id, "failed", level="error", error=JobError(
                 code=error.code if error else "worker_crashed",
                 message=error.message if error else f"the training process exited with {returncode}"))
+            await self._discard_checkpoints(job_id)
             self.records.drop_workspace(job_id, workspace)
             return
         await self._register(job_id, name, result, workspace)
         self.records.drop_workspace(job_id, workspace)
 
     async def _register_folder(self, name: str, folder: Path, make_current: bool):
-        files = [(file, open(folder / file, "rb")) for file in ADAPTER_FILES]
-        try:
+        with contextlib.ExitStack() as stack:
+            files = [(file, stack.enter_context(open(folder / file, "rb"))) for file in ADAPTER_FILES]
             return await self.registry.register(name, files, make_current=make_current)
-        finally:
-            for _, handle in files:
-                handle.close()
+
+    def _checkpoint_key(self, job_id: str, step: int) -> str:
+        return f"{job_id}/{CHECKPOINTS}/step-{step}/{CHECKPOINT}"
+
+    async def _register_checkpoints(self, job_id: str, name: str, workspace: Path) -> None:
+        """Each complete checkpoint the worker wrote and that is not registered yet becomes a staged version
+        (`name@N`, never the bare name) and is listed in the shared records at once, where every replica reads
+        it; then only the latest `KEPT_CHECKPOINTS` stay. Runs on the runner holding the workspace, under the
+        commit lock: a job cancelled here registers nothing more."""
+        seen = self._seen.setdefault(job_id, set())
+        fresh = [(folder, record) for folder, record in self._workspace_checkpoints(workspace)
+                 if record.step not in seen]
+        if not fresh or job_id in self._cancelled or self.get(job_id).status in FINISHED:
+            return
+        listed = {record.step: record for record in self._listed_checkpoints(job_id)}
+        for folder, record in fresh:
+            if record.step in listed:
+                seen.add(record.step)
+                continue
+            try:
+                digest = file_sha256(folder / ADAPTER_FILES[1])
+                version = await self._register_folder(name, folder, make_current=False)
+            except FileNotFoundError:  # the worker dropped it meanwhile (an older one, beyond the kept three)
+                continue
+            except DomainError as exc:  # refused by admission: the job goes on; its final adapter decides
+                seen.add(record.step)
+                self._emit(job_id, f"Checkpoint at step {record.step} could not be registered: {exc.message}",
+                           level="warn")
+                continue
+            record = record.model_copy(update={"fine_tuned_model_checkpoint": version.id, "adapter_sha256": digest})
+            try:
+                self.records.write(self._checkpoint_key(job_id, record.step), record.model_dump_json(indent=2).encode())
+            except BaseException:
+                with contextlib.suppress(DomainError, OSError):
+                    await self.registry.delete(name, version.version)
+                raise
+            listed[record.step] = record
+            seen.add(record.step)
+            self._emit(job_id, f"Checkpoint at step {record.step} is served as {version.id}")
+        for record in sorted(listed.values(), key=lambda r: r.step)[:-KEPT_CHECKPOINTS]:
+            await self._drop_checkpoint(job_id, record)
+
+    async def _drop_checkpoint(self, job_id: str, record: CheckpointRecord) -> None:
+        """Delete a listed checkpoint's staged version and its listing. A version someone made current (or put
+        in a canary) meanwhile is theirs now: it stays, listed."""
+        ref = parse_adapter_ref(record.fine_tuned_model_checkpoint or "")
+        try:
+            await self._version(ref.name, ref.version)
+            adapter = self.registry.get(ref.name)
+            canary = adapter.canary
+            if adapter.current_version == ref.version or (canary and canary.active and canary.version == ref.version):
+                return
+            await self.registry.delete(ref.name, ref.version)
+        except NotFound:  # deleted already
+            pass
+        self.records.delete(self._checkpoint_key(job_id, record.step))
+
+    async def _discard_checkpoints(self, job_id: str) -> None:
+        """A job that ends without succeeding (cancelled, failed, interrupted) leaves no checkpoint versions
+        behind, except one that someone made current while it ran."""
+        try:
+            for record in self._listed_checkpoints(job_id):
+                await self._drop_checkpoint(job_id, record)
+        except (DomainError, OSError, StoreUnavailable) as exc:
+            log.warning("job %s: its checkpoints could not all be removed: %s", job_id, exc)
+
+    async def _version(self, name: str, version: int):
+        """The version's record; one another runner registered (before a pause) may need a fresh look at the
+        store first."""
+        try:
+            return self.registry.version(name, version)
+        except NotFound:
+            await self.registry.refresh()
+            return self.registry.version(name, version)
 
     async def _register(self, job_id: str, name: str, result: JobResult, workspace: Path) -> None:
-        """Runs on the runner that holds the workspace: the checkpoints' weights are there."""
+        """Runs on the runner that holds the workspace: the last checkpoints' weights are there."""
         async with self._commit:  # the commit point: a cancel either came before (nothing registers) or waits
             if job_id in self._cancelled or self.get(job_id).status in FINISHED:
                 return
-            # Each epoch's checkpoint becomes a staged version (served as `name@N`, never under the bare name).
-            staged: dict[str, int] = {}  # the weights' sha256 -> version
-            listed: list[CheckpointRecord] = []  # recorded once the job commits
-            try:
-                for folder, record in self._workspace_checkpoints(workspace)[-KEPT_CHECKPOINTS:]:
-                    version = await self._register_folder(name, folder, make_current=False)
-                    staged[file_sha256(folder / ADAPTER_FILES[1])] = version.version
-                    listed.append(record.model_copy(update={"fine_tuned_model_checkpoint": version.id}))
-                # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
-                # then that version is promoted rather than registered twice.
-                final = staged.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
-                if final is not None:
-                    # A version that failed its name's suite stays staged: the gate decides, not the job.
-                    gate = self.registry.version(name, final).gate
-                    if gate is None or gate.passed:
-                        await self.registry.promote(name, final)
-                    version_id = f"{name}@{final}"
-                else:
-                    registered = await self._register_folder(name, result.run_dir, make_current=True)
-                    version_id, gate = registered.id, registered.gate
-            except BaseException:
-                for version in staged.values():  # a job that did not commit leaves no versions behind
-                    with contextlib.suppress(DomainError, OSError):
-                        await self.registry.delete(name, version)
-                raise
-            for record in listed:  # into the shared records, where `checkpoints()` reads them on any replica
-                self.records.write(f"{job_id}/{CHECKPOINTS}/step-{record.step}/{CHECKPOINT}",
-                                   record.model_dump_json(indent=2).encode())
+            await self._register_checkpoints(job_id, name, workspace)  # any the last round did not see
+            # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
+            # then that version is promoted rather than registered twice.
+            kept = {record.adapter_sha256: parse_adapter_ref(record.fine_tuned_model_checkpoint).version
+                    for record in self._listed_checkpoints(job_id) if record.adapter_sha256}
+            final = kept.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
+            if final is not None:
+                # A version that failed its name's suite stays staged: the gate decides, not the job.
+                gate = (await self._version(name, final)).gate
+                if gate is None or gate.passed:
+                    await self.registry.promote(name, final)
+                version_id = f"{name}@{final}"
+            else:
+                registered = await self._register_folder(name, result.run_dir, make_current=True)
+                version_id, gate = registered.id, registered.gate
             changes = {}
             if result.hyperparameters is not None:  # what `auto` became
                 used = result.hyperparameters.model_dump(exclude_none=True)
