@@ -10,6 +10,14 @@ as interrupted. The training itself runs where the launcher (`launcher.py`) puts
     jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/manifest.json}
     jobs/<job-id>/checkpoints/step-N/checkpoint.json   a registered epoch checkpoint (its weights stay in the
                                                         runner's workspace; the version is in the adapter store)
+    jobs/<job-id>/run/paused.json, run/checkpoints/     a paused job's resume point (published from the
+                                                        workspace when the records are a bucket)
+
+Pause and resume: `pause` marks a running job `paused` (a record change); the runner holding its claim sees it
+within a second when it is this replica, else at its next heartbeat, asks the worker to stop at the next step
+boundary (the `pause` file), publishes the resumable checkpoint the worker saved, and lets the claim go. A
+paused job holds no process and no claim, and survives restarts; `resume` queues it, and whichever runner
+claims it continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import re
 import shutil
 import socket
 import time
+import typing
 import uuid
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -55,7 +64,12 @@ from quiver.common.jobs import (
     CHECKPOINT,
     CHECKPOINTS,
     KEPT_CHECKPOINTS,
+    PAUSE,
+    PAUSED,
     RESULT,
+    RESUME_CHECKPOINTS,
+    RESUMED,
+    STARTED,
     SPEC,
     TRAIN_LOG,
     EVENTS,
@@ -260,6 +274,7 @@ class JobService:
         self._cancelled: set[str] = set()
         self._seen: dict[str, set[int]] = {}  # per job, the checkpoint steps this runner registered or refused
         self._to_discard: set[str] = set()  # jobs the scan failed: their checkpoints go (async, in the queue)
+        self._pausing: set[str] = set()  # pauses asked of this replica: its runner acts without waiting a beat
         self._commit = asyncio.Lock()
 
     # --- persistence -------------------------------------------------------------------------------
@@ -329,16 +344,23 @@ class JobService:
         event = JobEventRecord(created_at=int(time.time()), level=level, message=message)
         self.records.append(f"{job_id}/{EVENTS}", event.model_dump_json().encode())
 
-    def _update(self, job: FineTuningJob, message: str | None = None, level: str = "info", **changes) -> FineTuningJob:
+    def _update(self, job: FineTuningJob, message: str | None = None, level: str = "info",
+                expect: tuple[str, ...] | None = None, **changes) -> FineTuningJob:
         """Apply `changes` to the stored record (`job` when there is none yet) unless it reached a terminal
-        state, which then stands; compare-and-swap, so a change made meanwhile by another replica is never lost."""
+        state, which then stands, or (with `expect`) is in none of those states; compare-and-swap, so a change
+        made meanwhile by another replica is never lost."""
+        return self._change(job, message, level, expect, **changes)[0]
+
+    def _change(self, job: FineTuningJob, message: str | None = None, level: str = "info",
+                expect: tuple[str, ...] | None = None, **changes) -> tuple[FineTuningJob, bool]:
+        """`_update`, and whether this call made the change."""
         changed = False
 
         def change(raw: bytes | None) -> bytes | None:
             nonlocal changed
             current = _parse(raw, FineTuningJob) if raw is not None else job
-            if current is None or current.status in FINISHED:
-                return None  # unreadable (get() moves it aside) or final
+            if current is None or current.status in FINISHED or (expect is not None and current.status not in expect):
+                return None  # unreadable (get() moves it aside), final, or not in the state the change is for
             new = current.model_copy(update=changes)
             if new.status in FINISHED and new.finished_at is None:
                 new.finished_at = int(time.time())
@@ -348,7 +370,7 @@ class JobService:
         stored = _parse(self.records.update(f"{job.id}/{JOB}", change), FineTuningJob)
         if changed and message:
             self._emit(job.id, message, level=level)
-        return stored if stored is not None else self.get(job.id)
+        return (stored if stored is not None else self.get(job.id)), changed
 
     def _finish(self, job_id: str, status: str, message: str | None = None, level: str = "info",
                 **changes) -> FineTuningJob:
@@ -524,6 +546,7 @@ class JobService:
                 raise Conflict(f"job `{job_id}` has already {job.status}", code="job_finished",
                                param="fine_tuning_job_id")
             self._cancelled.add(job_id)
+            self._pausing.discard(job_id)
             job = self._finish(job_id, "cancelled", "Job cancelled")
             if job.status != "cancelled":  # another replica finished it meanwhile
                 self._cancelled.discard(job_id)
@@ -534,7 +557,75 @@ class JobService:
         if self._running_job == job_id:
             await self._kill_worker()
         await self._discard_checkpoints(job_id)
+        self._drop_resume_state(job_id)
         return job
+
+    async def pause(self, job_id: str) -> FineTuningJob:
+        """Mark a running job `paused`; its runner (here or on another replica) stops the worker at the next step
+        boundary, keeps the resumable checkpoint and lets the job go."""
+        async with self._commit:
+            job, paused = self._change(self.get(job_id), "Pausing the job at the next step boundary",
+                                       expect=("running",), status="paused")
+            if not paused:
+                self._refuse(job, "paused", "only a running job can be paused")
+            self._pausing.add(job_id)
+        return job
+
+    async def resume(self, job_id: str) -> FineTuningJob:
+        """Queue a paused job again: a runner claims it and the worker continues from its resumable checkpoint."""
+        job, resumed = self._change(self.get(job_id), "Job resumed", expect=("paused",), status="queued")
+        if not resumed:
+            self._refuse(job, "resumed", "only a paused job can be resumed")
+        self._pausing.discard(job_id)
+        if self.run_jobs:
+            self._enqueue(job_id)
+        return job
+
+    @staticmethod
+    def _refuse(job: FineTuningJob, verb: str, rule: str) -> typing.NoReturn:
+        if job.status in FINISHED:
+            raise Conflict(f"job `{job.id}` has already {job.status}", code="job_finished", param="fine_tuning_job_id")
+        code = "job_not_running" if verb == "paused" else "job_not_paused"
+        raise Conflict(f"job `{job.id}` is {job.status}: {rule}", code=code, param="fine_tuning_job_id")
+
+    def _release(self, job_id: str) -> None:
+        """Let the job's claim go (a paused job holds none), if it is still this runner's."""
+        try:
+            owner = json.loads(self.records.read(f"{job_id}/{CLAIM}") or b"{}").get("owner")
+        except ValueError:
+            return
+        if owner == self.owner:
+            self.records.delete(f"{job_id}/{CLAIM}")
+
+    def _resume_keys(self, job_id: str) -> list[str]:
+        return [*self.records.keys(f"{job_id}/{RESUME_CHECKPOINTS}/checkpoint-*/*"),
+                *self.records.keys(f"{job_id}/{PAUSED}")]
+
+    def _publish_resume_state(self, job_id: str, workspace: Path) -> None:
+        """A paused worker's resume point into the shared records (with a folder it is there already): any
+        runner may resume the job. What HF Trainer rotated away goes from the records too."""
+        if self.records.in_place:
+            return
+        local = {path.relative_to(workspace).as_posix()
+                 for path in (workspace / RESUME_CHECKPOINTS).glob("checkpoint-*/*") if path.is_file()}
+        local.add(PAUSED)
+        self.records.publish(job_id, workspace, {name: name for name in sorted(local)})
+        for key in self._resume_keys(job_id):
+            if key.partition("/")[2] not in local:
+                self.records.delete(key)
+
+    def _fetch_resume_state(self, job_id: str, workspace: Path) -> None:
+        """The resume point of a paused job into this runner's workspace (nothing to do with a folder)."""
+        if self.records.in_place:
+            return
+        for key in self._resume_keys(job_id):
+            self.records.local_file(key, (workspace / key.partition("/")[2]).parent)
+
+    def _drop_resume_state(self, job_id: str) -> None:
+        """A job that ended needs no resume point (in a folder the trainer's own cleanup already removed it)."""
+        with contextlib.suppress(OSError, StoreUnavailable):
+            for key in self._resume_keys(job_id):
+                self.records.delete(key)
 
     async def _kill_worker(self) -> None:
         if self._worker is not None:
@@ -650,9 +741,14 @@ class JobService:
             beta=None if beta == "auto" else beta,
             init_adapter=init_adapter,
         ))
+        # A resumed job: the worker continues from the pause's checkpoint; the last run's request and result go.
+        await asyncio.to_thread(self._fetch_resume_state, job_id, workspace)
+        (workspace / PAUSE).unlink(missing_ok=True)
+        (workspace / RESULT).unlink(missing_ok=True)
         shipped = (workspace / EVENTS).stat().st_size if (workspace / EVENTS).exists() else 0
         async with self._commit:
-            if job_id in self._cancelled or self._update(self.get(job_id), status="running").status != "running":
+            if job_id in self._cancelled or self._update(self.get(job_id), expect=("validating_files", "queued"),
+                                                         status="running").status != "running":
                 return
             self._running_job = job_id
             self._worker = None
@@ -662,6 +758,7 @@ class JobService:
                 await self._kill_worker()
             waiting = asyncio.ensure_future(self._worker.wait())
             beat = time.monotonic()
+            pausing = False
             while not waiting.done():
                 await asyncio.wait({waiting}, timeout=_CHECKPOINT_POLL_S)
                 if waiting.done():
@@ -669,12 +766,19 @@ class JobService:
                 try:
                     async with self._commit:  # a new checkpoint is listed and callable within a second
                         await self._register_checkpoints(job_id, name, workspace)
+                    if job_id in self._pausing and not pausing:  # asked here: no need to wait for the beat
+                        pausing = self._ask_pause(job_id, workspace)
                     if time.monotonic() - beat < min(self.lease_s / 4, 10):
                         continue
                     beat = time.monotonic()
                     shipped = await asyncio.to_thread(self._publish, job_id, workspace, shipped)
                     still_ours = await asyncio.to_thread(self._heartbeat, job_id)
-                    stopped = not still_ours or self.get(job_id).status in FINISHED  # cancelled elsewhere
+                    status = self.get(job_id).status
+                    stopped = not still_ours or status in FINISHED  # cancelled elsewhere
+                    if status == "paused" and not pausing:  # paused on another replica
+                        pausing = self._ask_pause(job_id, workspace)
+                    elif status == "queued" and not pausing:  # paused and resumed before the worker was asked
+                        self._update(self.get(job_id), expect=("queued",), status="running")
                 except (StoreUnavailable, OSError) as exc:
                     # The store away for a moment: training goes on; the lease outlasts a few missed beats.
                     log.warning("job %s: could not reach the records (%s); still training", job_id, exc)
@@ -685,12 +789,17 @@ class JobService:
             returncode = waiting.result()
         finally:
             self._running_job = None
+        self._pausing.discard(job_id)
         await asyncio.to_thread(self._publish, job_id, workspace, shipped)
+        result = _parse((workspace / RESULT).read_bytes() if (workspace / RESULT).exists() else None, JobResult)
+        if result is not None and result.status == "paused" and job_id not in self._cancelled:
+            await self._paused(job_id, name, workspace, result)
+            return
+        self._drop_resume_state(job_id)
         if job_id in self._cancelled:
             await self._discard_checkpoints(job_id)
             self.records.drop_workspace(job_id, workspace)
             return
-        result = _parse((workspace / RESULT).read_bytes() if (workspace / RESULT).exists() else None, JobResult)
         if result is None or result.status != "succeeded" or result.run_dir is None:
             error = result.error if result and result.error else None
             self._finish(job_id, "failed", level="error", error=JobError(
@@ -701,6 +810,28 @@ class JobService:
             return
         await self._register(job_id, name, result, workspace)
         self.records.drop_workspace(job_id, workspace)
+
+    def _ask_pause(self, job_id: str, workspace: Path) -> bool:
+        """Ask the worker to stop at its next step boundary (it watches for the file)."""
+        (workspace / PAUSE).touch()
+        log.info("job %s: pausing", job_id)
+        return True
+
+    async def _paused(self, job_id: str, name: str, workspace: Path, result: JobResult) -> None:
+        """The worker stopped at a step boundary and saved its resume point: keep it, list any checkpoint it
+        wrote last, and let the job go. A resume that came meanwhile queues it again."""
+        async with self._commit:
+            await self._register_checkpoints(job_id, name, workspace)
+        await asyncio.to_thread(self._publish_resume_state, job_id, workspace)
+        job = self._update(self.get(job_id), expect=("running",), status="paused")  # normally paused already
+        self._release(job_id)
+        self.records.drop_workspace(job_id, workspace)
+        if job.status in FINISHED:  # cancelled while it paused
+            await self._discard_checkpoints(job_id)
+            self._drop_resume_state(job_id)
+        elif job.status == "queued" and self.run_jobs:
+            self._enqueue(job_id)
+        log.info("job %s paused at step %s", job_id, result.step)
 
     async def _register_folder(self, name: str, folder: Path, make_current: bool):
         with contextlib.ExitStack() as stack:
@@ -865,8 +996,11 @@ def with_hyperparameters(method: Method, used: dict) -> Method:
 
 
 def estimate_finish(events: list[JobEventRecord]) -> int | None:
-    """When the last step should end, from the measured time per step so far (None until two steps logged)."""
-    steps = [(e.created_at, e.data["step"], e.data.get("total_steps")) for e in events
+    """When the last step should end, from the measured time per step of the worker's latest run (None until
+    it logged two steps)."""
+    starts = [n for n, e in enumerate(events) if e.type == "message" and e.message.startswith((STARTED, RESUMED))]
+    latest_run = events[starts[-1]:] if starts else events  # a pause's idle time is no training time
+    steps = [(e.created_at, e.data["step"], e.data.get("total_steps")) for e in latest_run
              if e.type == "metrics" and e.data and isinstance(e.data.get("step"), int)]
     if len(steps) < 2 or steps[-1][1] <= steps[0][1] or not isinstance(steps[-1][2], int):
         return None
