@@ -530,3 +530,40 @@ def test_a_real_job_s_checkpoint_is_served_by_name_at_n_and_its_results_download
     assert rows[0]["valid_loss"] and not rows[0]["train_loss"]
     assert all(r["train_loss"] and r["learning_rate"] for r in rows[1:])
     assert {int(r["step"]) for r in rows if r["valid_loss"]} >= {c.step_number for c in checkpoints}
+
+
+def test_a_real_job_s_checkpoint_answers_as_name_at_n_while_the_job_runs_and_through_a_pause(quiver_server) -> None:
+    """The real trainer and engine: the first epoch's checkpoint is listed and answers as `name@N` with the
+    official client while the job is still running; paused, it still answers; resumed, the job ends with every
+    epoch's checkpoint and the final version promoted from the last one."""
+    client = quiver_server.openai(key=quiver_server.admin_key)
+    inference = quiver_server.openai()
+    job = client.fine_tuning.jobs.create(model=quiver_server.model_name, training_file=upload(client, lines=10),
+                                         suffix="midrun", hyperparameters={"n_epochs": 3, "batch_size": 4})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (listed := client.fine_tuning.jobs.checkpoints.list(job.id).data):
+        status = client.fine_tuning.jobs.retrieve(job.id).status
+        assert status in ("validating_files", "queued", "running") and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"  # listed mid-run, not at the commit
+    first = listed[-1].fine_tuned_model_checkpoint
+    hello = [{"role": "user", "content": "Hello"}]
+    assert inference.chat.completions.create(model=first, messages=hello, max_tokens=8).choices[0].message.content
+    assert inference.models.retrieve(first).id == first
+
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    while not any(e.message.startswith("Paused at step") for e in client.fine_tuning.jobs.list_events(job.id,
+                                                                                                      limit=100).data):
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "paused" and time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert inference.chat.completions.create(model=first, messages=hello, max_tokens=8).choices[0].message.content
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    job = wait_finished(client, job.id)
+    assert job.status == "succeeded", job.error
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 4, 2] and checkpoints[-1].fine_tuned_model_checkpoint == first
+    rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
+    assert [int(r["step"]) for r in rows] == list(range(0, 7))  # each step once across the pause
+    answer = inference.chat.completions.create(model=job.fine_tuned_model, messages=hello, max_tokens=8)
+    assert answer.choices[0].message.content

@@ -218,6 +218,9 @@ def _resume_point(job_dir: Path, checkpoints: Path) -> tuple[PausedRecord, Path]
     paused = PausedRecord.model_validate_json(path.read_bytes())
     checkpoint = checkpoints / paused.checkpoint
     state_file = checkpoint / "trainer_state.json"
+    if not state_file.is_file():  # its runner went away before publishing it: the run starts over
+        path.unlink()
+        return None
     state = json.loads(state_file.read_text())
     best = state.get("best_model_checkpoint")
     if best and (checkpoints / Path(best).name).is_dir() and Path(best) != checkpoints / Path(best).name:
