@@ -6,6 +6,11 @@
     <job dir>/train.log      the worker's console output
     <job dir>/checkpoints/step-<N>/   an adapter saved at the end of an epoch, with checkpoint.json
                              (CheckpointRecord) written last: a folder without it is incomplete
+    <job dir>/pause          created by the runner: the worker stops at the next step boundary, saves a
+                             resumable checkpoint and reports `paused`
+    <job dir>/run/checkpoints/checkpoint-<N>/   HF Trainer's own checkpoints (adapter, optimizer, scheduler,
+                             RNG, trainer state): what a paused job resumes from
+    <job dir>/run/paused.json  PausedRecord: written by the worker once it paused, names the checkpoint
 
 `Hyperparameters` is OpenAI's shape with OpenAI's bounds; the trainer maps it to its own config.
 """
@@ -28,6 +33,13 @@ RESULT = "result.json"
 TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = "checkpoint.json"
+PAUSE = "pause"
+PAUSED = "run/paused.json"
+# The worker's first event of each run of a job (a resumed one: `RESUMED from step N`); the finish estimate
+# times the steps of the latest run only.
+STARTED = "Fine-tuning job started"
+RESUMED = "Fine-tuning job resumed"
+RESUME_CHECKPOINTS = "run/checkpoints"  # the trainer's output_dir: HF Trainer's resumable checkpoints
 # The epochs' checkpoints kept (and registered), the latest ones: OpenAI's number. With the trainer's early
 # stopping patience of 2 epochs the best epoch, the one the final adapter comes from, is always among them.
 KEPT_CHECKPOINTS = 3
@@ -108,8 +120,9 @@ class ResolvedHyperparameters(BaseModel):
 
 
 class JobResult(BaseModel):
-    status: Literal["succeeded", "failed"]
+    status: Literal["succeeded", "failed", "paused"]
     trained_tokens: int | None = None
+    step: int | None = None  # paused: the step the resumable checkpoint holds
     run_dir: Path | None = None
     error: JobFailure | None = None
     hyperparameters: ResolvedHyperparameters | None = None
@@ -117,12 +130,23 @@ class JobResult(BaseModel):
 
 class CheckpointRecord(BaseModel):
     """checkpoints/step-<N>/checkpoint.json: the worker writes it after the adapter's files; the gateway adds
-    `fine_tuned_model_checkpoint` (`name@version`) once the checkpoint is registered."""
+    `fine_tuned_model_checkpoint` (`name@version`) and the weights' digest once the checkpoint is registered."""
 
     step: int
     created_at: int
     metrics: dict[str, float] = Field(default_factory=dict)
     fine_tuned_model_checkpoint: str | None = None
+    adapter_sha256: str | None = None  # so that the final adapter is recognised as a checkpoint on any runner
+
+
+class PausedRecord(BaseModel):
+    """run/paused.json: where a paused run stopped, and what its next run needs that HF Trainer's checkpoint
+    does not keep."""
+
+    step: int
+    checkpoint: str  # the folder under run/checkpoints, `checkpoint-<step>`
+    initial_validation_loss: float | None = None  # measured before the first step, the curve's step 0
+    train_seconds: float = 0.0  # training time so far
 
 
 class JobEventRecord(BaseModel):

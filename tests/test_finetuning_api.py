@@ -161,6 +161,70 @@ def test_each_epoch_checkpoint_is_a_staged_version_served_as_name_at_n(gateway) 
         assert gateway.engine.requests[-1]["model"] == served, answer
 
 
+def held_at_first_checkpoint(gateway, tmp_path: Path):
+    """A job whose worker holds after its first epoch's checkpoint (step 2) until `release` is touched; returns
+    the client, the job and the listed checkpoint once the listing shows it (while the job runs)."""
+    release = tmp_path / "release"
+    gateway.set_plan(hold=str(release))
+    client = admin(gateway)
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client), suffix="live")
+    deadline = time.monotonic() + 60
+    while not (listed := client.fine_tuning.jobs.checkpoints.list(job.id).data):
+        assert time.monotonic() < deadline, "the first checkpoint was never listed"
+        time.sleep(0.05)
+    return client, client.fine_tuning.jobs.retrieve(job.id), listed, release
+
+
+def test_a_checkpoint_is_listed_and_served_while_the_job_still_runs(gateway, tmp_path: Path) -> None:
+    client, job, listed, release = held_at_first_checkpoint(gateway, tmp_path)
+    assert job.status == "running"
+    name = f"live-{job.id.removeprefix('ftjob-')[:8]}"
+    [first] = listed
+    assert (first.step_number, first.fine_tuned_model_checkpoint) == (2, f"{name}@1")
+    assert first.metrics.train_loss == 1.0 and first.metrics.valid_loss == 0.75
+    inference = gateway.openai()
+    inference.chat.completions.create(model=f"{name}@1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert gateway.engine.requests[-1]["model"] == f"{name}@1"
+    # Staged: the bare name serves nothing until the job commits.
+    with pytest.raises(openai.NotFoundError):
+        inference.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert any(e.message == f"Checkpoint at step 2 is served as {name}@1"
+               for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
+
+    release.touch()
+    job = wait_finished(client, job.id)
+    assert job.status == "succeeded", job.error
+    # Registered once each; the final adapter (the last checkpoint's weights) promoted, not registered again.
+    assert [(c.step_number, c.fine_tuned_model_checkpoint) for c in client.fine_tuning.jobs.checkpoints.list(job.id)
+            .data] == [(4, f"{name}@2"), (2, f"{name}@1")]
+    versions = gateway.admin().get(f"/v1/adapters/{name}").json()["versions"]
+    assert [(v["version"], v["current"]) for v in versions] == [(1, False), (2, True)]
+
+
+def test_a_cancelled_job_takes_its_checkpoints_with_it(gateway, tmp_path: Path) -> None:
+    client, job, listed, release = held_at_first_checkpoint(gateway, tmp_path)
+    version = listed[0].fine_tuned_model_checkpoint
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    release.touch()
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    assert gateway.admin().get("/v1/adapters").json()["data"] == []
+    with pytest.raises(openai.NotFoundError):
+        gateway.openai().chat.completions.create(model=version, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2)
+
+
+def test_a_checkpoint_made_current_while_the_job_ran_outlives_its_cancel(gateway, tmp_path: Path) -> None:
+    client, job, listed, release = held_at_first_checkpoint(gateway, tmp_path)
+    name, _, version = listed[0].fine_tuned_model_checkpoint.partition("@")
+    assert gateway.admin().post(f"/v1/adapters/{name}/promote", json={"version": int(version)}).status_code == 200
+    client.fine_tuning.jobs.cancel(job.id)
+    release.touch()
+    assert [c.fine_tuned_model_checkpoint for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [
+        f"{name}@{version}"]
+    versions = gateway.admin().get(f"/v1/adapters/{name}").json()["versions"]
+    assert [(v["version"], v["current"]) for v in versions] == [(int(version), True)]
+
+
 def test_a_final_adapter_unlike_any_checkpoint_is_a_new_current_version(gateway, adapters) -> None:
     gateway.set_plan(final=str(adapters["c"]))
     client = admin(gateway)
@@ -361,7 +425,8 @@ def test_empty_integrations_are_kept_as_sent(gateway) -> None:
 
 
 def test_a_failed_commit_leaves_no_checkpoint_versions(gateway, adapters, tmp_path: Path) -> None:
-    """The final registration fails (its files are not an adapter): the staged checkpoints go too."""
+    """The final registration fails (its files are not an adapter): the checkpoints registered while the job
+    ran go too."""
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{}")
@@ -465,3 +530,40 @@ def test_a_real_job_s_checkpoint_is_served_by_name_at_n_and_its_results_download
     assert rows[0]["valid_loss"] and not rows[0]["train_loss"]
     assert all(r["train_loss"] and r["learning_rate"] for r in rows[1:])
     assert {int(r["step"]) for r in rows if r["valid_loss"]} >= {c.step_number for c in checkpoints}
+
+
+def test_a_real_job_s_checkpoint_answers_as_name_at_n_while_the_job_runs_and_through_a_pause(quiver_server) -> None:
+    """The real trainer and engine: the first epoch's checkpoint is listed and answers as `name@N` with the
+    official client while the job is still running; paused, it still answers; resumed, the job ends with every
+    epoch's checkpoint and the final version promoted from the last one."""
+    client = quiver_server.openai(key=quiver_server.admin_key)
+    inference = quiver_server.openai()
+    job = client.fine_tuning.jobs.create(model=quiver_server.model_name, training_file=upload(client, lines=10),
+                                         suffix="midrun", hyperparameters={"n_epochs": 3, "batch_size": 4})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (listed := client.fine_tuning.jobs.checkpoints.list(job.id).data):
+        status = client.fine_tuning.jobs.retrieve(job.id).status
+        assert status in ("validating_files", "queued", "running") and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"  # listed mid-run, not at the commit
+    first = listed[-1].fine_tuned_model_checkpoint
+    hello = [{"role": "user", "content": "Hello"}]
+    assert inference.chat.completions.create(model=first, messages=hello, max_tokens=8).choices[0].message.content
+    assert inference.models.retrieve(first).id == first
+
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    while not any(e.message.startswith("Paused at step") for e in client.fine_tuning.jobs.list_events(job.id,
+                                                                                                      limit=100).data):
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "paused" and time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert inference.chat.completions.create(model=first, messages=hello, max_tokens=8).choices[0].message.content
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    job = wait_finished(client, job.id)
+    assert job.status == "succeeded", job.error
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 4, 2] and checkpoints[-1].fine_tuned_model_checkpoint == first
+    rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
+    assert [int(r["step"]) for r in rows] == list(range(0, 7))  # each step once across the pause
+    answer = inference.chat.completions.create(model=job.fine_tuned_model, messages=hello, max_tokens=8)
+    assert answer.choices[0].message.content

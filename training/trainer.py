@@ -9,6 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,21 +172,10 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def train(
-    train_file: Path,
-    out_dir: Path,
-    config: TrainConfig | None = None,
-    *,
-    name: str | None = None,
-    validation_file: Path | None = None,
-    base_model_dir: Path | None = None,
-    base_model_name: str | None = None,
-    console: Console | None = None,
-    callbacks: list[TrainerCallback] | None = None,
-) -> TrainResult:
-    """Validate and split the data, train a LoRA adapter, and write the run folder (adapter, manifest, curve)."""
-    run = setup(train_file, out_dir, config, name=name, validation_file=validation_file,
-                base_model_dir=base_model_dir, base_model_name=base_model_name, console=console, callbacks=callbacks)
+def train(train_file: Path, out_dir: Path, config: TrainConfig | None = None, **options: Any) -> TrainResult:
+    """Validate and split the data, train a LoRA adapter, and write the run folder (adapter, manifest, curve).
+    `options` are `setup`'s keywords (name, validation_file, base model, console, callbacks)."""
+    run = setup(train_file, out_dir, config, **options)
     output = fit(run)
     final_validation_loss = validate(run)
     return save(run, output, final_validation_loss)
@@ -244,28 +234,19 @@ def setup(
     if has_validation:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     args = _training_args(config, run_dir / "checkpoints", epochs, has_validation, use_bf16)
-    if config.method == "dpo":
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=preference_dataset(split.train, tokenizer),
-            eval_dataset=preference_dataset(split.validation, tokenizer) if has_validation else None,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
-        labels = chosen_label_rows(trainer.train_dataset, config.max_seq_len)
-    else:
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=encode_examples(split.train, tokenizer, config.max_seq_len),
-            eval_dataset=encode_examples(split.validation, tokenizer, config.max_seq_len) if has_validation else None,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
-        labels = trainer.train_dataset["labels"]
+    # The two methods differ only in their trainer class and how examples become its dataset.
+    dpo = config.method == "dpo"
+    dataset = preference_dataset if dpo else partial(encode_examples, max_len=config.max_seq_len)
+    trainer = (DPOTrainer if dpo else SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=dataset(split.train, tokenizer),
+        eval_dataset=dataset(split.validation, tokenizer) if has_validation else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    labels = chosen_label_rows(trainer.train_dataset, config.max_seq_len) if dpo else trainer.train_dataset["labels"]
     trainer.remove_callback(PrinterCallback)  # RichProgress reports instead of raw log dicts
     mask = check_loss_mask(labels, end_of_turn_ids(tokenizer), decode=lambda t: tokenizer.decode([t]))
     if mask.examples_ending_turn < mask.examples:
@@ -306,6 +287,7 @@ def _training_args(config: TrainConfig, checkpoints: Path, epochs: int, has_vali
         save_strategy="epoch" if has_validation else "no",
         save_total_limit=1,
         load_best_model_at_end=has_validation,
+        restore_callback_states_from_checkpoint=True,  # a resumed run keeps early stopping's count
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -404,13 +386,16 @@ def load_init_adapter(model: Any, adapter_dir: Path, base_model_dir: Path) -> An
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
 
 
-def fit(run: Run) -> Any:
-    """Train; the validation loss before the first step is measured first, as the curve's starting point."""
-    if run.has_validation:
+def fit(run: Run, resume_from: Path | None = None) -> Any:
+    """Train; the validation loss before the first step is measured first, as the curve's starting point.
+    `resume_from`: one of HF Trainer's checkpoints of this run (adapter, optimizer, scheduler, RNG, step, early
+    stopping's count) to continue an interrupted run from; the run's starting loss and training time so far are
+    then the caller's to restore (`run.initial_validation_loss`, `run.train_seconds`)."""
+    if run.has_validation and resume_from is None:
         run.initial_validation_loss = run.trainer.evaluate()["eval_loss"]
     started = time.monotonic()
-    output = run.trainer.train()
-    run.train_seconds = time.monotonic() - started
+    output = run.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    run.train_seconds += time.monotonic() - started
     return output
 
 

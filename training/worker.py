@@ -7,10 +7,16 @@ training out of the gateway's process keeps serving responsive while a job runs.
 
 Under `torchrun` (QUIVER_FINETUNING_PROCESSES > 1: one process per GPU) every process trains its share of
 each batch and only the first one (RANK 0) reports: events, result.json and the run folder are written once.
+
+Pause: when the runner creates JOB_DIR/pause, the worker stops at the next step boundary, HF Trainer saves a
+resumable checkpoint there (run/checkpoints/checkpoint-N: adapter, optimizer, scheduler, RNG, trainer state),
+the worker writes run/paused.json and a `paused` result, and exits. Started again on that folder, it resumes
+from that checkpoint with HF Trainer's `resume_from_checkpoint` and ends with the steps of an unpaused run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -25,7 +31,11 @@ from quiver.common.jobs import (
     CHECKPOINT,
     CHECKPOINTS,
     KEPT_CHECKPOINTS,
+    PAUSE,
+    PAUSED,
     RESULT,
+    RESUMED,
+    STARTED,
     SPEC,
     TRAIN_LOG,
     CheckpointRecord,
@@ -33,6 +43,7 @@ from quiver.common.jobs import (
     JobFailure,
     JobResult,
     JobSpec,
+    PausedRecord,
     ResolvedHyperparameters,
     write_record,
 )
@@ -71,14 +82,56 @@ def _metrics(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _epoch_complete(state) -> bool:
+    # HF Trainer sets epoch = epochs done + the share of this one: a whole number only when an epoch ended.
+    return float(state.epoch or 0).is_integer()
+
+
+def _all_agree(flag: bool, args) -> bool:
+    """True when any process of a data-parallel run saw `flag`: every process must stop at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    seen = torch.tensor([int(flag)], device=args.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
+
+
+class PauseAtStep(TrainerCallback):
+    """Stops training at the step boundary after the runner's pause request appears, and has HF Trainer save
+    its resumable checkpoint there (at the epoch-end hook, which the trainer calls after any stop). A pause in
+    the middle of an epoch skips that hook's evaluation, so a resumed run evaluates exactly when an unpaused one
+    does; a pause at an epoch's last step lets the evaluation happen first. The last step is never paused."""
+
+    def __init__(self, request: Path) -> None:
+        self.request = request
+        self.paused_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.paused_at is None and state.global_step < state.max_steps and _all_agree(self.request.exists(), args):
+            self.paused_at = state.global_step
+            control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.paused_at is not None:
+            control.should_save = True
+            if not _epoch_complete(state):
+                control.should_evaluate = False
+        return control
+
+
 class EpochCheckpoints(TrainerCallback):
     """The adapter at the end of each epoch, saved to JOB_DIR/checkpoints/step-N with its metrics; the
     gateway registers each as a staged version. With a validation split the record waits for the epoch's
     evaluation (which the trainer runs right after `on_epoch_end`) so it carries the validation loss."""
 
-    def __init__(self, job_dir: Path, events: EventLog) -> None:
+    def __init__(self, job_dir: Path, events: EventLog, pause: PauseAtStep | None = None) -> None:
         self.root = job_dir / CHECKPOINTS
         self.events = events
+        self.pause = pause
         self.latest: dict[str, float] = {}  # the last logged training figures
         self.pending: tuple[Path, CheckpointRecord] | None = None
 
@@ -86,6 +139,8 @@ class EpochCheckpoints(TrainerCallback):
         self.latest.update({k: v for k, v in _metrics(logs or {}).items() if not k.startswith(("valid", "full"))})
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.pause is not None and self.pause.paused_at is not None and not _epoch_complete(state):
+            return  # paused mid-epoch: the epoch ends in the resumed run
         self._commit()  # an earlier epoch's, if its evaluation never came
         folder = self.root / f"step-{state.global_step}"
         model.save_pretrained(folder, safe_serialization=True)
@@ -144,17 +199,47 @@ class _Silent:
         return None
 
 
+def _stopped_early(trainer) -> bool:
+    """Whether early stopping ended the run (its patience ran out), whatever else asked to stop."""
+    from transformers import EarlyStoppingCallback
+
+    return any(isinstance(callback, EarlyStoppingCallback)
+               and callback.early_stopping_patience_counter >= callback.early_stopping_patience
+               for callback in trainer.callback_handler.callbacks)
+
+
+def _resume_point(job_dir: Path, checkpoints: Path) -> tuple[PausedRecord, Path] | None:
+    """The paused run's record and its checkpoint, when this job was paused. The trainer state names the best
+    epoch's checkpoint by its path, which moved if the job resumes in another workspace: it is pointed at the
+    same folder here."""
+    path = job_dir / PAUSED
+    if not path.exists():
+        return None
+    paused = PausedRecord.model_validate_json(path.read_bytes())
+    checkpoint = checkpoints / paused.checkpoint
+    state_file = checkpoint / "trainer_state.json"
+    if not state_file.is_file():  # its runner went away before publishing it: the run starts over
+        path.unlink()
+        return None
+    state = json.loads(state_file.read_text())
+    best = state.get("best_model_checkpoint")
+    if best and (checkpoints / Path(best).name).is_dir() and Path(best) != checkpoints / Path(best).name:
+        state["best_model_checkpoint"] = str(checkpoints / Path(best).name)
+        state_file.write_text(json.dumps(state, indent=2))
+    return paused, checkpoint
+
+
 def run(job_dir: Path) -> int:
-    from quiver.training.trainer import is_main_process, train
+    from quiver.training.trainer import fit, is_main_process, save, setup, validate
 
     main = is_main_process()
     events = EventLog(job_dir) if main else _Silent()
     try:
         spec = JobSpec.model_validate_json((job_dir / SPEC).read_bytes())
         config = config_for(spec)
-        events.emit("Fine-tuning job started")
+        pause = PauseAtStep(job_dir / PAUSE)
         with open(job_dir / TRAIN_LOG, "a") as log:
-            result = train(
+            training = setup(
                 spec.training_file,
                 job_dir / "run",
                 config,
@@ -164,12 +249,32 @@ def run(job_dir: Path) -> int:
                 base_model_name=spec.base_model_name,
                 console=Console(file=log, force_terminal=False),
                 # Checkpoints are written by the first process only (the others hold the same weights).
-                callbacks=[MetricsEvents(events)] + ([EpochCheckpoints(job_dir, events)] if main else []),
+                callbacks=[MetricsEvents(events), pause] + ([EpochCheckpoints(job_dir, events, pause)] if main else []),
             )
+            resume = _resume_point(job_dir, training.checkpoints)
+            if resume is None:
+                events.emit(STARTED)
+            else:
+                paused, checkpoint = resume
+                training.initial_validation_loss, training.train_seconds = (paused.initial_validation_loss,
+                                                                            paused.train_seconds)
+                events.emit(f"{RESUMED} from step {paused.step}")
+            output = fit(training, resume[1] if resume else None)
+            if pause.paused_at is not None and not _stopped_early(training.trainer):
+                if main:
+                    write_record(job_dir / PAUSED, PausedRecord(
+                        step=pause.paused_at, checkpoint=f"checkpoint-{pause.paused_at}",
+                        initial_validation_loss=training.initial_validation_loss,
+                        train_seconds=training.train_seconds))
+                    write_record(job_dir / RESULT, JobResult(status="paused", step=pause.paused_at))
+                events.emit(f"Paused at step {pause.paused_at}: its resumable checkpoint is saved")
+                return 0
+            result = save(training, output, validate(training))
+        (job_dir / PAUSED).unlink(missing_ok=True)
         for warning in result.warnings:
             events.emit(warning, level="warn")
-        training = result.manifest["training"]
-        trained_tokens = (training.get("trained_tokens_per_epoch") or 0) * (training.get("epochs_completed") or 0)
+        trained = result.manifest["training"]
+        trained_tokens = (trained.get("trained_tokens_per_epoch") or 0) * (trained.get("epochs_completed") or 0)
         if main:
             write_record(job_dir / RESULT, JobResult(
                 status="succeeded", trained_tokens=int(trained_tokens), run_dir=result.run_dir,

@@ -96,6 +96,16 @@ async def cancel_job(job_id: str, jobs: Jobs) -> FineTuningJob:
     return await jobs.cancel(job_id)
 
 
+@router.post("/fine_tuning/jobs/{job_id}/pause", responses=error_responses(404, 409))
+async def pause_job(job_id: str, jobs: Jobs) -> FineTuningJob:
+    return await jobs.pause(job_id)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume", responses=error_responses(404, 409))
+async def resume_job(job_id: str, jobs: Jobs) -> FineTuningJob:
+    return await jobs.resume(job_id)
+
+
 @router.get("/fine_tuning/jobs/{job_id}/events", responses=error_responses(404))
 async def list_job_events(job_id: str, jobs: Jobs, after: Annotated[str | None, Query(max_length=100)] = None,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> EventList:

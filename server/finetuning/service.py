@@ -10,6 +10,14 @@ as interrupted. The training itself runs where the launcher (`launcher.py`) puts
     jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/manifest.json}
     jobs/<job-id>/checkpoints/step-N/checkpoint.json   a registered epoch checkpoint (its weights stay in the
                                                         runner's workspace; the version is in the adapter store)
+    jobs/<job-id>/run/paused.json, run/checkpoints/     a paused job's resume point (published from the
+                                                        workspace when the records are a bucket)
+
+Pause and resume: `pause` marks a running job `paused` (a record change); the runner holding its claim sees it
+within a second when it is this replica, else at its next heartbeat, asks the worker to stop at the next step
+boundary (the `pause` file), publishes the resumable checkpoint the worker saved, and lets the claim go. A
+paused job holds no process and no claim, and survives restarts; `resume` queues it, and whichever runner
+claims it continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import re
 import shutil
 import socket
 import time
+import typing
 import uuid
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -55,7 +64,12 @@ from quiver.common.jobs import (
     CHECKPOINT,
     CHECKPOINTS,
     KEPT_CHECKPOINTS,
+    PAUSE,
+    PAUSED,
     RESULT,
+    RESUME_CHECKPOINTS,
+    RESUMED,
+    STARTED,
     SPEC,
     TRAIN_LOG,
     EVENTS,
@@ -79,6 +93,8 @@ INIT_ADAPTER = "init_adapter"
 RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "train_mean_token_accuracy",
                   "valid_mean_token_accuracy")
 _MAX_REPORTED_ERRORS = 5
+# How often the runner looks for a new epoch checkpoint in the worker's workspace (a local glob) to register it.
+_CHECKPOINT_POLL_S = 1.0
 _COPY_CHUNK = 1024 * 1024
 # What `_new_id` makes; anything else is no id of ours (and never reaches a path or a key).
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
@@ -256,6 +272,9 @@ class JobService:
         self._worker: Run | None = None
         self._running_job: str | None = None
         self._cancelled: set[str] = set()
+        self._seen: dict[str, set[int]] = {}  # per job, the checkpoint steps this runner registered or refused
+        self._to_discard: set[str] = set()  # jobs the scan failed: their checkpoints go (async, in the queue)
+        self._pausing: set[str] = set()  # pauses asked of this replica: its runner acts without waiting a beat
         self._commit = asyncio.Lock()
 
     # --- persistence -------------------------------------------------------------------------------
@@ -303,10 +322,11 @@ class JobService:
         return _page(sorted(found, key=lambda c: c.step_number, reverse=True), after, limit)
 
     def _listed_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        """The checkpoints the job registered, from the shared records (any replica answers)."""
+        """The checkpoints the job registered so far, in step order, from the shared records (any replica
+        answers, while the job runs too)."""
         found = [record for key in self.records.keys(f"{job_id}/{CHECKPOINTS}/step-*/{CHECKPOINT}")
                  if (record := load_record(self.records, key, CheckpointRecord)) is not None]
-        return [record for record in found if record.fine_tuned_model_checkpoint]
+        return sorted((record for record in found if record.fine_tuned_model_checkpoint), key=lambda r: r.step)
 
     @staticmethod
     def _workspace_checkpoints(workspace: Path) -> list[tuple[Path, CheckpointRecord]]:
@@ -324,16 +344,23 @@ class JobService:
         event = JobEventRecord(created_at=int(time.time()), level=level, message=message)
         self.records.append(f"{job_id}/{EVENTS}", event.model_dump_json().encode())
 
-    def _update(self, job: FineTuningJob, message: str | None = None, level: str = "info", **changes) -> FineTuningJob:
+    def _update(self, job: FineTuningJob, message: str | None = None, level: str = "info",
+                expect: tuple[str, ...] | None = None, **changes) -> FineTuningJob:
         """Apply `changes` to the stored record (`job` when there is none yet) unless it reached a terminal
-        state, which then stands; compare-and-swap, so a change made meanwhile by another replica is never lost."""
+        state, which then stands, or (with `expect`) is in none of those states; compare-and-swap, so a change
+        made meanwhile by another replica is never lost."""
+        return self._change(job, message, level, expect, **changes)[0]
+
+    def _change(self, job: FineTuningJob, message: str | None = None, level: str = "info",
+                expect: tuple[str, ...] | None = None, **changes) -> tuple[FineTuningJob, bool]:
+        """`_update`, and whether this call made the change."""
         changed = False
 
         def change(raw: bytes | None) -> bytes | None:
             nonlocal changed
             current = _parse(raw, FineTuningJob) if raw is not None else job
-            if current is None or current.status in FINISHED:
-                return None  # unreadable (get() moves it aside) or final
+            if current is None or current.status in FINISHED or (expect is not None and current.status not in expect):
+                return None  # unreadable (get() moves it aside), final, or not in the state the change is for
             new = current.model_copy(update=changes)
             if new.status in FINISHED and new.finished_at is None:
                 new.finished_at = int(time.time())
@@ -343,7 +370,7 @@ class JobService:
         stored = _parse(self.records.update(f"{job.id}/{JOB}", change), FineTuningJob)
         if changed and message:
             self._emit(job.id, message, level=level)
-        return stored if stored is not None else self.get(job.id)
+        return (stored if stored is not None else self.get(job.id)), changed
 
     def _finish(self, job_id: str, status: str, message: str | None = None, level: str = "info",
                 **changes) -> FineTuningJob:
@@ -414,6 +441,7 @@ class JobService:
                              level="error", error=JobError(code="interrupted",
                                                            message="the server restarted while the job was running"))
                 self._done.add(job_id)
+                self._to_discard.add(job_id)
             elif job.status in ("validating_files", "queued"):
                 runnable.append((job.created_at, job_id))
         return [job_id for _, job_id in sorted(runnable)]
@@ -518,15 +546,86 @@ class JobService:
                 raise Conflict(f"job `{job_id}` has already {job.status}", code="job_finished",
                                param="fine_tuning_job_id")
             self._cancelled.add(job_id)
+            self._pausing.discard(job_id)
             job = self._finish(job_id, "cancelled", "Job cancelled")
             if job.status != "cancelled":  # another replica finished it meanwhile
                 self._cancelled.discard(job_id)
                 raise Conflict(f"job `{job_id}` has already {job.status}", code="job_finished",
                                param="fine_tuning_job_id")
-        # Running here: stop it now. Running on another replica: its runner sees the state at its next heartbeat.
+        # Running here: stop it now. Running on another replica: its runner sees the state at its next heartbeat
+        # (and discards whatever it registered meanwhile).
         if self._running_job == job_id:
             await self._kill_worker()
+        await self._discard_checkpoints(job_id)
+        self._drop_resume_state(job_id)
         return job
+
+    async def pause(self, job_id: str) -> FineTuningJob:
+        """Mark a running job `paused`; its runner (here or on another replica) stops the worker at the next step
+        boundary, keeps the resumable checkpoint and lets the job go."""
+        async with self._commit:
+            job, paused = self._change(self.get(job_id), "Pausing the job at the next step boundary",
+                                       expect=("running",), status="paused")
+            if not paused:
+                self._refuse(job, "paused", "only a running job can be paused")
+            self._pausing.add(job_id)
+        return job
+
+    async def resume(self, job_id: str) -> FineTuningJob:
+        """Queue a paused job again: a runner claims it and the worker continues from its resumable checkpoint."""
+        job, resumed = self._change(self.get(job_id), "Job resumed", expect=("paused",), status="queued")
+        if not resumed:
+            self._refuse(job, "resumed", "only a paused job can be resumed")
+        self._pausing.discard(job_id)
+        if self.run_jobs:
+            self._enqueue(job_id)
+        return job
+
+    @staticmethod
+    def _refuse(job: FineTuningJob, verb: str, rule: str) -> typing.NoReturn:
+        if job.status in FINISHED:
+            raise Conflict(f"job `{job.id}` has already {job.status}", code="job_finished", param="fine_tuning_job_id")
+        code = "job_not_running" if verb == "paused" else "job_not_paused"
+        raise Conflict(f"job `{job.id}` is {job.status}: {rule}", code=code, param="fine_tuning_job_id")
+
+    def _release(self, job_id: str) -> None:
+        """Let the job's claim go (a paused job holds none), if it is still this runner's."""
+        try:
+            owner = json.loads(self.records.read(f"{job_id}/{CLAIM}") or b"{}").get("owner")
+        except ValueError:
+            return
+        if owner == self.owner:
+            self.records.delete(f"{job_id}/{CLAIM}")
+
+    def _resume_keys(self, job_id: str) -> list[str]:
+        return [*self.records.keys(f"{job_id}/{RESUME_CHECKPOINTS}/checkpoint-*/*"),
+                *self.records.keys(f"{job_id}/{PAUSED}")]
+
+    def _publish_resume_state(self, job_id: str, workspace: Path) -> None:
+        """A paused worker's resume point into the shared records (with a folder it is there already): any
+        runner may resume the job. What HF Trainer rotated away goes from the records too."""
+        if self.records.in_place:
+            return
+        local = {path.relative_to(workspace).as_posix()
+                 for path in (workspace / RESUME_CHECKPOINTS).glob("checkpoint-*/*") if path.is_file()}
+        local.add(PAUSED)
+        self.records.publish(job_id, workspace, {name: name for name in sorted(local)})
+        for key in self._resume_keys(job_id):
+            if key.partition("/")[2] not in local:
+                self.records.delete(key)
+
+    def _fetch_resume_state(self, job_id: str, workspace: Path) -> None:
+        """The resume point of a paused job into this runner's workspace (nothing to do with a folder)."""
+        if self.records.in_place:
+            return
+        for key in self._resume_keys(job_id):
+            self.records.local_file(key, (workspace / key.partition("/")[2]).parent)
+
+    def _drop_resume_state(self, job_id: str) -> None:
+        """A job that ended needs no resume point (in a folder the trainer's own cleanup already removed it)."""
+        with contextlib.suppress(OSError, StoreUnavailable):
+            for key in self._resume_keys(job_id):
+                self.records.delete(key)
 
     async def _kill_worker(self) -> None:
         if self._worker is not None:
@@ -540,6 +639,8 @@ class JobService:
                 try:  # jobs accepted by other replicas, and runners gone away
                     for job_id in await asyncio.to_thread(self.scan):
                         self._enqueue(job_id)
+                    while self._to_discard:
+                        await self._discard_checkpoints(self._to_discard.pop())
                 except Exception:  # the store away for a moment: the next scan tries again
                     log.exception("scanning the fine-tuning jobs failed")
                 continue
@@ -553,6 +654,7 @@ class JobService:
                 with contextlib.suppress(NotFound):  # its record may be gone
                     self._finish(job_id, "failed", f"Job failed: {exc}", level="error",
                                  error=JobError(code="internal_error", message=str(exc)))
+                await self._discard_checkpoints(job_id)
 
     def _source(self, job: FineTuningJob) -> ModelRef | None:
         """The adapter version a continued job starts from; None for a job from the base model."""
@@ -608,6 +710,7 @@ class JobService:
             await self._run_claimed(job_id)
         finally:
             self._running_job = None
+            self._seen.pop(job_id, None)
 
     async def _run_claimed(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -638,9 +741,14 @@ class JobService:
             beta=None if beta == "auto" else beta,
             init_adapter=init_adapter,
         ))
+        # A resumed job: the worker continues from the pause's checkpoint; the last run's request and result go.
+        await asyncio.to_thread(self._fetch_resume_state, job_id, workspace)
+        (workspace / PAUSE).unlink(missing_ok=True)
+        (workspace / RESULT).unlink(missing_ok=True)
         shipped = (workspace / EVENTS).stat().st_size if (workspace / EVENTS).exists() else 0
         async with self._commit:
-            if job_id in self._cancelled or self._update(self.get(job_id), status="running").status != "running":
+            if job_id in self._cancelled or self._update(self.get(job_id), expect=("validating_files", "queued"),
+                                                         status="running").status != "running":
                 return
             self._running_job = job_id
             self._worker = None
@@ -649,14 +757,28 @@ class JobService:
             if job_id in self._cancelled:  # cancelled while the process was starting
                 await self._kill_worker()
             waiting = asyncio.ensure_future(self._worker.wait())
+            beat = time.monotonic()
+            pausing = False
             while not waiting.done():
-                await asyncio.wait({waiting}, timeout=min(self.lease_s / 4, 10))
+                await asyncio.wait({waiting}, timeout=_CHECKPOINT_POLL_S)
                 if waiting.done():
                     break
                 try:
+                    async with self._commit:  # a new checkpoint is listed and callable within a second
+                        await self._register_checkpoints(job_id, name, workspace)
+                    if job_id in self._pausing and not pausing:  # asked here: no need to wait for the beat
+                        pausing = self._ask_pause(job_id, workspace)
+                    if time.monotonic() - beat < min(self.lease_s / 4, 10):
+                        continue
+                    beat = time.monotonic()
                     shipped = await asyncio.to_thread(self._publish, job_id, workspace, shipped)
                     still_ours = await asyncio.to_thread(self._heartbeat, job_id)
-                    stopped = not still_ours or self.get(job_id).status in FINISHED  # cancelled elsewhere
+                    status = self.get(job_id).status
+                    stopped = not still_ours or status in FINISHED  # cancelled elsewhere
+                    if status == "paused" and not pausing:  # paused on another replica
+                        pausing = self._ask_pause(job_id, workspace)
+                    elif status == "queued" and not pausing:  # paused and resumed before the worker was asked
+                        self._update(self.get(job_id), expect=("queued",), status="running")
                 except (StoreUnavailable, OSError) as exc:
                     # The store away for a moment: training goes on; the lease outlasts a few missed beats.
                     log.warning("job %s: could not reach the records (%s); still training", job_id, exc)
@@ -667,62 +789,149 @@ class JobService:
             returncode = waiting.result()
         finally:
             self._running_job = None
+        self._pausing.discard(job_id)
         await asyncio.to_thread(self._publish, job_id, workspace, shipped)
+        result = _parse((workspace / RESULT).read_bytes() if (workspace / RESULT).exists() else None, JobResult)
+        if result is not None and result.status == "paused" and job_id not in self._cancelled:
+            await self._paused(job_id, name, workspace, result)
+            return
+        self._drop_resume_state(job_id)
         if job_id in self._cancelled:
+            await self._discard_checkpoints(job_id)
             self.records.drop_workspace(job_id, workspace)
             return
-        result = _parse((workspace / RESULT).read_bytes() if (workspace / RESULT).exists() else None, JobResult)
         if result is None or result.status != "succeeded" or result.run_dir is None:
             error = result.error if result and result.error else None
             self._finish(job_id, "failed", level="error", error=JobError(
                 code=error.code if error else "worker_crashed",
                 message=error.message if error else f"the training process exited with {returncode}"))
+            await self._discard_checkpoints(job_id)
             self.records.drop_workspace(job_id, workspace)
             return
         await self._register(job_id, name, result, workspace)
         self.records.drop_workspace(job_id, workspace)
 
+    def _ask_pause(self, job_id: str, workspace: Path) -> bool:
+        """Ask the worker to stop at its next step boundary (it watches for the file)."""
+        (workspace / PAUSE).touch()
+        log.info("job %s: pausing", job_id)
+        return True
+
+    async def _paused(self, job_id: str, name: str, workspace: Path, result: JobResult) -> None:
+        """The worker stopped at a step boundary and saved its resume point: keep it, list any checkpoint it
+        wrote last, and let the job go. A resume that came meanwhile queues it again."""
+        async with self._commit:
+            await self._register_checkpoints(job_id, name, workspace)
+        await asyncio.to_thread(self._publish_resume_state, job_id, workspace)
+        job = self._update(self.get(job_id), expect=("running",), status="paused")  # normally paused already
+        self._release(job_id)
+        self.records.drop_workspace(job_id, workspace)
+        if job.status in FINISHED:  # cancelled while it paused
+            await self._discard_checkpoints(job_id)
+            self._drop_resume_state(job_id)
+        elif job.status == "queued" and self.run_jobs:
+            self._enqueue(job_id)
+        log.info("job %s paused at step %s", job_id, result.step)
+
     async def _register_folder(self, name: str, folder: Path, make_current: bool):
-        files = [(file, open(folder / file, "rb")) for file in ADAPTER_FILES]
-        try:
+        with contextlib.ExitStack() as stack:
+            files = [(file, stack.enter_context(open(folder / file, "rb"))) for file in ADAPTER_FILES]
             return await self.registry.register(name, files, make_current=make_current)
-        finally:
-            for _, handle in files:
-                handle.close()
+
+    def _checkpoint_key(self, job_id: str, step: int) -> str:
+        return f"{job_id}/{CHECKPOINTS}/step-{step}/{CHECKPOINT}"
+
+    async def _register_checkpoints(self, job_id: str, name: str, workspace: Path) -> None:
+        """Each complete checkpoint the worker wrote and that is not registered yet becomes a staged version
+        (`name@N`, never the bare name) and is listed in the shared records at once, where every replica reads
+        it; then only the latest `KEPT_CHECKPOINTS` stay. Runs on the runner holding the workspace, under the
+        commit lock: a job cancelled here registers nothing more."""
+        seen = self._seen.setdefault(job_id, set())
+        fresh = [(folder, record) for folder, record in self._workspace_checkpoints(workspace)
+                 if record.step not in seen]
+        if not fresh or job_id in self._cancelled or self.get(job_id).status in FINISHED:
+            return
+        listed = {record.step: record for record in self._listed_checkpoints(job_id)}
+        for folder, record in fresh:
+            if record.step in listed:
+                seen.add(record.step)
+                continue
+            try:
+                digest = file_sha256(folder / ADAPTER_FILES[1])
+                version = await self._register_folder(name, folder, make_current=False)
+            except FileNotFoundError:  # the worker dropped it meanwhile (an older one, beyond the kept three)
+                continue
+            except DomainError as exc:  # refused by admission: the job goes on; its final adapter decides
+                seen.add(record.step)
+                self._emit(job_id, f"Checkpoint at step {record.step} could not be registered: {exc.message}",
+                           level="warn")
+                continue
+            record = record.model_copy(update={"fine_tuned_model_checkpoint": version.id, "adapter_sha256": digest})
+            try:
+                self.records.write(self._checkpoint_key(job_id, record.step), record.model_dump_json(indent=2).encode())
+            except BaseException:
+                with contextlib.suppress(DomainError, OSError):
+                    await self.registry.delete(name, version.version)
+                raise
+            listed[record.step] = record
+            seen.add(record.step)
+            self._emit(job_id, f"Checkpoint at step {record.step} is served as {version.id}")
+        for record in sorted(listed.values(), key=lambda r: r.step)[:-KEPT_CHECKPOINTS]:
+            await self._drop_checkpoint(job_id, record)
+
+    async def _drop_checkpoint(self, job_id: str, record: CheckpointRecord) -> None:
+        """Delete a listed checkpoint's staged version and its listing. A version someone made current (or put
+        in a canary) meanwhile is theirs now: it stays, listed."""
+        ref = parse_adapter_ref(record.fine_tuned_model_checkpoint or "")
+        try:
+            await self._version(ref.name, ref.version)
+            adapter = self.registry.get(ref.name)
+            canary = adapter.canary
+            if adapter.current_version == ref.version or (canary and canary.active and canary.version == ref.version):
+                return
+            await self.registry.delete(ref.name, ref.version)
+        except NotFound:  # deleted already
+            pass
+        self.records.delete(self._checkpoint_key(job_id, record.step))
+
+    async def _discard_checkpoints(self, job_id: str) -> None:
+        """A job that ends without succeeding (cancelled, failed, interrupted) leaves no checkpoint versions
+        behind, except one that someone made current while it ran."""
+        try:
+            for record in self._listed_checkpoints(job_id):
+                await self._drop_checkpoint(job_id, record)
+        except (DomainError, OSError, StoreUnavailable) as exc:
+            log.warning("job %s: its checkpoints could not all be removed: %s", job_id, exc)
+
+    async def _version(self, name: str, version: int):
+        """The version's record; one another runner registered (before a pause) may need a fresh look at the
+        store first."""
+        try:
+            return self.registry.version(name, version)
+        except NotFound:
+            await self.registry.refresh()
+            return self.registry.version(name, version)
 
     async def _register(self, job_id: str, name: str, result: JobResult, workspace: Path) -> None:
-        """Runs on the runner that holds the workspace: the checkpoints' weights are there."""
+        """Runs on the runner that holds the workspace: the last checkpoints' weights are there."""
         async with self._commit:  # the commit point: a cancel either came before (nothing registers) or waits
             if job_id in self._cancelled or self.get(job_id).status in FINISHED:
                 return
-            # Each epoch's checkpoint becomes a staged version (served as `name@N`, never under the bare name).
-            staged: dict[str, int] = {}  # the weights' sha256 -> version
-            listed: list[CheckpointRecord] = []  # recorded once the job commits
-            try:
-                for folder, record in self._workspace_checkpoints(workspace)[-KEPT_CHECKPOINTS:]:
-                    version = await self._register_folder(name, folder, make_current=False)
-                    staged[file_sha256(folder / ADAPTER_FILES[1])] = version.version
-                    listed.append(record.model_copy(update={"fine_tuned_model_checkpoint": version.id}))
-                # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
-                # then that version is promoted rather than registered twice.
-                final = staged.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
-                if final is not None:
-                    # A version that failed its name's suite stays staged: the gate decides, not the job.
-                    gate = self.registry.version(name, final).gate
-                    if gate is None or gate.passed:
-                        await self.registry.promote(name, final)
-                    version_id = f"{name}@{final}"
-                else:
-                    registered = await self._register_folder(name, result.run_dir, make_current=True)
-                    version_id, gate = registered.id, registered.gate
-            except BaseException:
-                for version in staged.values():  # a job that did not commit leaves no versions behind
-                    with contextlib.suppress(DomainError, OSError):
-                        await self.registry.delete(name, version)
-                raise
-            for record in listed:  # into the shared records, where `checkpoints()` reads them on any replica
-                self.records.write(f"{job_id}/{CHECKPOINTS}/step-{record.step}/{CHECKPOINT}",
-                                   record.model_dump_json(indent=2).encode())
+            await self._register_checkpoints(job_id, name, workspace)  # any the last round did not see
+            # The final adapter is usually one of them (the last epoch's, or the best one the trainer kept):
+            # then that version is promoted rather than registered twice.
+            kept = {record.adapter_sha256: parse_adapter_ref(record.fine_tuned_model_checkpoint).version
+                    for record in self._listed_checkpoints(job_id) if record.adapter_sha256}
+            final = kept.get(file_sha256(result.run_dir / ADAPTER_FILES[1]))
+            if final is not None:
+                # A version that failed its name's suite stays staged: the gate decides, not the job.
+                gate = (await self._version(name, final)).gate
+                if gate is None or gate.passed:
+                    await self.registry.promote(name, final)
+                version_id = f"{name}@{final}"
+            else:
+                registered = await self._register_folder(name, result.run_dir, make_current=True)
+                version_id, gate = registered.id, registered.gate
             changes = {}
             if result.hyperparameters is not None:  # what `auto` became
                 used = result.hyperparameters.model_dump(exclude_none=True)
@@ -787,8 +996,11 @@ def with_hyperparameters(method: Method, used: dict) -> Method:
 
 
 def estimate_finish(events: list[JobEventRecord]) -> int | None:
-    """When the last step should end, from the measured time per step so far (None until two steps logged)."""
-    steps = [(e.created_at, e.data["step"], e.data.get("total_steps")) for e in events
+    """When the last step should end, from the measured time per step of the worker's latest run (None until
+    it logged two steps)."""
+    starts = [n for n, e in enumerate(events) if e.type == "message" and e.message.startswith((STARTED, RESUMED))]
+    latest_run = events[starts[-1]:] if starts else events  # a pause's idle time is no training time
+    steps = [(e.created_at, e.data["step"], e.data.get("total_steps")) for e in latest_run
              if e.type == "metrics" and e.data and isinstance(e.data.get("step"), int)]
     if len(steps) < 2 or steps[-1][1] <= steps[0][1] or not isinstance(steps[-1][2], int):
         return None

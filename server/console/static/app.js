@@ -333,6 +333,11 @@ async function jobPage(id) {
       job.error ? [h("dt", {}, "error"), h("dd.error", {}, `${job.error.code}: ${job.error.message}`)] : null,
       model ? [h("dt", {}, "adapter"), h("dd", {}, h("a", { href: "#/adapters", id: "job-adapter" }, model), " · ",
         h("a", { href: `#/playground?model=${encodeURIComponent(model)}` }, "try it in the playground"))] : null),
+      // Pause stops the worker at its next step boundary; resume continues from that step (docs/fine-tuning.md).
+      ...[["running", "pause", "Pause job"], ["paused", "resume", "Resume job"]].filter(([status]) => job.status === status)
+        .map(([, action, label]) => h("button", { type: "button", id: `job-${action}`, onclick: async () => {
+          try { await api(`/v1/fine_tuning/jobs/${id}/${action}`, { method: "POST" }); refresh(); } catch (err) { head.append(errorBox(err)); }
+        } }, label)),
       finished ? null : h("button.danger", { type: "button", onclick: async () => {
         if (!confirm("Cancel this job?")) return;
         try { await api(`/v1/fine_tuning/jobs/${id}/cancel`, { method: "POST" }); refresh(); } catch (err) { head.append(errorBox(err)); }

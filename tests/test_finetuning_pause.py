@@ -1,0 +1,92 @@
+"""Pause and resume with the real trainer: the worker (`quiver.training.worker`, a process as the runner starts
+it) stops at a step boundary when the pause file appears, saves HF Trainer's resumable checkpoint, and started
+again on the same folder ends with the steps, and the losses, of an unpaused run with the same seed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from quiver.common.jobs import PAUSE, PAUSED, RESULT, SPEC, EventLog, JobResult, JobSpec, PausedRecord, write_record
+from quiver.training.data import read_examples, write_jsonl
+
+pytestmark = pytest.mark.training
+
+REPO = Path(__file__).parent.parent
+# 2 epochs of 2 steps (8 train examples, batch 4) with a validation split: a pause mid-epoch must not move the
+# epoch's evaluation, its checkpoint or early stopping.
+HYPERPARAMETERS = {"n_epochs": 2, "batch_size": 4}
+
+
+def job_folder(root: Path, model_dir: Path) -> Path:
+    root.mkdir(parents=True)
+    data = root / "train.jsonl"
+    write_jsonl(data, read_examples(REPO / "examples" / "pirate.jsonl")[:10])
+    write_record(root / SPEC, JobSpec(name="pause", training_file=data, base_model_dir=model_dir,
+                                      base_model_name="SmolLM2-135M-Instruct", hyperparameters=HYPERPARAMETERS,
+                                      seed=5))
+    return root
+
+
+def start_worker(job_dir: Path) -> subprocess.Popen:
+    log = open(job_dir / "worker.out", "ab")
+    return subprocess.Popen([sys.executable, "-m", "quiver.training.worker", str(job_dir)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def finish(process: subprocess.Popen, job_dir: Path) -> JobResult:
+    assert process.wait(timeout=900) == 0, (job_dir / "worker.out").read_text()[-3000:]
+    return JobResult.model_validate_json((job_dir / RESULT).read_bytes())
+
+
+def steps_logged(job_dir: Path) -> list[int]:
+    return [e.data["step"] for e in EventLog(job_dir).read() if e.type == "metrics" and "train_loss" in e.data]
+
+
+def test_a_paused_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_path: Path, model_dir: Path) -> None:
+    plain = job_folder(tmp_path / "plain", model_dir)
+    unpaused = finish(start_worker(plain), plain)
+    assert unpaused.status == "succeeded"
+    reference = json.loads((unpaused.run_dir / "manifest.json").read_text())["training"]
+
+    job = job_folder(tmp_path / "paused", model_dir)
+    worker = start_worker(job)
+    deadline = time.monotonic() + 600
+    while not steps_logged(job):  # pause once training runs: the step boundary after the request
+        assert worker.poll() is None and time.monotonic() < deadline, (job / "worker.out").read_text()[-3000:]
+        time.sleep(0.2)
+    (job / PAUSE).touch()
+    paused = finish(worker, job)
+    assert paused.status == "paused" and 1 <= paused.step < reference["steps"], paused
+    record = PausedRecord.model_validate_json((job / PAUSED).read_bytes())
+    checkpoint = job / "run" / "checkpoints" / record.checkpoint
+    assert record.step == paused.step and record.initial_validation_loss is not None
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+            "adapter_model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert max(steps_logged(job)) == paused.step  # it stopped at the step boundary it reports
+    # Paused in the first epoch: its checkpoint (and evaluation) wait for the epoch to end in the resumed run.
+    epoch_steps = reference["steps"] // 2
+    if paused.step < epoch_steps:
+        assert not (job / "checkpoints").exists() or not list((job / "checkpoints").iterdir())
+
+    (job / PAUSE).unlink()  # the runner clears its request (and the old result) before it starts the worker again
+    (job / RESULT).unlink()
+    resumed = finish(start_worker(job), job)
+    assert resumed.status == "succeeded", resumed
+    training = json.loads((resumed.run_dir / "manifest.json").read_text())["training"]
+    assert training["steps"] == reference["steps"] and training["epochs_completed"] == reference["epochs_completed"]
+    assert steps_logged(job) == list(range(1, reference["steps"] + 1))  # each step once, none repeated or lost
+    assert training["initial_validation_loss"] == pytest.approx(reference["initial_validation_loss"])
+    assert training["final_train_loss"] == pytest.approx(reference["final_train_loss"], rel=0.02)
+    assert training["final_validation_loss"] == pytest.approx(reference["final_validation_loss"], rel=0.02)
+    assert not (job / PAUSED).exists()
+    # One checkpoint per epoch, as unpaused, each with its epoch's validation loss.
+    assert sorted(int(p.name[5:]) for p in (job / "checkpoints").iterdir()) == [epoch_steps, reference["steps"]]
+    messages = [e.message for e in EventLog(job).read()]
+    assert f"Paused at step {paused.step}: its resumable checkpoint is saved" in messages
+    assert f"Fine-tuning job resumed from step {paused.step}" in messages
