@@ -178,6 +178,21 @@ def test_dpo_adapter_registers_and_serves_with_the_official_client(dpo_run, quiv
     assert reply.model == "concise-dpo@1" and reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens > 0
 
+    # `quiver eval` on a DPO run: base vs adapter on the held-out prompts, by the preferred trait.
+    from quiver.training.evaluate import evaluate_run
+    from conftest import API_KEY
+
+    report = evaluate_run(dpo_run.run_dir, quiver_server.base_url, api_key=API_KEY, adapter_model="concise-dpo@1",
+                          max_tokens=64)
+    assert report["method"] == "dpo" and report["models"] == {"base": quiver_server.model_name,
+                                                               "adapter": "concise-dpo@1"}
+    for role in ("base", "adapter"):
+        metrics = report["metrics"][role]
+        assert metrics["examples"] == 2 and 0 < metrics["median_answer_tokens"] <= 64
+        assert {"contains_preferred", "within_target_length", "target_tokens", "similarity"} <= set(metrics)
+    markdown = (dpo_run.run_dir / "eval_report.md").read_text()
+    assert "**non-preferred**" in markdown and "| within_target_length |" in markdown
+
 
 def test_length_proxy_and_reward_curve_from_the_log_history():
     from quiver.training.evaluate import Answer, length_metrics

@@ -33,3 +33,28 @@ def test_markdown_report_tables_every_metric_and_quotes_samples():
     text = render_markdown(report, "pirate")
     assert "| exact_match | 0.0 | 1.0 |" in text and "| similarity |" in text
     assert "### test example 7" in text and "> Hello." in text
+
+
+def test_preference_report_names_its_proxy_and_shows_both_answers_of_the_data():
+    from quiver.training.evaluate import contains_preferred, length_metrics
+
+    expected = ["The capital of Italy is Rome."]
+    rambling = [Answer("Great question! You asked about Italy. The capital of Italy is Rome. Hope this helps!", 20)]
+    wrong = [Answer("Milan.", 3)]
+    assert contains_preferred(expected, rambling) == 1.0 and contains_preferred(expected, wrong) == 0.0
+    assert contains_preferred(expected, [Answer("the capital of  italy is rome", 8)]) == 1.0  # case, spaces, full stop
+
+    def metrics(answers):
+        return {**score(expected, answers), "contains_preferred": contains_preferred(expected, answers),
+                **length_metrics(answers, 9)}
+
+    report = {"url": "http://x", "method": "dpo", "models": {"base": "base", "adapter": "concise@1"},
+              "metrics": {"base": metrics(rambling), "adapter": metrics([Answer(expected[0], 9)])},
+              "samples": [{"line": 3, "prompt": "Capital of Italy?", "expected": expected[0],
+                           "non_preferred": "Great question! ... Rome ...", "base": rambling[0].text,
+                           "adapter": expected[0]}]}
+    text = render_markdown(report, "concise")
+    assert "preference (DPO) run" in text and "| within_target_length | 0.0 | 1.0 |" in text
+    assert "| contains_preferred | 1.0 | 1.0 |" in text and "| median_answer_tokens | 20 | 9 |" in text
+    assert "**preferred**\n\n> The capital of Italy is Rome." in text and "**non-preferred**" in text
+    assert "**expected**" not in text

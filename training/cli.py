@@ -189,13 +189,10 @@ def eval_command(
 def _print_eval(run_dir: Path, url: str, api_key: str | None, base_model: str | None, adapter_model: str | None) -> None:
     import openai
 
-    from quiver.training.evaluate import evaluate_preference_run, evaluate_run
-    from quiver.training.manifest import read_manifest
+    from quiver.training.evaluate import evaluate_run
 
-    dpo = read_manifest(run_dir)["hyperparameters"].get("method") == "dpo"
-    evaluate = evaluate_preference_run if dpo else evaluate_run
     try:
-        report = evaluate(run_dir, url, api_key=api_key, base_model=base_model, adapter_model=adapter_model)
+        report = evaluate_run(run_dir, url, api_key=api_key, base_model=base_model, adapter_model=adapter_model)
     except openai.OpenAIError as exc:
         err_console.print(f"[red]evaluation failed: {exc}")
         raise typer.Exit(1) from exc

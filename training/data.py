@@ -180,21 +180,28 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def _json_object(raw: str) -> dict[str, Any] | tuple[str, str]:
+    """A line as a JSON object, bounded in depth; or the (code, message) of why it is not one. Both formats' lines."""
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return "invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:  # the parser gave up on the nesting itself
+        return "too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    if json_depth(row) > MAX_JSON_DEPTH:
+        return "too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    if not isinstance(row, dict):
+        return "invalid_example", f"each line must be a JSON object, got {type(row).__name__}"
+    return row
+
+
 def parse_line(raw: str, line: int) -> tuple[Example | None, list[Issue]]:
     def error(code: str, message: str) -> tuple[None, list[Issue]]:
         return None, [Issue("error", code, message, line)]
 
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return error("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})")
-    except RecursionError:  # the parser gave up on the nesting itself
-        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if json_depth(row) > MAX_JSON_DEPTH:
-        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if not isinstance(row, dict):
-        return error("invalid_example", f"each line must be a JSON object, got {type(row).__name__}")
-
+    row = _json_object(raw)
+    if isinstance(row, tuple):
+        return error(*row)
     if "messages" not in row and "prompt" in row:
         return _parse_pair(row, line)
     if "messages" not in row:
@@ -367,12 +374,16 @@ def check_dataset(
     path: Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_seq_len: int | None = None,
+    format: Literal["chat", "preference"] = "chat",
 ) -> DatasetReport:
-    """Validate a JSONL file; with a tokenizer, also count tokens exactly as training will see them."""
+    """Validate a JSONL file in `format`; with a tokenizer, also count tokens exactly as training will see them
+    (for preference data: prompt + each answer)."""
     path = Path(path)
-    examples, issues, lines = load_examples(path)
-    report = DatasetReport(path, lines, examples, issues, max_seq_len=max_seq_len)
-    report.issues.extend(_dataset_warnings(examples))
+    preference = format == "preference"
+    examples, issues, lines = load_examples(path, parse_preference_line if preference else parse_line)
+    report = DatasetReport(path, lines, examples, issues, max_seq_len=max_seq_len, format=format)
+    # Several pairs for one prompt are normal preference data, so for it no `conflicting_answers`.
+    report.issues.extend(_dataset_warnings(examples, conflicting_answers=not preference))
     if tokenizer is not None and examples:
         _token_checks(report, tokenizer, max_seq_len)
     error_lines = {i.line for i in report.errors}
@@ -381,7 +392,7 @@ def check_dataset(
     return report
 
 
-def _dataset_warnings(examples: list[Example]) -> list[Issue]:
+def _dataset_warnings(examples: list[Example] | list[PreferenceExample], conflicting_answers: bool) -> list[Issue]:
     warnings: list[Issue] = []
     n = len(examples)
     if 0 < n < MIN_EXAMPLES:
@@ -398,21 +409,22 @@ def _dataset_warnings(examples: list[Example]) -> list[Issue]:
         else:
             first_line_by_key[key] = example.line
 
-    answers_by_prompt: dict[str, dict[str, int]] = defaultdict(dict)
-    for example in examples:
-        answer = json.dumps(example.final_answer(), sort_keys=True, ensure_ascii=False)
-        answers_by_prompt[example.prompt_key()].setdefault(answer, example.line)
-    for answers in answers_by_prompt.values():
-        if len(answers) > 1:
-            lines = sorted(answers.values())
-            warnings.append(
-                Issue(
-                    "warning",
-                    "conflicting_answers",
-                    f"the same prompt has {len(answers)} different answers (lines {', '.join(map(str, lines))})",
-                    lines[0],
+    if conflicting_answers:
+        answers_by_prompt: dict[str, dict[str, int]] = defaultdict(dict)
+        for example in examples:
+            answer = json.dumps(example.final_answer(), sort_keys=True, ensure_ascii=False)
+            answers_by_prompt[example.prompt_key()].setdefault(answer, example.line)
+        for answers in answers_by_prompt.values():
+            if len(answers) > 1:
+                lines = sorted(answers.values())
+                warnings.append(
+                    Issue(
+                        "warning",
+                        "conflicting_answers",
+                        f"the same prompt has {len(answers)} different answers (lines {', '.join(map(str, lines))})",
+                        lines[0],
+                    )
                 )
-            )
 
     without_system = [e.line for e in examples if not any(m["role"] == "system" for m in e.messages)]
     if without_system:
@@ -428,34 +440,40 @@ def _dataset_warnings(examples: list[Example]) -> list[Issue]:
     return warnings
 
 
+def _sequences(example: Example | PreferenceExample) -> list[Example]:
+    """What training encodes for one example: the chat itself, or a preference pair's prompt + each answer."""
+    return [example.chosen(), example.rejected()] if isinstance(example, PreferenceExample) else [example]
+
+
 def _token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
     lengths: list[int] = []
-    trained = truncated = cut = 0
+    counted = trained = truncated = cut = 0
     for example in report.examples:
         try:
-            encoded = encode_example(example, tokenizer)
+            encoded = [encode_example(sequence, tokenizer) for sequence in _sequences(example)]
         except TemplateError as exc:
             report.issues.append(Issue("error", exc.code, str(exc), example.line))
             continue
-        length = len(encoded.input_ids)
-        lengths.append(length)
-        trained += sum(encoded.assistant_masks)
-        if max_seq_len is not None and length > max_seq_len:
+        counted += 1
+        sizes = [len(e.input_ids) for e in encoded]
+        lengths += sizes
+        trained += sum(sum(e.assistant_masks) for e in encoded)
+        longest = max(sizes)
+        if max_seq_len is not None and longest > max_seq_len:
             truncated += 1
-            cut += length - max_seq_len
-            lost = sum(encoded.assistant_masks[max_seq_len:])
-            report.issues.append(
-                Issue(
-                    "warning",
-                    "too_long",
-                    f"{length} tokens, over max_seq_len {max_seq_len}: {length - max_seq_len} tokens would be cut "
-                    f"({lost} of them trained assistant tokens)",
-                    example.line,
-                )
-            )
+            over = sum(max(0, size - max_seq_len) for size in sizes)
+            cut += over
+            lost = sum(sum(e.assistant_masks[max_seq_len:]) for e in encoded)
+            if len(encoded) == 1:
+                message = (f"{longest} tokens, over max_seq_len {max_seq_len}: {over} tokens would be cut "
+                           f"({lost} of them trained assistant tokens)")
+            else:
+                message = (f"{longest} tokens (prompt + the longer answer), over max_seq_len {max_seq_len}: the "
+                           f"answers' ends would be cut ({over} tokens, {lost} of them trained)")
+            report.issues.append(Issue("warning", "too_long", message, example.line))
     if lengths:
         report.tokens = TokenStats(
-            examples=len(lengths),
+            examples=counted,
             total=sum(lengths),
             trained=trained,
             min=min(lengths),
@@ -571,16 +589,9 @@ def parse_preference_line(raw: str, line: int) -> tuple[PreferenceExample | None
     def error(code: str, message: str) -> tuple[None, list[Issue]]:
         return None, [Issue("error", code, message, line)]
 
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return error("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno})")
-    except RecursionError:
-        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if json_depth(row) > MAX_JSON_DEPTH:
-        return error("too_deeply_nested", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if not isinstance(row, dict):
-        return error("invalid_example", f"each line must be a JSON object, got {type(row).__name__}")
+    row = _json_object(raw)
+    if isinstance(row, tuple):
+        return error(*row)
     if "input" not in row and ("messages" in row or "prompt" in row):
         return error("not_preference_data", "a chat example; preference tuning needs `input`, `preferred_output` "
                      "and `non_preferred_output` on every line")
@@ -636,17 +647,8 @@ def check_preference_dataset(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_seq_len: int | None = None,
 ) -> DatasetReport:
-    """`check_dataset` for preference data: the same report, with tokens counted over both answers."""
-    path = Path(path)
-    examples, issues, lines = load_examples(path, parse_preference_line)
-    report = DatasetReport(path, lines, examples, issues, max_seq_len=max_seq_len, format="preference")
-    report.issues.extend(_preference_warnings(examples))
-    if tokenizer is not None and examples:
-        _preference_token_checks(report, tokenizer, max_seq_len)
-    error_lines = {i.line for i in report.errors}
-    report.examples = [e for e in report.examples if e.line not in error_lines]
-    report.auto_epochs = auto_epochs(len(report.examples))
-    return report
+    """`check_dataset` for preference data."""
+    return check_dataset(path, tokenizer, max_seq_len, "preference")
 
 
 def check_training_file(
@@ -656,67 +658,7 @@ def check_training_file(
     format: Literal["auto", "chat", "preference"] = "auto",
 ) -> DatasetReport:
     """Check a file in the given format, or the one its first line shows."""
-    format = detect_format(path) if format == "auto" else format
-    check = check_preference_dataset if format == "preference" else check_dataset
-    return check(path, tokenizer, max_seq_len)
-
-
-def _preference_warnings(examples: list[PreferenceExample]) -> list[Issue]:
-    # Several pairs for one prompt are normal preference data, so unlike chat data no `conflicting_answers`.
-    warnings: list[Issue] = []
-    n = len(examples)
-    if 0 < n < MIN_EXAMPLES:
-        low, high = RECOMMENDED_EXAMPLES
-        warnings.append(Issue("warning", "too_few_examples", f"only {n} examples; {low}-{high} are recommended"))
-    first_line_by_key: dict[str, int] = {}
-    for example in examples:
-        key = example.key()
-        if key in first_line_by_key:
-            warnings.append(
-                Issue("warning", "duplicate_example", f"exact duplicate of line {first_line_by_key[key]}", example.line)
-            )
-        else:
-            first_line_by_key[key] = example.line
-    without_system = [e.line for e in examples if not any(m["role"] == "system" for m in e.messages)]
-    if without_system:
-        shown = ", ".join(map(str, without_system[:10])) + (" ..." if len(without_system) > 10 else "")
-        warnings.append(Issue(
-            "warning", "no_system_message",
-            f"{len(without_system)} of {n} examples have no system message (lines {shown}); "
-            "the base model's default system prompt will be used for them",
-        ))
-    return warnings
-
-
-def _preference_token_checks(report: DatasetReport, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None) -> None:
-    """Token counts over prompt + each answer, as DPO sees them; an answer cut by max_seq_len loses its end."""
-    lengths: list[int] = []
-    trained = truncated = cut = 0
-    for example in report.examples:
-        try:
-            encoded = [encode_example(e, tokenizer) for e in (example.chosen(), example.rejected())]
-        except TemplateError as exc:
-            report.issues.append(Issue("error", exc.code, str(exc), example.line))
-            continue
-        pair = [len(e.input_ids) for e in encoded]
-        lengths += pair
-        trained += sum(sum(e.assistant_masks) for e in encoded)
-        longest = max(pair)
-        if max_seq_len is not None and longest > max_seq_len:
-            truncated += 1
-            cut += sum(max(0, length - max_seq_len) for length in pair)
-            report.issues.append(Issue(
-                "warning", "too_long",
-                f"{longest} tokens (prompt + the longer answer), over max_seq_len {max_seq_len}: the answers' ends "
-                "would be cut",
-                example.line,
-            ))
-    if lengths:
-        report.tokens = TokenStats(
-            examples=len(lengths) // 2, total=sum(lengths), trained=trained, min=min(lengths),
-            mean=round(statistics.fmean(lengths), 1), median=statistics.median(lengths), max=max(lengths),
-            truncated_examples=truncated, tokens_cut=cut,
-        )
+    return check_dataset(path, tokenizer, max_seq_len, detect_format(path) if format == "auto" else format)
 
 
 def read_preference_examples(path: Path) -> list[PreferenceExample]:

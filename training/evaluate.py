@@ -135,6 +135,58 @@ def _describe_calls(calls: list[tuple[str, str] | None] | list[Call]) -> str:
                      for c in calls)
 
 
+class _Served:
+    """A run's base model and adapter as served, asked greedily through the official client; writes the report.
+    What the supervised and the preference evaluation share."""
+
+    ROLES = ("base", "adapter")
+
+    def __init__(self, run_dir: Path, url: str, api_key: str | None, base_model: str | None,
+                 adapter_model: str | None, max_tokens: int) -> None:
+        from openai import OpenAI
+
+        self.run_dir = Path(run_dir)
+        self.manifest = read_manifest(self.run_dir)
+        self.url, self.max_tokens = url, max_tokens
+        self.models = {
+            "base": base_model or self.manifest["base_model"]["name"],
+            "adapter": adapter_model or (self.manifest.get("registered") or {}).get("id") or self.manifest["name"],
+        }
+        self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=2)
+
+    @property
+    def test_file(self) -> Path:
+        return self.run_dir / SPLIT_DIR / "test.jsonl"
+
+    def complete(self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Any:
+        extra = {"tools": tools} if tools else {}
+        return self.client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=self.max_tokens, **extra)
+
+    def answer(self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Answer:
+        completion = self.complete(model, messages, tools)
+        return Answer(completion.choices[0].message.content or "", completion.usage.completion_tokens)
+
+    def ask_both(self, ask: Any, items: list[Any]) -> dict[str, list[Any]]:
+        """`ask(model, item)` for every item, of the base and of the adapter."""
+        with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+            return {role: list(pool.map(lambda item, m=self.models[role]: ask(m, item), items)) for role in self.ROLES}
+
+    def save(self, metrics: dict[str, dict[str, Any]], samples: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        report = {
+            "url": self.url,
+            "models": self.models,
+            "decoding": {"temperature": 0, "max_tokens": self.max_tokens},
+            "metrics": metrics,
+            "samples": samples,
+            **extra,
+        }
+        (self.run_dir / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        (self.run_dir / "eval_report.md").write_text(render_markdown(report, self.manifest["name"]))
+        update_manifest(self.run_dir, eval={"models": report["models"], "metrics": report["metrics"]})
+        return report
+
+
 def evaluate_run(
     run_dir: Path,
     url: str,
@@ -144,72 +196,43 @@ def evaluate_run(
     adapter_model: str | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     samples: int = DEFAULT_SAMPLES,
+    target_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Ask the served base model and the served adapter every test prompt; write eval_report.md and .json."""
-    from openai import OpenAI
+    """Ask the served base model and the served adapter every held-out test prompt; write eval_report.md and .json.
+    A supervised run is scored against its expected answers (and tool calls); a DPO run by the preferred trait
+    (`target_tokens`: the length proxy's bound, default the longest preferred answer)."""
+    served = _Served(run_dir, url, api_key, base_model, adapter_model, max_tokens)
+    if served.manifest["hyperparameters"].get("method") == "dpo":
+        return _evaluate_preference(served, samples, target_tokens)
+    return _evaluate_supervised(served, samples)
 
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    base_model = base_model or manifest["base_model"]["name"]
-    adapter_model = adapter_model or (manifest.get("registered") or {}).get("id") or manifest["name"]
-    examples = [e for e in read_examples(run_dir / SPLIT_DIR / "test.jsonl") if _context_and_expected(e)[1]]
+
+def _evaluate_supervised(served: _Served, samples: int) -> dict[str, Any]:
+    test = read_examples(served.test_file)
+    examples = [e for e in test if _context_and_expected(e)[1]]
     if not examples:
-        raise ValueError(f"{run_dir} has no test examples with a text answer to evaluate")
-    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=2)
-
-    def ask(model: str, example: Example) -> Answer:
-        context, _ = _context_and_expected(example)
-        extra = {"tools": example.tools} if example.tools else {}
-        completion = client.chat.completions.create(
-            model=model, messages=context, temperature=0, max_tokens=max_tokens, **extra
-        )
-        return Answer(completion.choices[0].message.content or "", completion.usage.completion_tokens)
+        raise ValueError(f"{served.run_dir} has no test examples with a text answer to evaluate")
 
     def ask_tools(model: str, example: Example) -> ToolAnswer:
-        context, _ = _decision_turn(example)
-        completion = client.chat.completions.create(
-            model=model, messages=context, tools=example.tools, temperature=0, max_tokens=max_tokens
-        )
-        message = completion.choices[0].message
+        message = served.complete(model, _decision_turn(example)[0], example.tools).choices[0].message
         calls: list[tuple[str, str] | None] = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
         if not calls and "<tool_call>" in (message.content or ""):
             calls = [None]  # a call the server's tool parser could not read: made, but not valid
         return ToolAnswer(calls)
 
-    tool_examples = [e for e in read_examples(run_dir / SPLIT_DIR / "test.jsonl") if _decision_turn(e)]
-    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
-        answers = {
-            role: list(pool.map(lambda e, m=model: ask(m, e), examples))
-            for role, model in (("base", base_model), ("adapter", adapter_model))
-        }
-        tool_answers = {
-            role: list(pool.map(lambda e, m=model: ask_tools(m, e), tool_examples))
-            for role, model in (("base", base_model), ("adapter", adapter_model))
-        }
+    tool_examples = [e for e in test if _decision_turn(e)]
+    answers = served.ask_both(lambda m, e: served.answer(m, _context_and_expected(e)[0], e.tools), examples)
+    tool_answers = served.ask_both(ask_tools, tool_examples)
     expected = [_context_and_expected(e)[1] for e in examples]
     expected_calls = [_decision_turn(e)[1] for e in tool_examples]
-    report = {
-        "url": url,
-        "models": {"base": base_model, "adapter": adapter_model},
-        "decoding": {"temperature": 0, "max_tokens": max_tokens},
-        "metrics": {
-            role: score(expected, role_answers)
-            | (score_tool_calls(expected_calls, tool_answers[role]) if tool_examples else {})
-            for role, role_answers in answers.items()
-        },
-        "samples": [
-            {
-                "line": e.line,
-                "prompt": _context_and_expected(e)[0][-1]["content"],
-                "expected": expected[i],
-                "base": answers["base"][i].text,
-                "adapter": answers["adapter"][i].text,
-            }
-            for i, e in enumerate(examples[:samples])
-        ],
+    metrics = {
+        role: score(expected, role_answers)
+        | (score_tool_calls(expected_calls, tool_answers[role]) if tool_examples else {})
+        for role, role_answers in answers.items()
     }
+    extra: dict[str, Any] = {}
     if tool_examples:
-        report["tool_samples"] = [
+        extra["tool_samples"] = [
             {
                 "line": e.line,
                 "prompt": _decision_turn(e)[0][-1]["content"],
@@ -219,19 +242,40 @@ def evaluate_run(
             }
             for i, e in enumerate(tool_examples[:samples])
         ]
-    (run_dir / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (run_dir / "eval_report.md").write_text(render_markdown(report, manifest["name"]))
-    update_manifest(run_dir, eval={"models": report["models"], "metrics": report["metrics"]})
-    return report
+    prompts = [_context_and_expected(e)[0][-1]["content"] for e in examples]
+    return served.save(metrics, _samples([e.line for e in examples], prompts, expected, answers, samples), **extra)
+
+
+def _samples(lines: list[int], prompts: list[str], expected: list[str], answers: dict[str, list[Answer]],
+             count: int, **more: list[str]) -> list[dict[str, Any]]:
+    """The first `count` test examples side by side; `more` adds other texts per example (e.g. the rejected answer)."""
+    return [
+        {"line": line, "prompt": prompts[i], "expected": expected[i], **{key: texts[i] for key, texts in more.items()},
+         "base": answers["base"][i].text, "adapter": answers["adapter"][i].text}
+        for i, line in enumerate(lines[:count])
+    ]
 
 
 def render_markdown(report: dict[str, Any], name: str) -> str:
     base, adapter = report["metrics"]["base"], report["metrics"]["adapter"]
+    preference = report.get("method") == "dpo"
+    split = "Held-out prompts of a preference (DPO) run" if preference else "Held-out test split"
     lines = [
         f"# Evaluation of `{name}`",
         "",
-        f"Held-out test split, {base['examples']} examples, greedy decoding (temperature 0), served by {report['url']}.",
+        f"{split}, {base['examples']} examples, greedy decoding (temperature 0), served by {report['url']}.",
         "",
+    ]
+    if preference:
+        lines += [
+            "A preference run has no single right answer: *preferred* is the answer the data preferred (what "
+            "`exact_match` and `similarity` compare with), *non-preferred* the one it rejected. The trait is read "
+            "from `mean_answer_tokens` / `median_answer_tokens` and `within_target_length` (the share of answers no "
+            "longer than `target_tokens`, the longest preferred answer); `contains_preferred` is the share of "
+            "answers that still say the preferred answer.",
+            "",
+        ]
+    lines += [
         f"| metric | base (`{report['models']['base']}`) | adapter (`{report['models']['adapter']}`) |",
         "|---|---|---|",
     ]
@@ -240,27 +284,12 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
     for sample in report.get("tool_samples", []):
         lines += [f"### tool choice, test example {sample['line']}", "", "**prompt**", "", _quote(sample["prompt"]), ""]
         lines += [f"**{who}**: `{sample[who]}`\n" for who in ("expected", "base", "adapter")]
+    labels = {"expected": "preferred", "non_preferred": "non-preferred"} if preference else {}
     for sample in report["samples"]:
-        lines += [
-            f"### test example {sample['line']}",
-            "",
-            "**prompt**",
-            "",
-            _quote(sample["prompt"]),
-            "",
-            "**expected**",
-            "",
-            _quote(sample["expected"]),
-            "",
-            "**base**",
-            "",
-            _quote(sample["base"]),
-            "",
-            "**adapter**",
-            "",
-            _quote(sample["adapter"]),
-            "",
-        ]
+        lines += [f"### test example {sample['line']}", ""]
+        for key in ("prompt", "expected", "non_preferred", "base", "adapter"):
+            if key in sample:
+                lines += [f"**{labels.get(key, key)}**", "", _quote(sample[key]), ""]
     return "\n".join(lines)
 
 
@@ -291,59 +320,31 @@ def preferred_target_tokens(run_dir: Path, examples: list[Any]) -> int:
     return 1 + max(len(tokenizer(e.preferred["content"] or "", add_special_tokens=False)["input_ids"]) for e in examples)
 
 
-def evaluate_preference_run(
-    run_dir: Path,
-    url: str,
-    *,
-    api_key: str | None = None,
-    base_model: str | None = None,
-    adapter_model: str | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    samples: int = DEFAULT_SAMPLES,
-    target_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Base vs adapter on a DPO run's held-out prompts: similarity to the preferred answer and the length proxy.
-    Writes eval_report.md and .json in the same format as `evaluate_run`."""
-    from openai import OpenAI
+def contains_preferred(expected: list[str], answers: list[Answer]) -> float:
+    """The share of answers that still say the preferred answer (case and a final full stop aside): a shorter
+    answer is only better if it kept the content."""
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split()).rstrip(".")
 
+    return round(statistics.fmean(norm(e) in norm(a.text) for e, a in zip(expected, answers)), 4)
+
+
+def _evaluate_preference(served: _Served, samples: int, target_tokens: int | None) -> dict[str, Any]:
+    """Base vs adapter on a DPO run's held-out prompts: similarity to the preferred answer, whether the answer
+    still holds it, and the length proxy."""
     from quiver.training.data import read_preference_examples
 
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    base_model = base_model or manifest["base_model"]["name"]
-    adapter_model = adapter_model or (manifest.get("registered") or {}).get("id") or manifest["name"]
-    examples = read_preference_examples(run_dir / SPLIT_DIR / "test.jsonl")
+    examples = read_preference_examples(served.test_file)
     if not examples:
-        raise ValueError(f"{run_dir} has no test examples to evaluate")
-    target_tokens = target_tokens or preferred_target_tokens(run_dir, examples)
-    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=2)
-
-    def ask(model: str, example: Any) -> Answer:
-        extra = {"tools": example.tools} if example.tools else {}
-        completion = client.chat.completions.create(
-            model=model, messages=example.messages, temperature=0, max_tokens=max_tokens, **extra
-        )
-        return Answer(completion.choices[0].message.content or "", completion.usage.completion_tokens)
-
-    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
-        answers = {
-            role: list(pool.map(lambda e, m=model: ask(m, e), examples))
-            for role, model in (("base", base_model), ("adapter", adapter_model))
-        }
+        raise ValueError(f"{served.run_dir} has no test examples to evaluate")
+    target_tokens = target_tokens or preferred_target_tokens(served.run_dir, examples)
+    answers = served.ask_both(lambda m, e: served.answer(m, e.messages, e.tools), examples)
     expected = [e.preferred["content"] or "" for e in examples]
-    report = {
-        "url": url,
-        "models": {"base": base_model, "adapter": adapter_model},
-        "decoding": {"temperature": 0, "max_tokens": max_tokens},
-        "metrics": {role: {**score(expected, role_answers), **length_metrics(role_answers, target_tokens)}
-                    for role, role_answers in answers.items()},
-        "samples": [
-            {"line": e.line, "prompt": e.messages[-1]["content"], "expected": expected[i],
-             "base": answers["base"][i].text, "adapter": answers["adapter"][i].text}
-            for i, e in enumerate(examples[:samples])
-        ],
+    metrics = {
+        role: {**score(expected, role_answers), "contains_preferred": contains_preferred(expected, role_answers),
+               **length_metrics(role_answers, target_tokens)}
+        for role, role_answers in answers.items()
     }
-    (run_dir / "eval_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (run_dir / "eval_report.md").write_text(render_markdown(report, manifest["name"]))
-    update_manifest(run_dir, eval={"models": report["models"], "metrics": report["metrics"]})
-    return report
+    samples_ = _samples([e.line for e in examples], [e.messages[-1]["content"] for e in examples], expected, answers,
+                        samples, non_preferred=[e.non_preferred["content"] or "" for e in examples])
+    return served.save(metrics, samples_, method="dpo")
