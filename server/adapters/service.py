@@ -672,26 +672,32 @@ class AdapterRegistry:
             raise storage_error(exc) from None
         self._canaries[canary.name] = canary
 
-    def record_outcome(self, target: Target, error: bool) -> None:
-        """One split request finished (`error`: the version is to blame); may start an automatic rollback."""
-        if not target.split or target.adapter is None or target.version is None:
-            return
+    def _split_canary(self, target: Target) -> tuple[StoredAdapter, Canary] | None:
+        """The adapter and its active canary behind a split request, if it still has both and a current version."""
+        if not target.split or target.adapter is None:
+            return None
         adapter = self._adapters.get(target.adapter)
         canary = self._active_canary(adapter) if adapter is not None else None
         if canary is None or adapter is None or adapter.current is None:
+            return None
+        return adapter, canary
+
+    def record_outcome(self, target: Target, error: bool) -> None:
+        """One split request finished (`error`: the version is to blame); may start an automatic rollback."""
+        found = self._split_canary(target) if target.version is not None else None
+        if found is None:
             return
+        adapter, canary = found
         self._watch(canary).record(target.version, error)
         self._judge(canary, adapter.current)
 
     def sample(self, target: Target, endpoint: str, body: dict[str, Any]) -> None:
         """A split request may be replayed on both versions and scored (the canary's quality trigger); this only
         draws and queues, so the caller never waits for it."""
-        if not target.split or target.adapter is None or self.sampler is None:
+        found = self._split_canary(target) if self.sampler is not None else None
+        if found is None:
             return
-        adapter = self._adapters.get(target.adapter)
-        canary = self._active_canary(adapter) if adapter is not None else None
-        if canary is None or adapter is None or adapter.current is None:
-            return
+        adapter, canary = found
         rate = canary.rollback.live_sample_rate
         if rate > 0 and canary.live_suite_version is not None and self._rng.random() < rate:
             self.sampler.offer(canary, adapter.current, endpoint, body)
