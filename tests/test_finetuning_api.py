@@ -562,7 +562,9 @@ def test_a_real_job_s_checkpoint_answers_as_name_at_n_while_the_job_runs_and_thr
     job = wait_finished(client, job.id)
     assert job.status == "succeeded", job.error
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.step_number for c in checkpoints] == [6, 4, 2] and checkpoints[-1].fine_tuned_model_checkpoint == first
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data[::-1]]
+    assert [c.step_number for c in checkpoints] == [6, 4, 2] and checkpoints[-1].fine_tuned_model_checkpoint == first, \
+        events
     rows = list(csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text)))
     assert [int(r["step"]) for r in rows] == list(range(0, 7))  # each step once across the pause
     answer = inference.chat.completions.create(model=job.fine_tuned_model, messages=hello, max_tokens=8)
