@@ -53,6 +53,11 @@ for step in (1, 2, 3, 4):
         shutil.copytree(plan["checkpoints"][step // 2 - 1], folder)
         write_record(folder / CHECKPOINT, CheckpointRecord(step=step, created_at=int(time.time()), metrics={
             "step": step, "train_loss": 2.0 / step, "valid_loss": 1.5 / step, "full_valid_loss": 1.5 / step}))
+    if step == 4 and plan.get("redo_first"):  # as a run that started over, or rotates its own checkpoints
+        shutil.rmtree(job_dir / CHECKPOINTS / "step-2")
+        shutil.copytree(plan["checkpoints"][0], job_dir / CHECKPOINTS / "step-2")
+        write_record(job_dir / CHECKPOINTS / "step-2" / CHECKPOINT,
+                     CheckpointRecord(step=2, created_at=int(time.time()), metrics={"step": 2}))
     if step == 2 and plan.get("hold"):
         deadline = time.monotonic() + 60
         while not Path(plan["hold"]).exists() and time.monotonic() < deadline:
@@ -161,11 +166,11 @@ def test_each_epoch_checkpoint_is_a_staged_version_served_as_name_at_n(gateway) 
         assert gateway.engine.requests[-1]["model"] == served, answer
 
 
-def held_at_first_checkpoint(gateway, tmp_path: Path):
+def held_at_first_checkpoint(gateway, tmp_path: Path, **plan):
     """A job whose worker holds after its first epoch's checkpoint (step 2) until `release` is touched; returns
     the client, the job and the listed checkpoint once the listing shows it (while the job runs)."""
     release = tmp_path / "release"
-    gateway.set_plan(hold=str(release))
+    gateway.set_plan(hold=str(release), **plan)
     client = admin(gateway)
     job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client), suffix="live")
     deadline = time.monotonic() + 60
@@ -195,6 +200,21 @@ def test_a_checkpoint_is_listed_and_served_while_the_job_still_runs(gateway, tmp
     job = wait_finished(client, job.id)
     assert job.status == "succeeded", job.error
     # Registered once each; the final adapter (the last checkpoint's weights) promoted, not registered again.
+    assert [(c.step_number, c.fine_tuned_model_checkpoint) for c in client.fine_tuning.jobs.checkpoints.list(job.id)
+            .data] == [(4, f"{name}@2"), (2, f"{name}@1")]
+    versions = gateway.admin().get(f"/v1/adapters/{name}").json()["versions"]
+    assert [(v["version"], v["current"]) for v in versions] == [(1, False), (2, True)]
+
+
+def test_the_worker_redoing_its_checkpoint_folders_leaves_the_listing_alone(gateway, tmp_path: Path) -> None:
+    """With a folder store the worker's workspace is the job's record folder: the runner's listing lives apart
+    from the worker's `checkpoints/`, so a worker that starts over or rotates them neither unlists a registered
+    checkpoint (whose staged version would then leak) nor gets it registered twice."""
+    client, job, listed, release = held_at_first_checkpoint(gateway, tmp_path, redo_first=True)
+    release.touch()  # registered and listed; now the worker redoes step-2
+    job = wait_finished(client, job.id)
+    assert job.status == "succeeded", job.error
+    name = job.fine_tuned_model
     assert [(c.step_number, c.fine_tuned_model_checkpoint) for c in client.fine_tuning.jobs.checkpoints.list(job.id)
             .data] == [(4, f"{name}@2"), (2, f"{name}@1")]
     versions = gateway.admin().get(f"/v1/adapters/{name}").json()["versions"]

@@ -90,3 +90,26 @@ def test_a_paused_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_pat
     messages = [e.message for e in EventLog(job).read()]
     assert f"Paused at step {paused.step}: its resumable checkpoint is saved" in messages
     assert f"Fine-tuning job resumed from step {paused.step}" in messages
+
+
+def test_a_pause_after_an_evaluated_epoch_keeps_its_resumable_checkpoint(tmp_path: Path, model_dir: Path) -> None:
+    """Once an epoch was evaluated HF Trainer holds a best checkpoint; a pause ends `train()`, and with a save
+    limit of 1 HF then deletes every checkpoint but the best, the pause's own among them: the resumed run would
+    start over. It resumes from the pause."""
+    job = job_folder(tmp_path / "job", model_dir)
+    worker = start_worker(job)
+    deadline = time.monotonic() + 600
+    while not any(e.message == "Checkpoint created at step 2" for e in EventLog(job).read()):  # epoch 1 evaluated
+        assert worker.poll() is None and time.monotonic() < deadline, (job / "worker.out").read_text()[-3000:]
+        time.sleep(0.2)
+    (job / PAUSE).touch()
+    paused = finish(worker, job)
+    assert paused.status == "paused" and paused.step >= 2, paused
+    record = PausedRecord.model_validate_json((job / PAUSED).read_bytes())
+    assert (job / "run" / "checkpoints" / record.checkpoint / "trainer_state.json").is_file()
+
+    (job / PAUSE).unlink()
+    (job / RESULT).unlink()
+    assert finish(start_worker(job), job).status == "succeeded"
+    assert steps_logged(job) == [1, 2, 3, 4]  # each step once: resumed, not started over
+    assert f"Fine-tuning job resumed from step {paused.step}" in [e.message for e in EventLog(job).read()]

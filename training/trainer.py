@@ -285,7 +285,10 @@ def _training_args(config: TrainConfig, checkpoints: Path, epochs: int, has_vali
         logging_steps=1,
         eval_strategy="epoch" if has_validation else "no",
         save_strategy="epoch" if has_validation else "no",
-        save_total_limit=1,
+        # 2, not 1: at the end of `train()` HF deletes every checkpoint but the best when the limit is 1, and a
+        # pause ends `train()` with its resumable checkpoint (the latest, rarely the best). With 2 HF keeps the
+        # latest and the best; `save` drops them all once the run is done.
+        save_total_limit=2,
         load_best_model_at_end=has_validation,
         restore_callback_states_from_checkpoint=True,  # a resumed run keeps early stopping's count
         metric_for_best_model="eval_loss",

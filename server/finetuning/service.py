@@ -8,8 +8,9 @@ as interrupted. The training itself runs where the launcher (`launcher.py`) puts
     jobs/<job-id>/job.json             the job record (updated with compare-and-swap)
     jobs/<job-id>/claim.json           {"owner", "at"}: which runner took it, its last heartbeat
     jobs/<job-id>/{spec.json, events.jsonl, result.json, train.log, run/manifest.json}
-    jobs/<job-id>/checkpoints/step-N/checkpoint.json   a registered epoch checkpoint (its weights stay in the
-                                                        runner's workspace; the version is in the adapter store)
+    jobs/<job-id>/listed-checkpoints/step-N.json       a registered epoch checkpoint (its weights are in the
+                                                        adapter store as a staged version); apart from the
+                                                        worker's `checkpoints/`, which a folder store shares
     jobs/<job-id>/run/paused.json, run/checkpoints/     a paused job's resume point (published from the
                                                         workspace when the records are a bucket)
 
@@ -88,6 +89,9 @@ log = logging.getLogger(__name__)
 FINE_TUNE_PURPOSE = "fine-tune"
 RESULTS_PURPOSE = "fine-tune-results"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The runner's listing of registered checkpoints. Not inside the worker's `checkpoints/`: with a folder store the
+# workspace is the record folder, and a worker that rotates or rewrites its own checkpoints must not touch it.
+LISTED_CHECKPOINTS = "listed-checkpoints"
 INIT_ADAPTER = "init_adapter"
 # The results file's columns (OpenAI's names); a step without a figure leaves its cell empty.
 RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "train_mean_token_accuracy",
@@ -324,7 +328,7 @@ class JobService:
     def _listed_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         """The checkpoints the job registered so far, in step order, from the shared records (any replica
         answers, while the job runs too)."""
-        found = [record for key in self.records.keys(f"{job_id}/{CHECKPOINTS}/step-*/{CHECKPOINT}")
+        found = [record for key in self.records.keys(f"{job_id}/{LISTED_CHECKPOINTS}/step-*.json")
                  if (record := load_record(self.records, key, CheckpointRecord)) is not None]
         return sorted((record for record in found if record.fine_tuned_model_checkpoint), key=lambda r: r.step)
 
@@ -839,7 +843,7 @@ class JobService:
             return await self.registry.register(name, files, make_current=make_current)
 
     def _checkpoint_key(self, job_id: str, step: int) -> str:
-        return f"{job_id}/{CHECKPOINTS}/step-{step}/{CHECKPOINT}"
+        return f"{job_id}/{LISTED_CHECKPOINTS}/step-{step}.json"
 
     async def _register_checkpoints(self, job_id: str, name: str, workspace: Path) -> None:
         """Each complete checkpoint the worker wrote and that is not registered yet becomes a staged version
