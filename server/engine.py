@@ -216,6 +216,9 @@ class EngineSupervisor:
     async def unload_adapter(self, name: str) -> None:
         await self.client.unload_adapter(name)
 
+    async def set_pinned(self, name: str, pinned: bool) -> None:
+        await self.client.set_pinned(name, pinned)
+
     async def health(self) -> None:
         await self.client.health()
 
