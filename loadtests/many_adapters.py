@@ -107,8 +107,8 @@ def run_side(work: Workload, pid: int, engine: tuple[str, str]) -> dict:
 
 
 def one_config(name: str, env: dict[str, str], root: Path, adapters: list[Path], rounds: int,
-               work: Workload, counts: tuple[int, ...]) -> dict:
-    server = quiver_server(root / f"server-{name}", free_port(), env=env)
+               work: Workload, counts: tuple[int, ...], model_dir: Path = DEFAULT_MODEL_DIR) -> dict:
+    server = quiver_server(root / f"server-{name}", free_port(), env=env, model_dir=model_dir)
     server.store_dir = root / "store"  # shared by every configuration: register once
     typer.echo(f"== {name}: {env} (log {server.log_path})")
     with server:
@@ -192,10 +192,10 @@ def run(out: Path = typer.Option(...), config: list[str] = typer.Option(
         rounds: int = 2, counts: str = ",".join(map(str, COUNTS)), requests: int = 32, concurrency: int = 16,
         max_tokens: int = 64, prompt_tokens: int = 32, scratch: Path = Path("/tmp/quiver-many-adapters"),
         model_dir: Path = DEFAULT_MODEL_DIR) -> None:
-    numbers = tuple(int(c) for c in counts.split(","))
+    numbers = tuple(int(c) for c in counts.split(",") if c)  # "" = uniform over 4 only
     # A stopped benchmark must stop its server too (the `with`/`finally` blocks run on SystemExit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    adapters = make_adapters(model_dir, scratch / "adapters", max(numbers))
+    adapters = make_adapters(model_dir, scratch / "adapters", max(numbers, default=4))
     work = Workload(base_url="", model=BASE_NAME, requests=requests, concurrency=concurrency,
                     max_tokens=max_tokens, prompt_tokens=prompt_tokens)
     results, raw = {}, {}
@@ -203,7 +203,7 @@ def run(out: Path = typer.Option(...), config: list[str] = typer.Option(
     for item in config:
         name, _, settings = item.partition(":")
         env = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
-        raw[name] = one_config(name, env, scratch, adapters, rounds, work, numbers)
+        raw[name] = one_config(name, env, scratch, adapters, rounds, work, numbers, model_dir)
         results[name] = summarise(raw[name])
         out.mkdir(parents=True, exist_ok=True)
         text = table(results)

@@ -65,6 +65,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             max_upload_bytes=settings.max_upload_bytes,
             metrics=state.metrics,
             engine_copies_dir=settings.state_dir / "engine-adapters",
+            max_pins=settings.pinned_slots,
         )
         registry.load_store()
         engine.on_restart(registry.forget_engine_state)
@@ -88,6 +89,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         background: list[asyncio.Task] = []
         try:
             await engine.start()
+            await registry.sync_pins()  # the store's pins, in this replica's engine
             state.jobs.start()
             if settings.store_poll_s:
                 background.append(asyncio.create_task(registry.watch_store(settings.store_poll_s)))

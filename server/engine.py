@@ -133,6 +133,7 @@ def engine_environment(settings: Settings, api_key: str, parent: dict[str, str] 
         VLLM_CONFIG_ROOT=str(scratch / "vllm-config"),
         VLLM_NO_USAGE_STATS="1",
         QUIVER_ENGINE_NICE=str(settings.engine_nice),  # applied by quiver.engine_guard before it starts vLLM
+        QUIVER_PINNED_SLOTS=str(settings.pinned_slots),  # read by the engine plugin's scheduler (engine_plugin/pins.py)
         DO_NOT_TRACK="1",
     )
     env[ENGINE_KEY_ENV] = api_key
@@ -214,6 +215,9 @@ class EngineSupervisor:
 
     async def unload_adapter(self, name: str) -> None:
         await self.client.unload_adapter(name)
+
+    async def set_pinned(self, name: str, pinned: bool) -> None:
+        await self.client.set_pinned(name, pinned)
 
     async def health(self) -> None:
         await self.client.health()

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
+from quiver.engine_seal import PIN_PATH, UNPIN_PATH
 from quiver.observability import engine_headers
 
 ENGINE_KEEPALIVE_S = 2.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s)
@@ -103,6 +104,10 @@ class EngineClient(Protocol):
     async def load_adapter(self, name: str, path: Path) -> None: ...
 
     async def unload_adapter(self, name: str) -> None: ...
+
+    async def set_pinned(self, name: str, pinned: bool) -> None:
+        """Keep a loaded adapter in its engine slot (or let it go again); `AdapterNotFound` if not loaded."""
+        ...
 
     async def health(self) -> None:
         """Returns when the engine is healthy; raises an `EngineError` otherwise (within the health timeout)."""
@@ -246,6 +251,16 @@ class HttpEngineClient:
 
     async def unload_adapter(self, name: str) -> None:
         status, content = await self._call("POST", "/v1/unload_lora_adapter", self.timeouts.control_s,
+                                           json={"lora_name": name})
+        if status == 200:
+            return
+        if status == 404:
+            raise AdapterNotFound(name)
+        raise parse_engine_error(status, content)
+
+    async def set_pinned(self, name: str, pinned: bool) -> None:
+        # Routes of quiver's own middleware inside the engine (vLLM's HTTP API has no pin).
+        status, content = await self._call("POST", PIN_PATH if pinned else UNPIN_PATH, self.timeouts.control_s,
                                            json={"lora_name": name})
         if status == 200:
             return

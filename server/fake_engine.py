@@ -101,6 +101,9 @@ class FakeEngine:
         self.loaded: dict[str, Path] = {}
         self.load_calls: list[str] = []
         self.unload_calls: list[str] = []
+        # Like vLLM's worker: an unload drops the name but not a pin, which holds its slot until unpinned.
+        self.pinned: set[str] = set()
+        self.pin_calls: list[tuple[str, bool]] = []
         self.requests: list[dict[str, Any]] = []
         self.running = 0  # responses not yet closed
         self.aborted = 0
@@ -148,6 +151,7 @@ class FakeEngine:
     async def restart(self) -> None:
         """A new engine process: it knows no adapters."""
         self.loaded.clear()
+        self.pinned.clear()
         self.failure = None
         self._heal.set()
         self.restarts += 1
@@ -209,6 +213,16 @@ class FakeEngine:
         self.unload_calls.append(name)
         if self.loaded.pop(name, None) is None:
             raise AdapterNotFound(name)
+
+    async def set_pinned(self, name: str, pinned: bool) -> None:
+        await self._check(self.read_timeout_s)
+        self.pin_calls.append((name, pinned))
+        if name not in self.loaded:
+            raise AdapterNotFound(name)
+        if pinned:
+            self.pinned.add(name)
+        else:
+            self.pinned.discard(name)
 
     async def generate(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         await self._check(self.read_timeout_s)

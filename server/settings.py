@@ -101,6 +101,10 @@ class Settings(BaseModelSettings):
     max_model_len: int = Field(2048, gt=0)
     max_loras: int = Field(4, ge=1)
     max_cpu_loras: int | None = Field(None, ge=1)
+    pinned_slots: int = Field(
+        0, ge=0,
+        description="engine slots (of max_loras) kept for pinned adapters (POST /v1/adapters/{name}/pin): the "
+                    "scheduler batches at most max_loras - pinned_slots distinct adapters; 0 turns pinning off")
     max_lora_rank: int = 16
     kv_cache_gib: float = Field(2.0, gt=0, description="CPU engines only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     cpu_threads_bind: str = Field("all", description="CPU engines only: VLLM_CPU_OMP_THREADS_BIND; 'all' binds every core")
@@ -213,6 +217,8 @@ class Settings(BaseModelSettings):
     def _consistent(self) -> "Settings":
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be at least max_loras")
+        if self.pinned_slots >= self.max_loras:
+            raise ValueError("pinned_slots must be below max_loras: pins must leave a slot for the other adapters")
         if set(self.tenant_keys) & set(self.admin_keys + self.api_keys):
             # One key with two meanings would silently widen (or narrow) what it may see.
             raise ValueError("a tenant key is also an admin or API key; each key must have one role")

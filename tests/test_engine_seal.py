@@ -54,7 +54,8 @@ def test_the_engine_environment_holds_no_gateway_secrets(quiver_server) -> None:
         environ = Path(f"/proc/{process.pid}/environ").read_bytes().decode(errors="replace")
         names = {entry.partition("=")[0] for entry in environ.split("\0") if entry}
         assert not {name for name in names if name.startswith("QUIVER_")} - {"QUIVER_ENGINE_NICE",
-                                                                            "QUIVER_CPU_LORA_PLUGIN"}
+                                                                            "QUIVER_CPU_LORA_PLUGIN",
+                                                                            "QUIVER_PINNED_SLOTS"}
         assert not {name for name in names if name.startswith("AWS_")}
         for secret in secrets:
             assert secret not in environ

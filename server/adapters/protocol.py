@@ -47,6 +47,22 @@ class AdapterVersion(BaseModel):
     current: bool = False
 
 
+class Pin(BaseModel):
+    """An operator's pin (`POST /v1/adapters/{name}/pin`): the engine keeps this version in one of its slots,
+    so the name's requests never wait for a load or a free slot. Persisted in the store beside the name's
+    versions (every replica, and a restarted engine, pins it again); `version` null after an unpin."""
+
+    version: int | None
+    at: int = Field(description="when it was pinned or unpinned (Unix seconds)")
+    by: str = Field(description="who: the admin key's fingerprint")
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = Field(None, ge=1, le=2**31 - 1, strict=True,
+                                description="the version to keep loaded; the current version when omitted")
+
+
 class Adapter(BaseModel):
     object: Literal["adapter"] = "adapter"
     id: str
@@ -57,6 +73,8 @@ class Adapter(BaseModel):
     versions: list[AdapterVersion]
     canary: Canary | None = Field(None, description="the name's canary: the running one, or the last one and why "
                                                     "it ended (`PUT /v1/adapters/{name}/canary`)")
+    pin: Pin | None = Field(None, description="the version pinned in the engine's slots, if any "
+                                              "(`POST /v1/adapters/{name}/pin`)")
 
 
 class AdapterList(BaseModel):

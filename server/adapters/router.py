@@ -8,7 +8,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from quiver.adapters.canary import Canary, CanaryRequest
 from quiver.adapters.model_id import parse_adapter_name, parse_adapter_ref
-from quiver.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PromoteRequest
+from quiver.adapters.protocol import Adapter, AdapterList, AdapterVersion, Deleted, PinRequest, PromoteRequest
 from quiver.adapters.service import AdapterRegistry
 from quiver.auth import admin_auth
 from quiver.errors import error_responses
@@ -95,3 +95,17 @@ async def promote_adapter(name: str, body: PromoteRequest, registry: Registry, r
     """Make a version current. One that failed its name's suite needs `override_gate: true` (recorded in its report)."""
     return await registry.promote(parse_adapter_name(name), body.version, body.override_gate, _caller(request),
                                   body.reason)
+
+
+@router.post("/{name}/pin", responses=error_responses(400, 404, 409, 413))
+async def pin_adapter(name: str, registry: Registry, request: Request, body: PinRequest | None = None) -> Adapter:
+    """Keep a version (the current one by default) loaded in an engine slot on every replica, so the name's
+    requests never wait for a load or a free slot. At most `QUIVER_PINNED_SLOTS` names are pinned at once; a
+    name holds one pin (pinning another version moves it)."""
+    return await registry.pin(parse_adapter_name(name), body.version if body else None, _caller(request))
+
+
+@router.post("/{name}/unpin", responses=error_responses(400, 404))
+async def unpin_adapter(name: str, registry: Registry, request: Request) -> Adapter:
+    """Let the pinned version leave its slot like any other (it stays registered and servable)."""
+    return await registry.unpin(parse_adapter_name(name), _caller(request))

@@ -29,7 +29,7 @@ from quiver.adapters.canary import (
     choose_version,
 )
 from quiver.adapters.model_id import parse_model_id
-from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, StoredFile
+from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, Pin, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
 from quiver.adapters.validation import BaseModelSpec, NameConflict, check_adapter_name, validate_adapter_dir
@@ -111,6 +111,19 @@ def parse_canary(name: str, raw: bytes | None) -> Canary | None:
         log.warning("ignoring the canary record of %s: %s", name, str(exc)[:200])
         return None
     return canary if canary.name == name else None
+PIN_DOCUMENT = "pin.json"  # a name's pin (`Pin`) among its store documents
+
+
+def parse_pin(name: str, raw: bytes | None) -> Pin | None:
+    if raw is None:
+        return None
+    try:
+        return Pin.model_validate(loads_bounded(raw))
+    except ValueError as exc:
+        log.warning("ignoring the pin record of %s: %s", name, str(exc)[:200])
+        return None
+
+
 SUITE_FILE = "suite.json"  # uploaded beside the adapter files: becomes the name's suite, and gates this version
 
 
@@ -145,6 +158,7 @@ class AdapterRegistry:
         max_upload_bytes: int,
         metrics: Metrics,
         engine_copies_dir: Path | None = None,
+        max_pins: int = 0,
     ) -> None:
         self.store = store
         # The engine loads each version from a copy of its own here (hard links where possible), removed only
@@ -158,6 +172,11 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
+        # Pinned versions take engine slots the scheduler never hands out (QUIVER_PINNED_SLOTS, see
+        # engine_plugin/pins.py): at most that many names may be pinned.
+        self.max_pins = max_pins
+        self._pins: dict[str, Pin] = {}  # the store's pin records, by adapter name (unpinned ones too)
+        self._engine_pins: set[str] = set()  # engine names pinned in the current engine process
         self._adapters: dict[str, StoredAdapter] = {}
         self._loaded: set[str] = set()  # engine names loaded into the current engine process
         self._load_locks: dict[str, asyncio.Lock] = {}
@@ -184,6 +203,7 @@ class AdapterRegistry:
         self.store.prepare()
         self._adapters = self.store.scan()
         self._canaries = self._read_canaries(self._adapters)
+        self._pins = self._read_pins(self._adapters)
         self._update_gauge()
         log.info("registry: %d adapters from %s", len(self._adapters), self.store.location)
 
@@ -192,6 +212,7 @@ class AdapterRegistry:
         async with self._write_lock:
             scanned = await asyncio.to_thread(self.store.scan)
             self._canaries = await asyncio.to_thread(self._read_canaries, scanned)
+            self._pins = await asyncio.to_thread(self._read_pins, scanned)
             # Windows of canaries ended or replaced by another replica are dropped.
             self._watches = {name: watch for name, watch in self._watches.items()
                              if self._canaries.get(name) == watch.canary}
@@ -205,6 +226,7 @@ class AdapterRegistry:
             for key in gone:
                 await self._retire(key)
             self._update_gauge()
+        await self.sync_pins()  # another replica may have pinned or unpinned
 
     async def watch_store(self, interval_s: float) -> None:
         while True:
@@ -215,8 +237,10 @@ class AdapterRegistry:
                 log.exception("reading the adapter store failed; trying again")
 
     async def forget_engine_state(self) -> None:
-        """A new engine process knows no adapters; they are loaded again on first use."""
+        """A new engine process knows no adapters; they are loaded again on first use, pinned ones now."""
         self._loaded.clear()
+        self._engine_pins.clear()
+        await self.sync_pins()
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -242,8 +266,10 @@ class AdapterRegistry:
             record.model_copy(update={"current": version == adapter.current})
             for version, record in sorted(adapter.versions.items())
         ]
+        pinned = self._pinned_version(adapter)
         return Adapter(id=adapter.name, name=adapter.name, current_version=adapter.current, versions=versions,
-                       canary=self._canaries.get(adapter.name))
+                       canary=self._canaries.get(adapter.name),
+                       pin=self._pins[adapter.name] if pinned is not None else None)
 
     def resolve(self, model: str, scope: ModelScope = EVERY_MODEL, caller: str | None = None) -> Target:
         """`caller` (a user or session id) keeps one caller on one side of a canary; see `quiver.adapters.canary`."""
@@ -319,6 +345,9 @@ class AdapterRegistry:
     async def _unload(self, key: str) -> None:
         self._retired.discard(key)
         self._load_locks.pop(key, None)
+        if key in self._engine_pins:
+            # vLLM's unload drops the name but not the worker's pin: unpinned first, or the slot stays taken.
+            await self._engine_unpin(key)
         if key in self._loaded:
             self._loaded.discard(key)
             try:
@@ -543,6 +572,122 @@ class AdapterRegistry:
             for number in doomed:
                 await self._retire(engine_name(name, number))
             self._update_gauge()
+
+    # --- pins: versions kept in an engine slot ----------------------------------------------------------
+
+    def _read_pins(self, adapters: dict[str, StoredAdapter]) -> dict[str, Pin]:
+        raw = self.store.read_documents(sorted(adapters), PIN_DOCUMENT)
+        records = {name: parse_pin(name, data) for name, data in raw.items()}
+        return {name: pin for name, pin in records.items() if pin is not None}
+
+    def _pinned_version(self, adapter: StoredAdapter) -> int | None:
+        """The version pinned for this name, if its record names one that still exists."""
+        pin = self._pins.get(adapter.name)
+        if pin is None or pin.version not in adapter.versions:
+            return None
+        return pin.version
+
+    def _wanted_pins(self) -> set[str]:
+        return {engine_name(name, version) for name, adapter in self._adapters.items()
+                if (version := self._pinned_version(adapter)) is not None}
+
+    async def pin(self, name: str, version: int | None, by: str = "admin") -> Adapter:
+        async with self.name_lock(name), self._write_lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise adapter_not_found(name)
+            version = adapter.current if version is None else version
+            if version is None:
+                raise Conflict(f"`{name}` has no current version: name the version to pin",
+                               code="no_current_version", param="version")
+            if version not in adapter.versions:
+                raise version_not_found(name, version)
+            if self.max_pins == 0:
+                raise Conflict("pinning is off on this server: it keeps no engine slots for pinned adapters "
+                               "(set QUIVER_PINNED_SLOTS, below QUIVER_MAX_LORAS)", code="pinning_disabled",
+                               param="name")
+            others = sorted(other for other, stored in self._adapters.items()
+                            if other != name and self._pinned_version(stored) is not None)
+            if len(others) >= self.max_pins:
+                raise Conflict(f"{len(others)} adapters are pinned already ({', '.join(others)}), as many as the "
+                               f"engine slots kept for pins (QUIVER_PINNED_SLOTS={self.max_pins}); the other slots "
+                               f"stay free for the rest of the traffic: unpin one first", code="too_many_pins",
+                               param="name")
+            previous = self._pinned_version(adapter)
+            key = engine_name(name, version)
+            await self._engine_pin(name, version)  # the engine has the last word before it is recorded
+            try:
+                await self._write_pin(name, Pin(version=version, at=int(time.time()), by=by))
+            except DomainError:
+                if previous != version:
+                    await self._engine_unpin(key)
+                raise
+            if previous is not None and previous != version:
+                await self._engine_unpin(engine_name(name, previous))
+            log.info("pinned %s (by %s)", key, by)
+            return self._describe(adapter)
+
+    async def unpin(self, name: str, by: str = "admin") -> Adapter:
+        async with self.name_lock(name), self._write_lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise adapter_not_found(name)
+            version = self._pinned_version(adapter)
+            if version is None:
+                raise NotFound(f"`{name}` is not pinned", code="pin_not_found", param="name")
+            await self._write_pin(name, Pin(version=None, at=int(time.time()), by=by))
+            await self._engine_unpin(engine_name(name, version))
+            log.info("unpinned %s@%d (by %s)", name, version, by)
+            return self._describe(adapter)
+
+    async def _write_pin(self, name: str, pin: Pin) -> None:
+        try:
+            await asyncio.to_thread(self.store.write_document, name, PIN_DOCUMENT, pin.model_dump_json().encode())
+        except OSError as exc:
+            raise storage_error(exc) from None
+        self._pins[name] = pin
+
+    async def _engine_pin(self, name: str, version: int) -> None:
+        key = engine_name(name, version)
+        for attempt in (1, 2):
+            await self._ensure_loaded(name, version)
+            try:
+                await self.engine.set_pinned(key, True)
+                break
+            except AdapterNotFound:
+                if attempt == 2:
+                    raise Unavailable(f"the engine lost {key} while pinning it; try again",
+                                      code="engine_rejected") from None
+                self._loaded.discard(key)  # the engine restarted since it was loaded: load it again, once
+            except EngineUnavailable:
+                raise Unavailable("the engine is not reachable; try again shortly",
+                                  code="engine_unavailable") from None
+            except EngineRejected as exc:
+                raise Unavailable(f"the engine could not pin {key}: {exc.message}", code="engine_rejected") from None
+        self._engine_pins.add(key)
+
+    async def _engine_unpin(self, key: str) -> None:
+        self._engine_pins.discard(key)
+        try:
+            await self.engine.set_pinned(key, False)
+        except AdapterNotFound:
+            pass  # not loaded in this engine process: nothing holds a slot
+        except (EngineUnavailable, EngineRejected):
+            log.warning("could not unpin %s in the engine (it may be restarting)", key)
+
+    async def sync_pins(self) -> None:
+        """Make this replica's engine hold exactly the pinned versions (at start, after a restart, after a
+        store poll). Failures are logged: the next poll or restart tries again."""
+        async with self._write_lock:  # not between a pin's engine call and its record
+            wanted = self._wanted_pins()
+            for key in sorted(self._engine_pins - wanted):
+                await self._engine_unpin(key)
+            for key in sorted(wanted - self._engine_pins):
+                name, _, version = key.rpartition("@")
+                try:
+                    await self._engine_pin(name, int(version))
+                except DomainError as exc:
+                    log.warning("could not pin %s in the engine: %s", key, exc)
 
     def _update_gauge(self) -> None:
         self.metrics.adapters_registered.set(len(self._adapters))

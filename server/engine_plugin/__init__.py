@@ -5,7 +5,8 @@ process. On CPU it swaps the platform's punica wrapper, the object every LoRA
 layer calls once per forward, for `QuiverPunicaWrapperCPU`
 (see `punica_cpu.py` for why and how). Anywhere else it does nothing, so the
 GPU path keeps vLLM's own Triton kernels. `QUIVER_CPU_LORA_PLUGIN=0` turns it
-off, which gives the stock path for comparisons.
+off, which gives the stock path for comparisons. Everywhere, it keeps the slots
+reserved for pinned adapters out of the scheduler's reach (`pins.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def enabled_by_env() -> bool:
 
 
 def register() -> None:
+    # Any platform, and whatever the CPU switch says: pinning needs it (see pins.py).
+    from quiver.engine_plugin.pins import reserve_pinned_slots
+
+    reserve_pinned_slots()
     if not enabled_by_env():
         return
     from vllm.platforms import current_platform
