@@ -35,10 +35,11 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.servers import DEFAULT_MODEL_DIR
 from quiver.testing import QuiverServer, register_adapter
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "/tmp/qmodel/SmolLM2-135M-Instruct"
+DEFAULT_MODEL = str(DEFAULT_MODEL_DIR)
 SERVED = "base"
 
 PROMPTS = [

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import psutil
 
+from quiver.settings import Settings
 from quiver.testing import QuiverServer, random_adapter, register_adapter
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = Path("/tmp/qmodel/SmolLM2-135M-Instruct")
+DEFAULT_MODEL_DIR = Settings().model_dir  # where `quiver serve` prepares the default model
 ADMIN_KEY = "loadtest-admin"
 API_KEY = "loadtest-inference"
 

@@ -14,10 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def base_model_dir() -> Path:
-    from quiver.common.base_model import prepare_default_model
-
-    return prepare_default_model(Path(os.environ.get("QUIVER_TEST_MODEL_DIR", "/tmp/qmodel/SmolLM2-135M-Instruct")))
+def base_model_dir(model_dir: Path) -> Path:
+    """The same prepared model as the serving tests' (`conftest.model_dir`): one conversion per machine."""
+    return model_dir
 
 
 @pytest.fixture(scope="session")
