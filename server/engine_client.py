@@ -250,18 +250,15 @@ class HttpEngineClient:
         raise error
 
     async def unload_adapter(self, name: str) -> None:
-        status, content = await self._call("POST", "/v1/unload_lora_adapter", self.timeouts.control_s,
-                                           json={"lora_name": name})
-        if status == 200:
-            return
-        if status == 404:
-            raise AdapterNotFound(name)
-        raise parse_engine_error(status, content)
+        await self._adapter_control("/v1/unload_lora_adapter", name)
 
     async def set_pinned(self, name: str, pinned: bool) -> None:
         # Routes of quiver's own middleware inside the engine (vLLM's HTTP API has no pin).
-        status, content = await self._call("POST", PIN_PATH if pinned else UNPIN_PATH, self.timeouts.control_s,
-                                           json={"lora_name": name})
+        await self._adapter_control(PIN_PATH if pinned else UNPIN_PATH, name)
+
+    async def _adapter_control(self, path: str, name: str) -> None:
+        """A control call on a loaded adapter: 404 means the engine does not hold it."""
+        status, content = await self._call("POST", path, self.timeouts.control_s, json={"lora_name": name})
         if status == 200:
             return
         if status == 404:

@@ -87,3 +87,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.engine)
         if getattr(module, "__name__", "").rpartition(".")[2] in TRAINING_MODULES:
             item.add_marker(pytest.mark.training)
+
+
+@pytest.fixture
+def make_gateway(model_dir: Path, tmp_path: Path):
+    """In-process gateways on a fake engine (or the one given), sharing this test's store; `state` names a
+    replica's own state folder; settings overrides as keywords. A fake engine left failing or gated is freed
+    before its gateway stops."""
+    from quiver.fake_engine import FakeEngine
+    from quiver.testing import InProcessGateway
+
+    started: list[InProcessGateway] = []
+
+    def make(engine: "FakeEngine | None" = None, state: str = "state", **overrides) -> InProcessGateway:
+        settings = Settings(
+            model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / state,
+            finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY],
+            **{"store_poll_s": 0, **overrides},
+        )
+        gateway = InProcessGateway(settings, engine or FakeEngine("SmolLM2-135M-Instruct")).start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.engine.threadsafe(gateway.engine.fail, None)
+        if gateway.engine.gate is not None:
+            gateway.engine.release()
+        gateway.stop()

@@ -18,8 +18,7 @@ import pytest
 from quiver.adapters.canary import Canary, CanaryWatch, RollbackPolicy, choose_version, sticky_point
 from quiver.engine_client import EngineResponse
 from quiver.fake_engine import FakeEngine, _FakeResponse, fake_text
-from quiver.settings import Settings
-from quiver.testing import ADMIN_KEY, API_KEY, InProcessGateway
+from quiver.testing import API_KEY, InProcessGateway
 
 BASE = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -41,23 +40,6 @@ class BrokenVersionEngine(FakeEngine):
         return await super().generate(endpoint, body)
 
 
-@pytest.fixture
-def make_gateway(model_dir: Path, tmp_path: Path):
-    started: list[InProcessGateway] = []
-
-    def make(engine: FakeEngine | None = None, state: str = "state", **overrides) -> InProcessGateway:
-        settings = Settings(
-            model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / state,
-            finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY],
-            **{"store_poll_s": 0, **overrides},
-        )
-        gateway = InProcessGateway(settings, engine or FakeEngine(BASE)).start()
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        gateway.stop()
 
 
 def two_versions(gateway: InProcessGateway, adapter: Path, name: str = "bot") -> None:

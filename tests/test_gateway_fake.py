@@ -14,8 +14,7 @@ import openai
 import pytest
 
 from quiver.fake_engine import FakeEngine, fake_text
-from quiver.settings import Settings
-from quiver.testing import ADMIN_KEY, API_KEY, InProcessGateway
+from quiver.testing import API_KEY
 
 BASE = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -30,26 +29,6 @@ def wait_for(condition, timeout_s: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.01)
 
 
-@pytest.fixture
-def make_gateway(model_dir: Path, tmp_path: Path):
-    started: list[InProcessGateway] = []
-
-    def make(engine: FakeEngine | None = None, **overrides) -> InProcessGateway:
-        settings = Settings(
-            model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / "state",
-            finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY], store_poll_s=0,
-            **overrides,
-        )
-        gateway = InProcessGateway(settings, engine or FakeEngine(BASE)).start()
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        gateway.engine.threadsafe(gateway.engine.fail, None)
-        if gateway.engine.gate is not None:
-            gateway.engine.release()
-        gateway.stop()
 
 
 def chat(gateway, model: str, **kwargs):

@@ -12,28 +12,12 @@ import pytest
 
 from quiver.fake_engine import FakeEngine
 from quiver.settings import Settings
-from quiver.testing import ADMIN_KEY, API_KEY, InProcessGateway
+from quiver.testing import API_KEY, InProcessGateway
 
 BASE = "SmolLM2-135M-Instruct"
+PINNING = {"max_loras": 4, "pinned_slots": 1}  # one of four slots kept for pins
 
 
-@pytest.fixture
-def make_gateway(model_dir: Path, tmp_path: Path):
-    started: list[InProcessGateway] = []
-
-    def make(engine: FakeEngine | None = None, state: str = "state", **overrides) -> InProcessGateway:
-        settings = Settings(
-            model_cache_dir=model_dir.parent, store_dir=tmp_path / "store", state_dir=tmp_path / state,
-            finetuning_dir=tmp_path / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY],
-            **{"store_poll_s": 0, "max_loras": 4, "pinned_slots": 1, **overrides},
-        )
-        gateway = InProcessGateway(settings, engine or FakeEngine(BASE)).start()
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        gateway.stop()
 
 
 def pin(gateway: InProcessGateway, name: str, **body):
@@ -54,7 +38,7 @@ def error(response) -> dict:
 
 def test_pin_current_version_shown_and_held_by_engine(make_gateway, fake_adapter: Path):
     engine = FakeEngine(BASE)
-    gateway = make_gateway(engine)
+    gateway = make_gateway(engine, **PINNING)
     assert gateway.register("bot", fake_adapter).status_code == 201
     assert gateway.register("bot", fake_adapter).status_code == 201  # bot@2 current
     with gateway.admin() as admin:
@@ -84,7 +68,7 @@ def test_pin_current_version_shown_and_held_by_engine(make_gateway, fake_adapter
 
 
 def test_pin_refusals_are_openai_errors(make_gateway, fake_adapter: Path):
-    gateway = make_gateway()
+    gateway = make_gateway(**PINNING)
     for name in ("a", "b"):
         assert gateway.register(name, fake_adapter).status_code == 201
 
@@ -113,7 +97,7 @@ def test_pin_refusals_are_openai_errors(make_gateway, fake_adapter: Path):
 
 def test_pinning_off_and_the_bound_is_checked_at_start(make_gateway, fake_adapter: Path, model_dir: Path,
                                                         tmp_path: Path):
-    gateway = make_gateway(pinned_slots=0)
+    gateway = make_gateway(**{**PINNING, "pinned_slots": 0})
     assert gateway.register("a", fake_adapter).status_code == 201
     response = pin(gateway, "a")
     assert response.status_code == 409 and error(response)["code"] == "pinning_disabled"
@@ -123,7 +107,7 @@ def test_pinning_off_and_the_bound_is_checked_at_start(make_gateway, fake_adapte
 
 
 def test_pin_needs_admin(make_gateway, fake_adapter: Path):
-    gateway = make_gateway()
+    gateway = make_gateway(**PINNING)
     assert gateway.register("a", fake_adapter).status_code == 201
     with httpx.Client(base_url=gateway.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as caller:
         response = caller.post("/v1/adapters/a/pin")
@@ -132,9 +116,9 @@ def test_pin_needs_admin(make_gateway, fake_adapter: Path):
 
 def test_pin_survives_engine_restart_and_reaches_other_replicas(make_gateway, fake_adapter: Path):
     engine = FakeEngine(BASE)
-    first = make_gateway(engine, store_poll_s=0.2)
+    first = make_gateway(engine, store_poll_s=0.2, **PINNING)
     other_engine = FakeEngine(BASE)
-    second = make_gateway(other_engine, state="state-2", store_poll_s=0.2)
+    second = make_gateway(other_engine, state="state-2", store_poll_s=0.2, **PINNING)
     assert first.register("bot", fake_adapter).status_code == 201
     assert pin(first, "bot").status_code == 200
 
@@ -158,13 +142,13 @@ def test_pin_survives_engine_restart_and_reaches_other_replicas(make_gateway, fa
     # A restarted gateway reads the pin back from the store.
     assert pin(second, "bot").status_code == 200
     third_engine = FakeEngine(BASE)
-    make_gateway(third_engine, state="state-3")
+    make_gateway(third_engine, state="state-3", **PINNING)
     assert third_engine.pinned == {"bot@1"}
 
 
 def test_deleting_a_pinned_version_frees_its_slot(make_gateway, fake_adapter: Path):
     engine = FakeEngine(BASE)
-    gateway = make_gateway(engine)
+    gateway = make_gateway(engine, **PINNING)
     for name in ("a", "b"):
         assert gateway.register(name, fake_adapter).status_code == 201
     assert pin(gateway, "a").status_code == 200
