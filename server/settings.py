@@ -149,6 +149,16 @@ class Settings(BaseModelSettings):
     @field_validator("admin_keys", "api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            # A JSON list, as pydantic-settings reads other list settings: else `["k"]` would silently become a
+            # key with brackets and quotes. The message never quotes the value (it holds keys).
+            try:
+                keys = yaml.safe_load(value)
+            except yaml.YAMLError:
+                keys = None
+            if not (isinstance(keys, list) and all(isinstance(key, str) and key for key in keys)):
+                raise ValueError("expected comma-separated keys or a JSON list of strings")
+            return keys
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value

@@ -147,6 +147,20 @@ def test_bad_tenant_keys_are_refused_without_printing_the_key(monkeypatch: pytes
     assert "secret" not in str(refused.value)
 
 
+@pytest.mark.parametrize("value", ["key-1,key-2", " key-1 , key-2 ", '["key-1", "key-2"]'])
+def test_keys_are_comma_separated_or_a_json_list(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("QUIVER_ADMIN_KEYS", value)
+    assert Settings().admin_keys == ["key-1", "key-2"]
+
+
+@pytest.mark.parametrize("value", ['["sk-secret-1", 2]', '["sk-secret-1"', '[""]'])
+def test_a_malformed_key_list_is_refused_without_printing_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("QUIVER_API_KEYS", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "api_keys" in str(refused.value) and "secret" not in str(refused.value)
+
+
 def test_a_key_with_two_roles_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUIVER_TENANT_KEYS", '{"shared-key": ["a-*"]}')
     monkeypatch.setenv("QUIVER_API_KEYS", "shared-key")
