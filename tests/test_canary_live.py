@@ -14,7 +14,7 @@ import pytest
 from quiver.adapters.canary import Canary, RollbackPolicy
 from quiver.suites.live import LiveScorer, live_score, replay_body
 from quiver.suites.protocol import Answer, SuiteSpec
-from test_canary import ask, make_gateway, put_canary  # noqa: F401  (make_gateway: the fixture)
+from test_canary import ask, put_canary
 
 CASES = [{"id": "names-itself", "request": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
           "checks": [{"type": "contains", "value": "bot@"}]}]
