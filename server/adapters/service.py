@@ -18,7 +18,9 @@ from collections import Counter
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator, BinaryIO, Protocol
+from typing import Any, AsyncIterator, BinaryIO, Protocol, TypeVar
+
+from pydantic import BaseModel
 
 from quiver.adapters.canary import (
     CANARY_DOCUMENT,
@@ -101,27 +103,31 @@ def canary_not_found(name: str) -> NotFound:
     return NotFound(f"`{name}` has no canary running", code="canary_not_found", param="name")
 
 
-def parse_canary(name: str, raw: bytes | None) -> Canary | None:
-    """A stored canary record, or None when absent or unreadable (logged: it must not stop the registry)."""
+DocumentModel = TypeVar("DocumentModel", bound=BaseModel)
+
+
+def parse_document(name: str, raw: bytes | None, model: type[DocumentModel], what: str) -> DocumentModel | None:
+    """A name's stored record (its canary, its pin), or None when absent or unreadable (logged: it must not stop
+    the registry)."""
     if raw is None:
         return None
     try:
-        canary = Canary.model_validate(loads_bounded(raw))
+        return model.model_validate(loads_bounded(raw))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        log.warning("ignoring the canary record of %s: %s", name, str(exc)[:200])
+        log.warning("ignoring the %s record of %s: %s", what, name, str(exc)[:200])
         return None
-    return canary if canary.name == name else None
-PIN_DOCUMENT = "pin.json"  # a name's pin (`Pin`) among its store documents
+
+
+def parse_canary(name: str, raw: bytes | None) -> Canary | None:
+    canary = parse_document(name, raw, Canary, "canary")
+    return canary if canary is not None and canary.name == name else None
 
 
 def parse_pin(name: str, raw: bytes | None) -> Pin | None:
-    if raw is None:
-        return None
-    try:
-        return Pin.model_validate(loads_bounded(raw))
-    except ValueError as exc:
-        log.warning("ignoring the pin record of %s: %s", name, str(exc)[:200])
-        return None
+    return parse_document(name, raw, Pin, "pin")
+
+
+PIN_DOCUMENT = "pin.json"  # a name's pin (`Pin`) among its store documents
 
 
 SUITE_FILE = "suite.json"  # uploaded beside the adapter files: becomes the name's suite, and gates this version
@@ -576,9 +582,13 @@ class AdapterRegistry:
     # --- pins: versions kept in an engine slot ----------------------------------------------------------
 
     def _read_pins(self, adapters: dict[str, StoredAdapter]) -> dict[str, Pin]:
-        raw = self.store.read_documents(sorted(adapters), PIN_DOCUMENT)
-        records = {name: parse_pin(name, data) for name, data in raw.items()}
-        return {name: pin for name, pin in records.items() if pin is not None}
+        return self._read_documents(adapters, PIN_DOCUMENT, parse_pin)
+
+    def _read_documents(self, adapters: dict[str, StoredAdapter], document: str, parse) -> dict:
+        """Each name's readable record of one kind (canary, pin), by name: one store read for all names."""
+        raw = self.store.read_documents(sorted(adapters), document)
+        records = {name: parse(name, data) for name, data in raw.items()}
+        return {name: record for name, record in records.items() if record is not None}
 
     def _pinned_version(self, adapter: StoredAdapter) -> int | None:
         """The version pinned for this name, if its record names one that still exists."""
@@ -695,9 +705,7 @@ class AdapterRegistry:
     # --- canaries (see quiver.adapters.canary) -----------------------------------------------------
 
     def _read_canaries(self, adapters: dict[str, StoredAdapter]) -> dict[str, Canary]:
-        raw = self.store.read_documents(sorted(adapters), CANARY_DOCUMENT)
-        records = {name: parse_canary(name, data) for name, data in raw.items()}
-        return {name: canary for name, canary in records.items() if canary is not None}
+        return self._read_documents(adapters, CANARY_DOCUMENT, parse_canary)
 
     def _canary_running(self, name: str) -> bool:
         canary = self._canaries.get(name)
