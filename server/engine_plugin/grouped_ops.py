@@ -297,7 +297,7 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
         if isinstance(rows, slice):
             out[rows].addmm_(buf.to(fused.expand_dtype), b)  # a view: no scatter needed
         else:
-            out.index_add_(0, rows, torch.mm(buf.to(fused.expand_dtype), b))
+            _add_to_rows(out, rows, torch.mm(buf.to(fused.expand_dtype), b))
 
 
 class SlotsInUse:
@@ -345,7 +345,10 @@ def _add_to_rows(y: torch.Tensor, rows: slice | torch.Tensor, delta: torch.Tenso
     if isinstance(rows, slice):
         y[rows, :cols].add_(delta)
     else:
-        y[:, :cols].index_add_(0, rows, delta)
+        # The rows are distinct: read, add, write back. index_add_ sorts its index on every call (fbgemm's
+        # parallel radix sort); under mixed traffic that sort was ~5 % of the engine's time (py-spy --native).
+        target = y[:, :cols]
+        target.index_put_((rows,), target.index_select(0, rows).add_(delta))
 
 
 def add_lora_embedding(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan, lora_b: torch.Tensor,
