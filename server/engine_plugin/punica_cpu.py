@@ -36,6 +36,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from .grouped_ops import (
     FusedLoRA,
     LoRAPlan,
+    OneThread,
     SlotsInUse,
     add_lora_embedding,
     add_lora_linear,
@@ -101,7 +102,8 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
             return None
         y2 = y.view(-1, y.shape[-1])
         fused = self._fused_for(lora_a_stacked, lora_b_stacked, output_slices, y.dtype)
-        add_lora_linear(y2, x2, plan, fused, scale)
+        with OneThread(plan.num_tokens):
+            add_lora_linear(y2, x2, plan, fused, scale)
         return None
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
@@ -121,7 +123,8 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         if in_use is None or not in_use.is_current(lora_a_stacked, lora_b_stacked):
             if in_use is None or not in_use.refresh(lora_a_stacked, lora_b_stacked, slot_ids=self._slot_ids):
                 in_use = self._logits_in_use = SlotsInUse(lora_a_stacked, lora_b_stacked, slot_ids=self._slot_ids)
-        add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
+        with OneThread(plan.num_tokens):
+            add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
         return None
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
@@ -134,5 +137,6 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         if in_use is None or not in_use.is_current(lora_b_stacked):
             if in_use is None or not in_use.refresh(lora_b_stacked, slot_ids=self._slot_ids):
                 in_use = self._embedding_in_use = SlotsInUse(lora_b_stacked, slot_ids=self._slot_ids)
-        add_lora_embedding(y2, x2, plan, lora_b_stacked, in_use)
+        with OneThread(plan.num_tokens):
+            add_lora_embedding(y2, x2, plan, lora_b_stacked, in_use)
         return None
