@@ -116,7 +116,8 @@ class Server:
             cwd=REPO, kv_cache_gib=str(args.kv_space),
             extra_env={"QUIVER_MODEL": str(args.model), "QUIVER_SERVED_MODEL_NAME": SERVED,
                        "QUIVER_CPU_LORA_PLUGIN": "1" if plugin else "0", "QUIVER_CPU_THREADS_BIND": args.bind,
-                       "QUIVER_MAX_LORAS": str(args.max_loras), "QUIVER_MAX_LORA_RANK": str(args.rank)},
+                       "QUIVER_MAX_LORAS": str(args.max_loras), "QUIVER_MAX_LORA_RANK": str(args.rank),
+                       **(args.off_env_vars if label == "off" else {})},
         )
         self.url = self.server.base_url
         self.log_path = self.server.state_dir / "engine.log"
@@ -209,7 +210,13 @@ def main() -> int:
     ap.add_argument("--skip-solo", action="store_true",
                     help="skip the per-model solo runs that check mixed outputs")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--off-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="A/B mode: the 'off' side keeps the plugin on and sets these variables (repeatable), "
+                         "e.g. QUIVER_LORA_ONE_THREAD_MAX_TOKENS=0")
     args = ap.parse_args()
+    if any("=" not in item for item in args.off_env):
+        ap.error("--off-env takes KEY=VALUE")
+    args.off_env_vars = dict(item.split("=", 1) for item in args.off_env)
     for port in (args.port_on, args.port_off):
         if not 18200 <= port <= 18299:
             ap.error("ports must be in 18200-18299")
@@ -226,7 +233,8 @@ def main() -> int:
         t0 = time.monotonic()
         for side in sides:
             port = args.port_on if side == "on" else args.port_off
-            servers[side] = Server(side, port, side == "on", args, adapters)
+            # With --off-env the "off" side keeps the plugin and differs by those variables instead.
+            servers[side] = Server(side, port, side == "on" or bool(args.off_env_vars), args, adapters)
         for side, s in servers.items():
             s.start(args.start_timeout)  # one at a time: two engines starting at once fight for the cores
             print(f"[{side}] ready on :{s.port} after {time.monotonic() - t0:.0f}s, "

@@ -41,17 +41,20 @@ COUNTS = (10, 100, 1000)
 
 def register_all(base_url: str, folders: list[Path], workers: int = 4) -> list[str]:
     """Every folder as adapter `<folder name>`, unless the server has it already; returns pinned names."""
-    def one(folder: Path) -> str:
-        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
-            existing = c.get(f"/v1/adapters/{folder.name}")
+    # One client shared by the workers (httpx.Client is thread-safe): a client per adapter made registering or
+    # looking up 1,000 adapters take 18-63 s.
+    with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120,
+                      limits=httpx.Limits(max_connections=workers)) as client:
+        def one(folder: Path) -> str:
+            existing = client.get(f"{base_url}/v1/adapters/{folder.name}")
             if existing.status_code == 200:
                 return f"{folder.name}@{existing.json()['current_version']}"
-        response = register_adapter(base_url, folder.name, folder, ADMIN_KEY)
-        response.raise_for_status()
-        return response.json()["id"]
+            response = register_adapter(base_url, folder.name, folder, ADMIN_KEY, client=client)
+            response.raise_for_status()
+            return response.json()["id"]
 
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, folders))
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, folders))
 
 
 class EngineQueue:

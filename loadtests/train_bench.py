@@ -50,6 +50,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "no length grouping": {"group_by_length": False},
     "no padding-free, no grouping": {"padding_free": False, "group_by_length": False},
     "gradient checkpointing on (TRL's default)": {"gradient_checkpointing": True},
+    "no compact LM head (every position scored)": {"compact_lm_head": False},
+    "all of them off": {"padding_free": False, "group_by_length": False, "compact_lm_head": False,
+                        "gradient_checkpointing": True},
 }
 
 

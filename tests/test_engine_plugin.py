@@ -394,57 +394,6 @@ def test_masked_threshold_constant():
     assert grouped_ops.MASKED_MAX_TOKENS >= 16
 
 
-def test_small_steps_run_the_lora_ops_on_one_thread_and_restore_the_count(monkeypatch):
-    """Decode-sized steps run the LoRA matmuls outside OpenMP (their cost there is the barrier, not the math);
-    the thread count the engine bound comes back afterwards, also when the op raises; prefill-sized steps keep
-    every thread."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    calls: list[int] = []
-    monkeypatch.setattr(torch._C, "set_num_threads", calls.append)
-    with grouped_ops.OneThread(grouped_ops.ONE_THREAD_MAX_TOKENS):
-        assert calls == [1]
-    assert calls == [1, 2]
-    calls.clear()
-    with pytest.raises(RuntimeError), grouped_ops.OneThread(1):
-        raise RuntimeError("op failed")
-    assert calls == [1, 2]
-    calls.clear()
-    with grouped_ops.OneThread(grouped_ops.ONE_THREAD_MAX_TOKENS + 1):
-        pass
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    with grouped_ops.OneThread(4):
-        pass
-    assert calls == []
-
-
-def test_wrapper_runs_decode_lora_on_one_thread(monkeypatch):
-    slots, _ = CASES["decode_mixed"]
-    out_slices = (32, 16, 16)
-    a, b = make_layer(out_slices)
-    x = torch.randn(len(slots), D_IN)
-    stock, quiver = wrappers(slots)
-    expected = torch.zeros(len(slots), sum(out_slices))
-    stock.add_lora_linear(expected, x, a, b, 1.0, out_slices)
-    seen: list[int] = []
-    real_mm = torch.mm
-
-    def mm_noting_threads(*args):
-        seen.append(torch.get_num_threads())
-        return real_mm(*args)
-
-    threads = torch.get_num_threads()
-    torch._C.set_num_threads(2)
-    try:
-        monkeypatch.setattr(torch, "mm", mm_noting_threads)
-        got = torch.zeros(len(slots), sum(out_slices))
-        quiver.add_lora_linear(got, x, a, b, 1.0, out_slices)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch._C.set_num_threads(threads)
-    assert seen and set(seen) == {1}
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
 # ------------------------------------------------------------------ lm_head (logits)
 
 VOCAB = 300

@@ -46,37 +46,6 @@ import torch
 # every token) cost more than a few extra ops per slot; below it, op count wins.
 MASKED_MAX_TOKENS = 64
 SHRINK_DTYPE = torch.float32
-# Up to this many tokens the LoRA ops run on one thread (see `OneThread`).
-ONE_THREAD_MAX_TOKENS = 64
-
-
-class OneThread:
-    """Runs a block on one intra-op thread when a step has at most ONE_THREAD_MAX_TOKENS tokens.
-
-    Why: every torch matmul is an OpenMP parallel region over the engine's bound threads, and a LoRA op's
-    matmuls are tiny (rank x slices x slots columns), so their time is the region's fork and barrier, not
-    arithmetic: under mixed traffic py-spy --native had ~70 % of `add_lora_linear` waiting in libgomp and
-    ~0.5 % in MKL's kernels. The barrier waits for the other bound thread, which on a serving host shares
-    its core with the gateway and the engine's API process. One thread skips the region altogether. The
-    base model's GEMMs (oneDNN, prepacked) keep every thread; the count is restored on exit.
-    `torch._C.set_num_threads` because vLLM's CPU worker replaces `torch.set_num_threads` with a no-op.
-    """
-
-    __slots__ = ("_active", "_threads")
-
-    def __init__(self, num_tokens: int):
-        self._active = num_tokens <= ONE_THREAD_MAX_TOKENS
-
-    def __enter__(self) -> None:
-        if self._active:
-            self._threads = torch.get_num_threads()
-            self._active = self._threads > 1
-            if self._active:
-                torch._C.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._active:
-            torch._C.set_num_threads(self._threads)
 
 
 @dataclass

@@ -36,7 +36,6 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from .grouped_ops import (
     FusedLoRA,
     LoRAPlan,
-    OneThread,
     SlotsInUse,
     add_lora_embedding,
     add_lora_linear,
@@ -102,8 +101,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
             return None
         y2 = y.view(-1, y.shape[-1])
         fused = self._fused_for(lora_a_stacked, lora_b_stacked, output_slices, y.dtype)
-        with OneThread(plan.num_tokens):
-            add_lora_linear(y2, x2, plan, fused, scale)
+        add_lora_linear(y2, x2, plan, fused, scale)
         return None
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
@@ -123,8 +121,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         if in_use is None or not in_use.is_current(lora_a_stacked, lora_b_stacked):
             if in_use is None or not in_use.refresh(lora_a_stacked, lora_b_stacked, slot_ids=self._slot_ids):
                 in_use = self._logits_in_use = SlotsInUse(lora_a_stacked, lora_b_stacked, slot_ids=self._slot_ids)
-        with OneThread(plan.num_tokens):
-            add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
+        add_lora_logits(y2, x2, plan, lora_a_stacked, lora_b_stacked, scale, in_use)
         return None
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
@@ -137,6 +134,5 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         if in_use is None or not in_use.is_current(lora_b_stacked):
             if in_use is None or not in_use.refresh(lora_b_stacked, slot_ids=self._slot_ids):
                 in_use = self._embedding_in_use = SlotsInUse(lora_b_stacked, slot_ids=self._slot_ids)
-        with OneThread(plan.num_tokens):
-            add_lora_embedding(y2, x2, plan, lora_b_stacked, in_use)
+        add_lora_embedding(y2, x2, plan, lora_b_stacked, in_use)
         return None
