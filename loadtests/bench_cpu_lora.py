@@ -212,7 +212,7 @@ def main() -> int:
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--off-env", action="append", default=[], metavar="KEY=VALUE",
                     help="A/B mode: the 'off' side keeps the plugin on and sets these variables (repeatable), "
-                         "e.g. QUIVER_LORA_ONE_THREAD_MAX_TOKENS=0")
+                         "e.g. QUIVER_ENGINE_NICE=10")
     args = ap.parse_args()
     if any("=" not in item for item in args.off_env):
         ap.error("--off-env takes KEY=VALUE")
