@@ -17,12 +17,23 @@ pytest.importorskip("vllm")
 from vllm.lora.layers import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
-from quiver.engine_plugin import grouped_ops  # noqa: E402
+from quiver.engine_plugin import grouped_ops, lora_kernel  # noqa: E402
 from quiver.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
 from quiver.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU  # noqa: E402
 
 MAX_LORAS = 4
 RANK = 16
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch_ops"])
+def lora_path(request, monkeypatch):
+    """Every wrapper test runs twice: with the compiled kernel (steps up to KERNEL_MAX_TOKENS) and with the
+    torch ops alone (what runs where no C compiler is found)."""
+    if request.param == "torch_ops":
+        monkeypatch.setattr(lora_kernel, "load", lambda: None)
+    else:
+        assert lora_kernel.load() is not None, "the CPU LoRA kernel did not build (is `cc` installed?)"
+    return request.param
 D_IN = 96
 # (name, output slices): like Llama's qkv (GQA), gate_up, o/down
 LAYOUTS = [("qkv", (96, 32, 32)), ("gate_up", (160, 160)), ("o", (96,))]

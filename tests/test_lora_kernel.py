@@ -1,0 +1,145 @@
+"""The compiled CPU LoRA kernel (quiver.engine_plugin.lora_kernel): its results against the per-token
+definition and the torch ops, batch invariance, its build cache, and the fallbacks. Fast, no server."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from quiver.engine_plugin import lora_kernel  # noqa: E402
+from quiver.engine_plugin.grouped_ops import KERNEL_MAX_TOKENS, FusedLoRA, add_lora_linear, build_plan  # noqa: E402
+
+SLOTS = 4
+D_IN = 80
+
+
+@pytest.fixture(scope="module")
+def kernel() -> ctypes.CDLL:
+    lib = lora_kernel.load()
+    assert lib is not None, "the CPU LoRA kernel did not build (is `cc` installed?)"
+    return lib
+
+
+def layer(out_slices, ranks, seed=0, max_rank=16):
+    """vLLM-shaped stacked weights: (S, 1, max_rank, in) and (S, 1, out, max_rank), zero past each rank;
+    a rank of 0 leaves the slot empty."""
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.zeros(SLOTS, 1, max_rank, D_IN) for _ in out_slices)
+    b = tuple(torch.zeros(SLOTS, 1, o, max_rank) for o in out_slices)
+    for slot, r in enumerate(ranks):
+        for i, o in enumerate(out_slices):
+            a[i][slot, 0, :r] = torch.randn(r, D_IN, generator=g) / D_IN**0.5
+            b[i][slot, 0, :, :r] = torch.randn(o, r, generator=g) / max(r, 1)**0.5
+    return a, b
+
+
+def reference(y0, x, a, b, slots, out_slices, scale):
+    y = y0.double().clone()
+    for t, s in enumerate(slots):
+        if s < 0:
+            continue
+        off = 0
+        for i, o in enumerate(out_slices):
+            y[t, off:off + o] += (x[t].double() @ a[i][s, 0].double().t() * scale) @ b[i][s, 0].double().t()
+            off += o
+    return y
+
+
+def random_slots(n, seed, p_none=0.25):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, SLOTS, (n,), generator=g)
+    s[torch.rand(n, generator=g) < p_none] = -1
+    return s.tolist()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 16, 64, 200, KERNEL_MAX_TOKENS])
+@pytest.mark.parametrize("out_slices,ranks", [
+    ((64, 16, 16), (8, 8, 8, 8)),   # qkv-like, every slot full
+    ((48, 48), (5, 3, 0, 5)),       # gate_up-like, ranks not a multiple of the kernel's block, an empty slot
+    ((40,), (16, 1, 12, 0)),        # o-like, one slice
+], ids=["qkv", "gate_up-odd-ranks", "o"])
+def test_matches_definition_and_torch_ops(kernel, num_tokens, out_slices, ranks):
+    a, b = layer(out_slices, ranks, seed=num_tokens)
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    slots = random_slots(num_tokens, seed=num_tokens)
+    plan = build_plan(slots)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(num_tokens, D_IN, generator=g)
+    y0 = torch.randn(num_tokens, sum(out_slices) + 3, generator=g)  # wider than the layer, like a padded output
+    y_kernel, y_torch = y0.clone(), y0.clone()
+    assert lora_kernel.add_lora_f32(kernel, y_kernel, x, fused.a_t, fused.b_t, fused.num_slots,
+                                    len(out_slices), fused.rank, fused.slice_sizes, plan.slots,
+                                    fused.in_use_bytes(), 0.7)
+    add_lora_linear(y_torch, x, plan, fused, 0.7)
+    expected = reference(y0, x, a, b, slots, out_slices, 0.7)
+    torch.testing.assert_close(y_kernel.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_kernel, y_torch, rtol=1e-5, atol=1e-5)
+    untouched = [t for t, s in enumerate(slots) if s < 0 or ranks[s] == 0]
+    assert torch.equal(y_kernel[untouched], y0[untouched])
+    assert torch.equal(y_kernel[:, sum(out_slices):], y0[:, sum(out_slices):])
+
+
+def test_a_tokens_result_does_not_depend_on_its_batch(kernel):
+    """Each token multiplies only its own adapter's weights, the same way in any batch: bit for bit."""
+    out_slices = (64, 16, 16)
+    a, b = layer(out_slices, (8, 8, 8, 8))
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    slots = random_slots(32, seed=3)
+    x, y0 = torch.randn(32, D_IN), torch.randn(32, sum(out_slices))
+    y_batch = y0.clone()
+    add_lora_linear(y_batch, x, build_plan(slots), fused, kernel=kernel)
+    for t in (0, 5, 31):
+        y_alone = y0[t:t + 1].clone()
+        add_lora_linear(y_alone, x[t:t + 1], build_plan(slots[t:t + 1]), fused, kernel=kernel)
+        assert torch.equal(y_alone[0], y_batch[t])
+
+
+def test_declines_what_it_cannot_read(kernel):
+    """Not float32, or not rows of unit stride: False and y untouched, so the torch ops run instead."""
+    out_slices = (32,)
+    a, b = layer(out_slices, (8, 8, 8, 8))
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    plan = build_plan([0, 1, 2, 3])
+    args = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, fused.slice_sizes, plan.slots, fused.in_use_bytes(), 1.0)
+    y = torch.zeros(4, 32)
+    assert not lora_kernel.add_lora_f32(kernel, y.bfloat16(), torch.randn(4, D_IN).bfloat16(), *args)
+    assert not lora_kernel.add_lora_f32(kernel, y, torch.randn(D_IN, 4).t(), *args)  # column-major x
+    assert not lora_kernel.add_lora_f32(kernel, y[:3], torch.randn(4, D_IN), *args)  # rows disagree
+    assert torch.equal(y, torch.zeros(4, 32))
+
+
+def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(lora_kernel.ENV_CACHE, str(tmp_path))
+    first = lora_kernel.build()
+    assert first.parent == tmp_path and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert lora_kernel.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    monkeypatch.setattr(lora_kernel, "_cpu_flags", lambda: "flags : another cpu")
+    assert lora_kernel.build() != first  # another CPU's cache entry, never this one's code
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(lora_kernel.ENV_CACHE, str(tmp_path / "cache"))
+    broken = tmp_path / "broken.c"
+    broken.write_text("int quiver_lora_f32(void) { return }\n")
+    with pytest.raises(RuntimeError, match="broken.c failed"):
+        lora_kernel.build(broken)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_no_compiler_or_switched_off_means_torch_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv(lora_kernel.ENV_CACHE, str(tmp_path))
+    lora_kernel.load.cache_clear()
+    try:
+        monkeypatch.setenv("CC", "no-such-compiler")
+        assert lora_kernel.load() is None
+        lora_kernel.load.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv(lora_kernel.ENV_SWITCH, "0")
+        assert lora_kernel.load() is None
+    finally:
+        lora_kernel.load.cache_clear()
