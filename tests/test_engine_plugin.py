@@ -27,8 +27,8 @@ RANK = 16
 
 @pytest.fixture(autouse=True, params=["kernel", "torch_ops"])
 def lora_path(request, monkeypatch):
-    """Every wrapper test runs twice: with the compiled kernel (steps up to KERNEL_MAX_TOKENS) and with the
-    torch ops alone (what runs where no C compiler is found)."""
+    """Every wrapper test runs twice: with the compiled kernel and with the torch ops alone (what runs
+    where no C compiler is found, or for tensors that are not float32)."""
     if request.param == "torch_ops":
         monkeypatch.setattr(lora_kernel, "load", lambda: None)
     else:

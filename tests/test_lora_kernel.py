@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from quiver.engine_plugin import lora_kernel  # noqa: E402
-from quiver.engine_plugin.grouped_ops import KERNEL_MAX_TOKENS, FusedLoRA, add_lora_linear, build_plan  # noqa: E402
+from quiver.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
 
 SLOTS = 4
 D_IN = 80
@@ -55,7 +55,7 @@ def random_slots(n, seed, p_none=0.25):
     return s.tolist()
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7, 16, 64, 200, KERNEL_MAX_TOKENS])
+@pytest.mark.parametrize("num_tokens", [1, 3, 7, 16, 64, 200, 700])
 @pytest.mark.parametrize("out_slices,ranks", [
     ((64, 16, 16), (8, 8, 8, 8)),   # qkv-like, every slot full
     ((48, 48), (5, 3, 0, 5)),       # gate_up-like, ranks not a multiple of the kernel's block, an empty slot
@@ -143,3 +143,25 @@ def test_no_compiler_or_switched_off_means_torch_ops(tmp_path, monkeypatch):
         assert lora_kernel.load() is None
     finally:
         lora_kernel.load.cache_clear()
+
+
+def test_the_engine_wrapper_runs_its_linears_through_the_kernel(kernel, monkeypatch):
+    """What the engine calls (QuiverPunicaWrapperCPU.add_lora_linear) reaches the kernel, not the fallback."""
+    from vllm.lora.layers import LoRAMapping
+
+    from quiver.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU
+
+    calls = []
+    real = lora_kernel.add_lora_f32
+    monkeypatch.setattr(lora_kernel, "add_lora_f32", lambda *args: calls.append(real(*args)) or calls[-1])
+    slots = random_slots(40, seed=9)
+    ids = [10 + s if s >= 0 else 0 for s in slots]
+    wrapper = QuiverPunicaWrapperCPU(2048, 256, "cpu")
+    wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=True), [10, 11, 12, 13], SLOTS + 1, 1000)
+    out_slices = (64, 16, 16)
+    a, b = layer(out_slices, (8, 8, 8, 8))
+    x, y0 = torch.randn(40, D_IN), torch.randn(40, sum(out_slices))
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
+    assert calls == [True]
+    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices, 1.0), rtol=1e-5, atol=1e-5)
