@@ -55,7 +55,8 @@ _ENV_NAMES = {
     "LD_LIBRARY_PATH", "LD_PRELOAD", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE", "TOKENIZERS_PARALLELISM",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    "QUIVER_CPU_LORA_PLUGIN",  # the engine plugin's switch (not a secret)
+    "QUIVER_CPU_LORA_PLUGIN", "QUIVER_CPU_LORA_KERNEL",  # the engine plugin's switches (not secrets)
+    "QUIVER_KERNEL_CACHE", "CC",  # where the plugin's CPU kernel is built and cached, and with what
 }
 _ENV_PREFIXES = ("VLLM_", "LC_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "CUDA_", "NVIDIA_", "NCCL_",
                  "ROCM_", "HIP_")
