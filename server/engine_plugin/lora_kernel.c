@@ -24,35 +24,45 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
+/* buf[m][j0 + j] = sum_d x_m[d] * a[d * lda + j0 + j] for j < 8 * W: W register columns of eight, for all
+ * TOKENS rows at once (4 * W independent accumulators keep the FMA pipes busy; a load of `a` serves four) */
+#define SHRINK_BLOCK(W)                                                                                       \
+    static void shrink_##W(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS], const float *a,   \
+                           int64_t lda, int64_t din, int64_t j0)                                              \
+    {                                                                                                         \
+        v8 acc[TOKENS][W] = {{{0}}};                                                                          \
+        for (int64_t d = 0; d < din; d++) {                                                                   \
+            v8 ad[W];                                                                                         \
+            for (int w = 0; w < W; w++)                                                                       \
+                ad[w] = load8(a + d * lda + j0 + 8 * w);                                                      \
+            for (int m = 0; m < TOKENS; m++) {                                                                \
+                const float xd = xs[m][d];                                                                    \
+                for (int w = 0; w < W; w++)                                                                   \
+                    acc[m][w] += xd * ad[w];                                                                  \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int m = 0; m < TOKENS; m++)                                                                      \
+            for (int w = 0; w < W; w++)                                                                       \
+                store8(buf[m] + j0 + 8 * w, acc[m][w]);                                                       \
+    }
+SHRINK_BLOCK(1)
+SHRINK_BLOCK(2)
+SHRINK_BLOCK(3)
+
 /* buf[m][j] = sum_d x_m[d] * a[d * lda + j], j < k, for TOKENS rows x_m (a short pass repeats a row) */
 static void shrink(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS], const float *a, int64_t lda,
                    int64_t din, int64_t k)
 {
     int64_t j0 = 0;
-    for (; j0 + 16 <= k; j0 += 16) {
-        v8 acc[TOKENS][2] = {{{0}}};
-        for (int64_t d = 0; d < din; d++) {
-            const v8 a0 = load8(a + d * lda + j0), a1 = load8(a + d * lda + j0 + 8);
-            for (int m = 0; m < TOKENS; m++) {
-                const float xd = xs[m][d];
-                acc[m][0] += xd * a0;
-                acc[m][1] += xd * a1;
-            }
-        }
-        for (int m = 0; m < TOKENS; m++) {
-            store8(buf[m] + j0, acc[m][0]);
-            store8(buf[m] + j0 + 8, acc[m][1]);
-        }
+    for (; j0 + 24 <= k; j0 += 24)
+        shrink_3(buf, xs, a, lda, din, j0);
+    if (j0 + 16 <= k) {
+        shrink_2(buf, xs, a, lda, din, j0);
+        j0 += 16;
     }
-    for (; j0 + 8 <= k; j0 += 8) {
-        v8 acc[TOKENS] = {{0}};
-        for (int64_t d = 0; d < din; d++) {
-            const v8 a0 = load8(a + d * lda + j0);
-            for (int m = 0; m < TOKENS; m++)
-                acc[m] += xs[m][d] * a0;
-        }
-        for (int m = 0; m < TOKENS; m++)
-            store8(buf[m] + j0, acc[m]);
+    if (j0 + 8 <= k) {
+        shrink_1(buf, xs, a, lda, din, j0);
+        j0 += 8;
     }
     for (; j0 < k; j0++) {
         for (int m = 0; m < TOKENS; m++) {
@@ -64,28 +74,53 @@ static void shrink(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS
     }
 }
 
-/* y_m[o] += c[m] * b[o], o < size, for TOKENS rows y_m (a short pass gives the repeated rows c = 0) */
-static void expand_row(float *const ys[TOKENS], const float c[TOKENS], const float *b, int64_t size, int m_used)
+/* y_m[o] += sum_r c[m][r] * b[r * ldb + o], o < size, r < rank, for TOKENS rows y_m: each 16 columns of the
+ * rows stay in registers across all ranks, so y is read and written once (a short pass: m_used rows) */
+static void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K], const float *b, int64_t ldb,
+                   int64_t rank, int64_t size, int m_used)
 {
     int64_t o = 0;
     if (m_used == TOKENS) {
-        for (; o + 8 <= size; o += 8) {
-            const v8 bo = load8(b + o);
-            for (int m = 0; m < TOKENS; m++)
-                store8(ys[m] + o, load8(ys[m] + o) + c[m] * bo);
+        for (; o + 16 <= size; o += 16) {
+            v8 acc[TOKENS][2];
+            for (int m = 0; m < TOKENS; m++) {
+                acc[m][0] = load8(ys[m] + o);
+                acc[m][1] = load8(ys[m] + o + 8);
+            }
+            for (int64_t r = 0; r < rank; r++) {
+                const v8 b0 = load8(b + r * ldb + o), b1 = load8(b + r * ldb + o + 8);
+                for (int m = 0; m < TOKENS; m++) {
+                    acc[m][0] += c[m][r] * b0;
+                    acc[m][1] += c[m][r] * b1;
+                }
+            }
+            for (int m = 0; m < TOKENS; m++) {
+                store8(ys[m] + o, acc[m][0]);
+                store8(ys[m] + o + 8, acc[m][1]);
+            }
         }
-        for (; o < size; o++)
-            for (int m = 0; m < TOKENS; m++)
-                ys[m][o] += c[m] * b[o];
-        return;
     }
     for (int m = 0; m < m_used; m++) {
-        float *yo = ys[m];
-        int64_t p = 0;
-        for (; p + 8 <= size; p += 8)
-            store8(yo + p, load8(yo + p) + c[m] * load8(b + p));
-        for (; p < size; p++)
-            yo[p] += c[m] * b[p];
+        int64_t p = o;
+        if (m_used < TOKENS) {
+            /* one row: 32 columns in registers across the ranks (four independent sums) */
+            for (; p + 32 <= size; p += 32) {
+                v8 acc[4];
+                for (int w = 0; w < 4; w++)
+                    acc[w] = load8(ys[m] + p + 8 * w);
+                for (int64_t r = 0; r < rank; r++)
+                    for (int w = 0; w < 4; w++)
+                        acc[w] += c[m][r] * load8(b + r * ldb + p + 8 * w);
+                for (int w = 0; w < 4; w++)
+                    store8(ys[m] + p + 8 * w, acc[w]);
+            }
+        }
+        for (; p < size; p++) {
+            float acc = ys[m][p];
+            for (int64_t r = 0; r < rank; r++)
+                acc += c[m][r] * b[r * ldb + p];
+            ys[m][p] = acc;
+        }
     }
 }
 
@@ -97,7 +132,7 @@ int quiver_lora_f32(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
     const int64_t k = n_slices * rank, lda = num_slots * k;
     if (k <= 0 || k > QUIVER_MAX_K)
         return -1;
-    static __thread float buf[TOKENS][QUIVER_MAX_K];
+    static __thread float buf[TOKENS][QUIVER_MAX_K], coef[TOKENS][QUIVER_MAX_K];
     for (int64_t s = 0; s < num_slots; s++) {
         if (!in_use[s])
             continue;
@@ -124,14 +159,12 @@ int quiver_lora_f32(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
             int64_t off = 0;
             for (int64_t i = 0; i < n_slices; i++) {
                 float *yo[TOKENS];
-                for (int mi = 0; mi < TOKENS; mi++)
+                for (int mi = 0; mi < TOKENS; mi++) {
                     yo[mi] = ys[mi] + off;
-                for (int64_t r = 0; r < rank; r++) {
-                    float c[TOKENS];
-                    for (int mi = 0; mi < TOKENS; mi++)
-                        c[mi] = buf[mi][i * rank + r] * scale;
-                    expand_row(yo, c, b + (i * rank + r) * total_out + off, slice_sizes[i], m);
+                    for (int64_t r = 0; r < rank; r++)
+                        coef[mi][r] = buf[mi][i * rank + r] * scale;
                 }
+                expand(yo, coef, b + i * rank * total_out + off, total_out, rank, slice_sizes[i], m);
                 off += slice_sizes[i];
             }
         }
