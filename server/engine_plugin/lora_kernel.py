@@ -1,10 +1,10 @@
-"""Build and load `lora_kernel.c`, the plugin's one-call LoRA path for decode-sized CPU steps.
+"""Build and load `lora_kernel.c`, the engine plugin's one-call CPU LoRA path.
 
-The source is compiled once per machine with the system C compiler (`cc`, which vLLM's CPU image already
-has for Triton and the inductor), for this CPU's instruction set, into a cache keyed by the source, the
-flags and the CPU's feature flags, so a cache on a volume shared by different CPUs never loads code built
-for another. No compiler, a failed build or `QUIVER_CPU_LORA_KERNEL=0`: `load()` returns None and the
-torch ops in grouped_ops run instead (same results within float rounding).
+The source is compiled once per machine (about half a second) with the system C compiler (`$CC`, else cc,
+gcc or clang; the CPU image has gcc for torch's inductor already), for this CPU's instruction set, into a
+cache keyed by the source, the flags and the CPU's feature flags, so a cache on a volume shared by different
+CPUs never loads code built for another. No compiler, a failed build or `QUIVER_CPU_LORA_KERNEL=0`:
+`load()` returns None and the torch ops in grouped_ops run instead (same results within float rounding).
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def build(source_path: Path = SOURCE) -> Path:
     target = library_path(source)
     if target.exists():
         return target
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    compiler = next((found for found in map(shutil.which, names) if found), None)
     if compiler is None:
-        raise RuntimeError("no C compiler (cc) on PATH")
+        raise RuntimeError(f"no C compiler on PATH (tried {', '.join(names)})")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: engines starting together never load a half-written file.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
