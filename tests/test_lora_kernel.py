@@ -108,6 +108,11 @@ def test_declines_what_it_cannot_read(kernel):
     assert not lora_kernel.add_lora_f32(kernel, y.bfloat16(), torch.randn(4, D_IN).bfloat16(), *args)
     assert not lora_kernel.add_lora_f32(kernel, y, torch.randn(D_IN, 4).t(), *args)  # column-major x
     assert not lora_kernel.add_lora_f32(kernel, y[:3], torch.randn(4, D_IN), *args)  # rows disagree
+    x = torch.randn(4, D_IN)
+    wrong_rank = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank + 1, *args[5:])  # would read past a_t and b_t
+    assert not lora_kernel.add_lora_f32(kernel, y, x, *wrong_rank)
+    wrong_slices = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, torch.tensor([16, 16]), *args[6:])
+    assert not lora_kernel.add_lora_f32(kernel, y, x, *wrong_slices)
     assert torch.equal(y, torch.zeros(4, 32))
 
 

@@ -110,7 +110,10 @@ def add_lora_f32(lib: ctypes.CDLL, y, x, a_t, b_t, num_slots: int, n_slices: int
             and y.stride(1) == 1 and x.stride(1) == 1 and a_t.is_contiguous() and b_t.is_contiguous()
             and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == num_tokens
             and y.shape[0] == num_tokens and y.shape[1] >= b_t.shape[1] and a_t.shape[0] == din
-            and in_use.numel() == num_slots and a_t.device.type == "cpu"):
+            and in_use.numel() == num_slots and in_use.dtype == torch.uint8 and a_t.device.type == "cpu"
+            # the kernel reads raw pointers: every extent it derives must be the tensors' own
+            and a_t.shape[1] == b_t.shape[0] == num_slots * n_slices * rank
+            and slice_sizes.dtype == torch.int64 and slice_sizes.numel() == n_slices):
         return False
     rc = lib.quiver_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), num_tokens, din,
                              a_t.data_ptr(), b_t.data_ptr(), num_slots, n_slices, rank, slice_sizes.data_ptr(),
