@@ -20,6 +20,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 from quiver.engine_plugin import grouped_ops, lora_kernel  # noqa: E402
 from quiver.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
 from quiver.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU  # noqa: E402
+from lora_reference import reference  # noqa: E402
 
 MAX_LORAS = 4
 RANK = 16
@@ -78,20 +79,6 @@ def run_both(slots, layout, *, scale=1.0, dtype=torch.float32, **layer_kw):
     stock.add_lora_linear(y_stock, x, a, b, scale, out_slices)
     quiver.add_lora_linear(y_quiver, x, a, b, scale, out_slices)
     return y0, y_stock, y_quiver, quiver
-
-
-def reference(y0, x, a, b, slots, out_slices, scale=1.0):
-    """Per-token definition: y[t] += scale * x[t] @ A[s]^T @ B[s]^T, none for -1."""
-    y = y0.clone().double()
-    for t, s in enumerate(slots):
-        if s < 0:
-            continue
-        off = 0
-        for i, o in enumerate(out_slices):
-            h = x[t].double() @ a[i][s, 0].double().t() * scale
-            y[t, off:off + o] += h @ b[i][s, 0].double().t()
-            off += o
-    return y
 
 
 def random_slots(n, present, p_none, seed):

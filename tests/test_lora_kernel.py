@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from quiver.engine_plugin import lora_kernel  # noqa: E402
 from quiver.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
+from lora_reference import reference  # noqa: E402
 
 SLOTS = 4
 D_IN = 80
@@ -34,18 +35,6 @@ def layer(out_slices, ranks, seed=0, max_rank=16):
             a[i][slot, 0, :r] = torch.randn(r, D_IN, generator=g) / D_IN**0.5
             b[i][slot, 0, :, :r] = torch.randn(o, r, generator=g) / max(r, 1)**0.5
     return a, b
-
-
-def reference(y0, x, a, b, slots, out_slices, scale):
-    y = y0.double().clone()
-    for t, s in enumerate(slots):
-        if s < 0:
-            continue
-        off = 0
-        for i, o in enumerate(out_slices):
-            y[t, off:off + o] += (x[t].double() @ a[i][s, 0].double().t() * scale) @ b[i][s, 0].double().t()
-            off += o
-    return y
 
 
 def random_slots(n, seed, p_none=0.25):
