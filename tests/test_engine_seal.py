@@ -55,6 +55,8 @@ def test_the_engine_environment_holds_no_gateway_secrets(quiver_server) -> None:
         names = {entry.partition("=")[0] for entry in environ.split("\0") if entry}
         assert not {name for name in names if name.startswith("QUIVER_")} - {"QUIVER_ENGINE_NICE",
                                                                             "QUIVER_CPU_LORA_PLUGIN",
+                                                                            "QUIVER_CPU_LORA_KERNEL",
+                                                                            "QUIVER_KERNEL_CACHE",
                                                                             "QUIVER_PINNED_SLOTS"}
         assert not {name for name in names if name.startswith("AWS_")}
         for secret in secrets:
@@ -106,3 +108,13 @@ async def test_the_client_types_what_vllm_answers(quiver_server, fake_adapter: P
     finally:
         await client.aclose()
         await outsider.aclose()
+
+
+def test_the_engine_plugins_switches_reach_the_engine(tmp_path: Path) -> None:
+    """The plugin reads its switches, its kernel cache and the compiler inside the engine: they must pass."""
+    from quiver.engine import engine_environment
+
+    parent = {"PATH": "/usr/bin", "QUIVER_CPU_LORA_PLUGIN": "1", "QUIVER_CPU_LORA_KERNEL": "0",
+              "QUIVER_KERNEL_CACHE": str(tmp_path / "kernels"), "CC": "gcc"}
+    env = engine_environment(Settings(state_dir=tmp_path), api_key="k" * 32, parent=parent)
+    assert {name: env.get(name) for name in parent} == parent
