@@ -20,9 +20,9 @@ stock), and adds:
   B per token every step): zero slots and no-adapter rows are skipped.
 * `add_lora_linear`: uses the plan and per-layer fused weights (rebuilt only
   when an adapter is loaded into a slot) to do 2-3 matmuls per layer instead
-  of 4-12 gathers+einsums -- or, for steps of up to a few hundred tokens, one
-  call into the compiled kernel (`lora_kernel.c`); returns at once when no
-  token has an adapter.
+  of 4-12 gathers+einsums -- or, where a C compiler is found, one call into
+  the compiled kernel (`lora_kernel.c`); returns at once when no token has
+  an adapter.
 
 Anything outside what the plan covers (shapes it was not built for, other
 tensor layouts) falls back to the stock implementation.
@@ -61,7 +61,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         # The adapter id in each slot (vLLM's lora_index_to_id, given with every new layout): which slots a
         # swap changed, so that only those are re-read (FusedLoRA.refresh).
         self._slot_ids: tuple[int | None, ...] | None = None
-        # The compiled one-call path for small steps (None: torch ops only; see lora_kernel.py).
+        # The compiled one-call path (None: torch ops only; see lora_kernel.py).
         self._kernel = lora_kernel.load()
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
