@@ -197,7 +197,7 @@ def test_fused_weights_follow_in_place_updates():
     y = y0.clone()
     quiver.add_lora_linear(y, x, a, b, 1.0, out_slices)
     # what vLLM's set_lora / reset_lora do
-    a[1][0, 0, :8].copy_(torch.randn(8, D_IN))
+    a[1][0, 0, :8].copy_(torch.randn(8, D_IN) / D_IN**0.5)  # scaled as make_layer's
     b[0][2] = 0
     y_stock, y_quiver = y0.clone(), y0.clone()
     stock.add_lora_linear(y_stock, x, a, b, 1.0, out_slices)
@@ -427,13 +427,15 @@ def test_logits_match_stock(case, nonzero):
 def test_logits_follow_weight_updates():
     slots = CASES["decode_mixed"][0]
     a, b = make_logits_layer(())
-    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), VOCAB)
+    g = torch.Generator().manual_seed(2)
+    x, y0 = torch.randn(len(slots), D_IN, generator=g), torch.randn(len(slots), VOCAB, generator=g)
     stock, quiver = wrappers(slots)
     y = y0.clone()
     quiver.add_lora_logits(y, x, a, b, 1.0)
     assert torch.equal(y, y0)
-    a[1, 0, :4].copy_(torch.randn(4, D_IN))  # an adapter with lm_head lands in slot 1
-    b[1, 0, :, :4].copy_(torch.randn(VOCAB, 4))
+    # an adapter with lm_head lands in slot 1 (scaled as make_logits_layer's: see the swap test below)
+    a[1, 0, :4].copy_(torch.randn(4, D_IN, generator=g) / D_IN**0.5)
+    b[1, 0, :, :4].copy_(torch.randn(VOCAB, 4, generator=g))
     y_stock, y_quiver = y0.clone(), y0.clone()
     stock.add_lora_logits(y_stock, x, a, b, 1.0)
     quiver.add_lora_logits(y_quiver, x, a, b, 1.0)
@@ -573,11 +575,14 @@ def test_logits_and_embedding_slots_follow_a_swap():
     stock, quiver = PunicaWrapperCPU(2048, 256, "cpu"), QuiverPunicaWrapperCPU(2048, 256, "cpu")
     for w in (stock, quiver):
         _update(w, slots, layout)
-    x, y0 = torch.randn(len(slots), D_IN), torch.randn(len(slots), VOCAB)
+    g = torch.Generator().manual_seed(1)
+    x, y0 = torch.randn(len(slots), D_IN, generator=g), torch.randn(len(slots), VOCAB, generator=g)
     quiver.add_lora_logits(y0.clone(), x, a, b, 1.0)
     in_use = quiver._logits_in_use
-    a[1, 0, :4].copy_(torch.randn(4, D_IN))  # an adapter with lm_head weights swapped into slot 1
-    b[1, 0, :, :4].copy_(torch.randn(VOCAB, 4))
+    # an adapter with lm_head weights swapped into slot 1, scaled as make_logits_layer's (unscaled, the deltas
+    # reached ~40 and float32 rounding alone sometimes exceeded the 1e-5 tolerance: 1 run in ~30)
+    a[1, 0, :4].copy_(torch.randn(4, D_IN, generator=g) / D_IN**0.5)
+    b[1, 0, :, :4].copy_(torch.randn(VOCAB, 4, generator=g))
     for w in (stock, quiver):
         _update(w, slots, [10, 77, 12, 13])
     y_stock, y_quiver = y0.clone(), y0.clone()
