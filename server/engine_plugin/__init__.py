@@ -20,8 +20,13 @@ WRAPPER_QUALNAME = "quiver.engine_plugin.punica_cpu.QuiverPunicaWrapperCPU"
 logger = logging.getLogger("vllm.quiver_cpu_lora")
 
 
+def switch_on(name: str) -> bool:
+    """An on/off environment switch of the plugin's, on unless set to 0/false/no/off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switch_on(ENV_SWITCH)
 
 
 def register() -> None:

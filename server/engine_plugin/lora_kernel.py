@@ -19,6 +19,10 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import torch
+
+from . import switch_on
+
 ENV_SWITCH = "QUIVER_CPU_LORA_KERNEL"
 ENV_CACHE = "QUIVER_KERNEL_CACHE"
 SOURCE = Path(__file__).with_name("lora_kernel.c")
@@ -29,7 +33,7 @@ logger = logging.getLogger("vllm.quiver_cpu_lora")
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switch_on(ENV_SWITCH)
 
 
 def cache_dir() -> Path:
@@ -102,8 +106,6 @@ def add_lora_f32(lib: ctypes.CDLL, y, x, a_t, b_t, num_slots: int, n_slices: int
     """y[t, :total_out] += scale * x[t] @ A_s^T @ B_s^T for each token t whose slot s (`slots`, int64, -1 for
     none) is in use (`in_use`, uint8 per slot), through the kernel. False, with y untouched, when the
     tensors are not laid out as the kernel reads them (then the caller uses the torch ops)."""
-    import torch
-
     f32 = torch.float32
     num_tokens, din = x.shape
     if not (y.dtype == x.dtype == a_t.dtype == b_t.dtype == f32 and y.dim() == x.dim() == 2
