@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from quiver.engine_plugin import lora_kernel  # noqa: E402
+from quiver.engine_plugin import grouped_ops  # noqa: E402
 from quiver.engine_plugin.grouped_ops import FusedLoRA, add_lora_linear, build_plan  # noqa: E402
 from lora_reference import reference  # noqa: E402
 
@@ -102,6 +103,8 @@ def test_declines_what_it_cannot_read(kernel):
     assert not lora_kernel.add_lora_f32(kernel, y, x, *wrong_rank)
     wrong_slices = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, torch.tensor([16, 16]), *args[6:])
     assert not lora_kernel.add_lora_f32(kernel, y, x, *wrong_slices)
+    past_the_output = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, torch.tensor([40]), *args[6:])
+    assert not lora_kernel.add_lora_f32(kernel, y, x, *past_the_output)  # would write past y's 32 columns
     assert torch.equal(y, torch.zeros(4, 32))
 
 
@@ -139,23 +142,89 @@ def test_no_compiler_or_switched_off_means_torch_ops(tmp_path, monkeypatch):
         lora_kernel.load.cache_clear()
 
 
-def test_the_engine_wrapper_runs_its_linears_through_the_kernel(kernel, monkeypatch):
-    """What the engine calls (QuiverPunicaWrapperCPU.add_lora_linear) reaches the kernel, not the fallback."""
+def wrapper_for(slots, layout=(10, 11, 12, 13)):
     from vllm.lora.layers import LoRAMapping
 
     from quiver.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU
 
-    calls = []
-    real = lora_kernel.add_lora_f32
-    monkeypatch.setattr(lora_kernel, "add_lora_f32", lambda *args: calls.append(real(*args)) or calls[-1])
-    slots = random_slots(40, seed=9)
-    ids = [10 + s if s >= 0 else 0 for s in slots]
+    ids = [layout[s] if s >= 0 else 0 for s in slots]
     wrapper = QuiverPunicaWrapperCPU(2048, 256, "cpu")
-    wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=True), [10, 11, 12, 13], SLOTS + 1, 1000)
+    wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=True), list(layout), SLOTS + 1, 1000)
+    return wrapper
+
+
+def count_binds(monkeypatch) -> list[lora_kernel.Layer | None]:
+    binds = []
+    real = lora_kernel.bind
+    monkeypatch.setattr(lora_kernel, "bind", lambda *args: binds.append(real(*args)) or binds[-1])
+    return binds
+
+
+def test_the_engine_wrapper_runs_its_linears_through_the_kernel(kernel, monkeypatch):
+    """What the engine calls (QuiverPunicaWrapperCPU.add_lora_linear) reaches the kernel, not the fallback;
+    a layer's call is bound once per step plan and weights, then reused."""
+    binds = count_binds(monkeypatch)
+    from quiver.engine_plugin import punica_cpu
+
+    monkeypatch.setattr(punica_cpu, "add_lora_linear", lambda *args: pytest.fail("the torch ops ran"))
+    slots = random_slots(40, seed=9)
+    wrapper = wrapper_for(slots)
     out_slices = (64, 16, 16)
     a, b = layer(out_slices, (8, 8, 8, 8))
     x, y0 = torch.randn(40, D_IN), torch.randn(40, sum(out_slices))
-    y = y0.clone()
-    wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
-    assert calls == [True]
-    torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices, 1.0), rtol=1e-5, atol=1e-5)
+    expected = reference(y0, x, a, b, slots, out_slices, 1.0)
+    for _ in range(3):  # three steps of one plan: one bind
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    assert len(binds) == 1 and binds[0] is not None
+
+
+def test_a_bound_call_follows_its_plan_weights_and_scale(kernel, monkeypatch):
+    """The bound call is only reused for what it was bound for: a new mapping, an in-place weight write (what
+    vLLM's set_lora does) or another scale binds again, and every result matches the definition."""
+    binds = count_binds(monkeypatch)
+    slots = random_slots(16, seed=3)
+    wrapper = wrapper_for(slots)
+    out_slices = (48, 48)
+    a, b = layer(out_slices, (8, 4, 8, 2))
+    x, y0 = torch.randn(16, D_IN), torch.randn(16, sum(out_slices))
+
+    def step(scale=1.0):
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, a, b, scale, out_slices)
+        torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices, scale), rtol=1e-5, atol=1e-5)
+
+    step()
+    step()
+    assert len(binds) == 1
+    a[0][1, 0, :4].copy_(torch.randn(4, D_IN) / D_IN**0.5)  # a slot rewritten in place, same mapping
+    step()
+    assert len(binds) == 2
+    step(scale=0.5)
+    assert len(binds) == 3
+    slots = random_slots(16, seed=4)  # the next step's mapping
+    ids = [10 + s if s >= 0 else 0 for s in slots]
+    from vllm.lora.layers import LoRAMapping
+    wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=True), [10, 11, 12, 13], SLOTS + 1, 1000)
+    step()
+    assert len(binds) == 4
+
+
+def test_a_bound_call_declines_rows_it_was_not_bound_for(kernel):
+    """A bound call checks its input and output rows on every call (the kernel reads raw pointers)."""
+    out_slices = (32,)
+    a, b = layer(out_slices, (8, 8, 8, 8))
+    fused = FusedLoRA(a, b, out_slices, torch.float32)
+    plan = build_plan([0, 1, 2, 3])
+    bound = grouped_ops.bind_kernel(kernel, plan, fused, 1.0)
+    y, x = torch.zeros(4, 32), torch.randn(4, D_IN)
+    assert not bound(y, torch.randn(5, D_IN))  # more rows than the plan's tokens
+    assert not bound(torch.zeros(5, 32), torch.randn(5, D_IN))
+    assert not bound(y, torch.randn(4, D_IN + 1))  # another input width
+    assert not bound(torch.zeros(4, 31), x)  # narrower than the layer's output
+    assert not bound(y.double(), x.double())
+    assert not bound(y, torch.randn(D_IN, 4).t())  # column-major x
+    assert not bound(y.view(4, 32, 1), x)
+    assert torch.equal(y, torch.zeros(4, 32))
+    assert bound(y, x) and y.abs().sum() > 0

@@ -285,6 +285,15 @@ def used_rank(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[t
     return int(nonzero[-1]) + 1 if nonzero.numel() else 1
 
 
+def bind_kernel(kernel: ctypes.CDLL, plan: LoRAPlan, fused: FusedLoRA, scale: float) -> lora_kernel.Layer | None:
+    """The kernel's call for this layer's fused weights and this step's slots (None: not a layout it reads).
+    Valid while both are: the engine's wrapper keeps one per layer until either changes."""
+    if plan.slots is None:
+        return None
+    return lora_kernel.bind(kernel, fused.a_t, fused.b_t, fused.num_slots, len(fused.output_slices), fused.rank,
+                            fused.slice_sizes, plan.slots, fused.in_use_bytes(), scale)
+
+
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
                     fused: FusedLoRA, scale: float = 1.0, kernel: ctypes.CDLL | None = None) -> None:
     """y[:, :sum(out_i)] += scale * (x @ A[slot(t)]^T) @ B[slot(t)]^T, in place.
@@ -295,10 +304,10 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
     """
     if plan.kind == "none" or not any(fused.in_use[slot] for slot in plan.present):
         return
-    if (kernel is not None
-            and lora_kernel.add_lora_f32(kernel, y, x, fused.a_t, fused.b_t, fused.num_slots, len(fused.output_slices),
-                                         fused.rank, fused.slice_sizes, plan.slots, fused.in_use_bytes(), scale)):
-        return
+    if kernel is not None:
+        layer = bind_kernel(kernel, plan, fused, scale)
+        if layer is not None and layer(y, x):
+            return
     out = y if y.shape[1] == fused.total_out else y[:, :fused.total_out]
     k = fused.k
     if plan.kind == "masked":

@@ -94,30 +94,68 @@ def load() -> ctypes.CDLL | None:
     except Exception as exc:  # any failure means "use the torch ops", never a broken engine
         logger.warning("quiver CPU LoRA kernel unavailable, using torch ops: %s", exc)
         return None
-    fn = lib.quiver_lora_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float]
-    fn.restype = ctypes.c_int
+    layer_fn = lib.quiver_lora_f32_layer
+    layer_fn.argtypes = [ctypes.POINTER(_LayerArgs), ptr, i64, ptr, i64]
+    layer_fn.restype = ctypes.c_int
     return lib
+
+
+class _LayerArgs(ctypes.Structure):
+    """`struct quiver_lora_layer` in lora_kernel.c, field for field."""
+
+    _fields_ = [("a_t", ctypes.c_void_p), ("b_t", ctypes.c_void_p), ("slice_sizes", ctypes.c_void_p),
+                ("slots", ctypes.c_void_p), ("in_use", ctypes.c_void_p), ("num_tokens", ctypes.c_int64),
+                ("din", ctypes.c_int64), ("num_slots", ctypes.c_int64), ("n_slices", ctypes.c_int64),
+                ("rank", ctypes.c_int64), ("total_out", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
+class Layer:
+    """One LoRA linear's kernel call for one step's slots: the weights and the slots are checked and packed
+    once (`bind`), so that each call checks only its input and output rows. The engine calls a layer ~120
+    times a step with the same weights and slots; unpacked, the checks and ctypes' conversions of 16
+    arguments cost more than the kernel's own work at decode sizes."""
+
+    __slots__ = ("_keep", "_args", "_fn", "num_tokens", "din", "total_out")
+
+    def __init__(self, lib: ctypes.CDLL, keep: tuple, args: _LayerArgs) -> None:
+        self._keep = keep  # the tensors the packed pointers point into
+        self._args = ctypes.pointer(args)
+        self._fn = lib.quiver_lora_f32_layer
+        self.num_tokens, self.din, self.total_out = args.num_tokens, args.din, args.total_out
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor) -> bool:
+        """y[t, :total_out] += the layer's delta for x[t]; False, with y untouched, when x or y are not
+        float32 rows of unit stride of the bound shapes."""
+        if not (y.dtype is x.dtype is torch.float32 and y.dim() == x.dim() == 2
+                and x.shape[0] == y.shape[0] == self.num_tokens and x.shape[1] == self.din
+                and y.shape[1] >= self.total_out and y.stride(1) == 1 and x.stride(1) == 1):
+            return False
+        return self._fn(self._args, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0)) == 0
+
+
+def bind(lib: ctypes.CDLL, a_t, b_t, num_slots: int, n_slices: int, rank: int, slice_sizes, slots, in_use,
+         scale: float) -> Layer | None:
+    """The kernel call y[t, :total_out] += scale * x[t] @ A_s^T @ B_s^T for each token t whose slot s
+    (`slots`, int64, -1 for none) is in use (`in_use`, uint8 per slot); None when the weights are not laid out
+    as the kernel reads them (then the caller uses the torch ops)."""
+    if not (a_t.dtype == b_t.dtype == torch.float32 and a_t.dim() == b_t.dim() == 2 and a_t.is_contiguous()
+            and b_t.is_contiguous() and a_t.device.type == b_t.device.type == "cpu"
+            and slots.dtype == torch.int64 and slots.dim() == 1 and slots.is_contiguous() and slots.device.type == "cpu"
+            and in_use.numel() == num_slots and in_use.dtype == torch.uint8 and in_use.is_contiguous()
+            # the kernel reads raw pointers: every extent it derives must be the tensors' own
+            and a_t.shape[1] == b_t.shape[0] == num_slots * n_slices * rank
+            and slice_sizes.dtype == torch.int64 and slice_sizes.is_contiguous() and slice_sizes.numel() == n_slices
+            and int(slice_sizes.sum()) <= b_t.shape[1]):
+        return None
+    args = _LayerArgs(a_t.data_ptr(), b_t.data_ptr(), slice_sizes.data_ptr(), slots.data_ptr(), in_use.data_ptr(),
+                      slots.numel(), a_t.shape[0], num_slots, n_slices, rank, b_t.shape[1], scale)
+    return Layer(lib, (a_t, b_t, slice_sizes, slots, in_use), args)
 
 
 def add_lora_f32(lib: ctypes.CDLL, y, x, a_t, b_t, num_slots: int, n_slices: int, rank: int, slice_sizes, slots,
                  in_use, scale: float) -> bool:
-    """y[t, :total_out] += scale * x[t] @ A_s^T @ B_s^T for each token t whose slot s (`slots`, int64, -1 for
-    none) is in use (`in_use`, uint8 per slot), through the kernel. False, with y untouched, when the
-    tensors are not laid out as the kernel reads them (then the caller uses the torch ops)."""
-    f32 = torch.float32
-    num_tokens, din = x.shape
-    if not (y.dtype == x.dtype == a_t.dtype == b_t.dtype == f32 and y.dim() == x.dim() == 2
-            and y.stride(1) == 1 and x.stride(1) == 1 and a_t.is_contiguous() and b_t.is_contiguous()
-            and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == num_tokens
-            and y.shape[0] == num_tokens and y.shape[1] >= b_t.shape[1] and a_t.shape[0] == din
-            and in_use.numel() == num_slots and in_use.dtype == torch.uint8 and a_t.device.type == "cpu"
-            # the kernel reads raw pointers: every extent it derives must be the tensors' own
-            and a_t.shape[1] == b_t.shape[0] == num_slots * n_slices * rank
-            and slice_sizes.dtype == torch.int64 and slice_sizes.numel() == n_slices):
-        return False
-    rc = lib.quiver_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), num_tokens, din,
-                             a_t.data_ptr(), b_t.data_ptr(), num_slots, n_slices, rank, slice_sizes.data_ptr(),
-                             b_t.shape[1], slots.data_ptr(), in_use.data_ptr(), scale)
-    return rc == 0
+    """`bind` and call once. False, with y untouched, when the tensors are not laid out as the kernel reads
+    them (then the caller uses the torch ops)."""
+    layer = bind(lib, a_t, b_t, num_slots, n_slices, rank, slice_sizes, slots, in_use, scale)
+    return layer is not None and layer(y, x)
