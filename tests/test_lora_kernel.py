@@ -60,8 +60,7 @@ def test_matches_definition_and_torch_ops(kernel, num_tokens, out_slices, ranks)
     x = torch.randn(num_tokens, D_IN, generator=g)
     y0 = torch.randn(num_tokens, sum(out_slices) + 3, generator=g)  # wider than the layer, like a padded output
     y_kernel, y_torch = y0.clone(), y0.clone()
-    assert lora_kernel.add_lora_f32(kernel, y_kernel, x, fused.a_t, fused.b_t, fused.num_slots,
-                                    len(out_slices), fused.rank, fused.slice_sizes, plan.slots,
+    assert lora_kernel.add_lora_f32(kernel, y_kernel, x, *fused.kernel_weights(), fused.slice_sizes, plan.slots,
                                     fused.in_use_bytes(), 0.7)
     add_lora_linear(y_torch, x, plan, fused, 0.7)
     expected = reference(y0, x, a, b, slots, out_slices, 0.7)
@@ -93,18 +92,22 @@ def test_declines_what_it_cannot_read(kernel):
     a, b = layer(out_slices, (8, 8, 8, 8))
     fused = FusedLoRA(a, b, out_slices, torch.float32)
     plan = build_plan([0, 1, 2, 3])
-    args = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, fused.slice_sizes, plan.slots, fused.in_use_bytes(), 1.0)
+    a_k, b_k = fused.kernel_weights()
+    args = (a_k, b_k, fused.slice_sizes, plan.slots, fused.in_use_bytes(), 1.0)
     y = torch.zeros(4, 32)
     assert not lora_kernel.add_lora_f32(kernel, y.bfloat16(), torch.randn(4, D_IN).bfloat16(), *args)
     assert not lora_kernel.add_lora_f32(kernel, y, torch.randn(D_IN, 4).t(), *args)  # column-major x
     assert not lora_kernel.add_lora_f32(kernel, y[:3], torch.randn(4, D_IN), *args)  # rows disagree
     x = torch.randn(4, D_IN)
-    wrong_rank = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank + 1, *args[5:])  # would read past a_t and b_t
-    assert not lora_kernel.add_lora_f32(kernel, y, x, *wrong_rank)
-    wrong_slices = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, torch.tensor([16, 16]), *args[6:])
-    assert not lora_kernel.add_lora_f32(kernel, y, x, *wrong_slices)
-    past_the_output = (fused.a_t, fused.b_t, SLOTS, 1, fused.rank, torch.tensor([40]), *args[6:])
-    assert not lora_kernel.add_lora_f32(kernel, y, x, *past_the_output)  # would write past y's 32 columns
+    # every extent the kernel derives must be the tensors' own, or it would read or write past them
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k[:, :, :-1], b_k, *args[2:])  # not contiguous
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k[:, :, :-1].contiguous(), b_k, *args[2:])  # rank disagrees
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k[:3], b_k, *args[2:])  # fewer slots than the rest
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k, b_k, torch.tensor([16, 16]), *args[3:])  # 2 slices?
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k, b_k, torch.tensor([40]), *args[3:])  # past B's columns
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k, b_k, fused.slice_sizes, plan.slots,
+                                        torch.ones(3, dtype=torch.uint8), 1.0)  # in_use for 3 slots of 4
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k.double(), b_k.double(), *args[2:])
     assert torch.equal(y, torch.zeros(4, 32))
 
 

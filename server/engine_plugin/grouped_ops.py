@@ -27,7 +27,7 @@ adapter load (`FusedLoRA`):
   through the uniform path.
 
 Where the engine has a C compiler, `lora_kernel.c` does the same in one call per layer (each token only
-its own adapter, no OpenMP region; 1.6-6x faster than these ops, see lora_kernel.py), and these torch
+its own adapter; 2.8-10x faster than these ops, loadtests/lora_kernel_bench.py), and these torch
 ops are its fallback (no compiler, or tensors that are not float32).
 
 Tokens with slot -1 (no adapter) get nothing added. Note that the stock ops
@@ -176,6 +176,7 @@ class FusedLoRA:
         b_used = self.b_t.reshape(S, self.k, self.total_out).ne(0).flatten(1).any(1)
         self.in_use = (a_used & b_used).tolist()
         self._in_use_bytes: torch.Tensor | None = None
+        self._kernel_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.slice_sizes = torch.tensor(self.output_slices, dtype=torch.int64)
         self._selected: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -208,6 +209,8 @@ class FusedLoRA:
                 b_rows[slot, i, :, off:off + size] = w[slot, 0, :size, :rank].t().to(expand_dtype)
                 off += size
             self.in_use[slot] = bool(a_cols[:, slot].ne(0).any()) and bool(b_rows[slot].ne(0).any())
+            if self._kernel_weights is not None:
+                self._write_kernel_slot(slot)
         self._in_use_bytes = None
         for selected in [key for key in self._selected if set(key) & set(changed)]:
             del self._selected[selected]
@@ -221,6 +224,28 @@ class FusedLoRA:
                 and len(src) == na + len(lora_b_stacked)
                 and all(a is b for a, b in zip(src, lora_a_stacked))
                 and all(a is b for a, b in zip(src[na:], lora_b_stacked)))
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_t and b_t as lora_kernel.c reads them, one contiguous block per slot: A (S, in, K) and B compact,
+        (S, rank, sum(out_i)) with slice i's B^T rows in its own columns (b_t's zero blocks dropped). In the
+        engine a slot's LoRA weights come from memory, not cache (the base model's weights stream through
+        every cache between two LoRA layers), and read as one stream they took ~25 % less time than strided
+        out of a_t's interleaved columns (30 layers' qkv and o, 16 tokens, caches evicted between calls)."""
+        if self._kernel_weights is None:
+            self._kernel_weights = (torch.empty(self.num_slots, self.a_t.shape[0], self.k, dtype=self.a_t.dtype),
+                                    torch.empty(self.num_slots, self.rank, self.total_out, dtype=self.b_t.dtype))
+            for slot in range(self.num_slots):
+                self._write_kernel_slot(slot)
+        return self._kernel_weights
+
+    def _write_kernel_slot(self, slot: int) -> None:
+        a, b = self._kernel_weights
+        k, rank = self.k, self.rank
+        a[slot] = self.a_t[:, slot * k:(slot + 1) * k]
+        off = 0
+        for i, size in enumerate(self.output_slices):
+            b[slot, :, off:off + size] = self.b_t[slot * k + i * rank:slot * k + (i + 1) * rank, off:off + size]
+            off += size
 
     def in_use_bytes(self) -> torch.Tensor:
         """`in_use` as a uint8 tensor, for the kernel."""
@@ -290,8 +315,8 @@ def bind_kernel(kernel: ctypes.CDLL, plan: LoRAPlan, fused: FusedLoRA, scale: fl
     Valid while both are: the engine's wrapper keeps one per layer until either changes."""
     if plan.slots is None:
         return None
-    return lora_kernel.bind(kernel, fused.a_t, fused.b_t, fused.num_slots, len(fused.output_slices), fused.rank,
-                            fused.slice_sizes, plan.slots, fused.in_use_bytes(), scale)
+    a, b = fused.kernel_weights()
+    return lora_kernel.bind(kernel, a, b, fused.slice_sizes, plan.slots, fused.in_use_bytes(), scale)
 
 
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
@@ -299,8 +324,9 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
     """y[:, :sum(out_i)] += scale * (x @ A[slot(t)]^T) @ B[slot(t)]^T, in place.
 
     y: (T, >= sum(out_i)), x: (T, in); rows with slot -1 are left untouched. `kernel` (lora_kernel.load())
-    does it in one call for float32 tensors (1.6-6.2x faster than the torch ops below from 1 to 2,048 tokens,
-    loadtests/lora_kernel_bench.py: one core against their two); otherwise torch ops.
+    does it in one call for float32 tensors (2.8-10x faster than the torch ops below from 1 to 2,048 tokens,
+    loadtests/lora_kernel_bench.py); otherwise torch ops. The engine's wrapper binds the call once per layer
+    and plan instead (bind_kernel).
     """
     if plan.kind == "none" or not any(fused.in_use[slot] for slot in plan.present):
         return

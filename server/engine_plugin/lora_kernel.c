@@ -3,12 +3,15 @@
  * Why: a decode step's LoRA work is tiny (16 tokens x rank 8), and as torch ops it is 3 small GEMMs and
  * elementwise ops per layer, each paying dispatch and an OpenMP fork/join that cost more than the math
  * (py-spy: the engine thread sat at OpenMP's barrier for most of add_lora_linear). Here each token
- * multiplies only its own adapter's weights, in one pass, on the calling thread; every token's result is
- * computed the same way whatever else is in the batch.
+ * multiplies only its own adapter's weights, in one call whose passes (a slot's tokens, four at a time)
+ * share the engine's own OpenMP threads (built with GCC's -fopenmp: libgomp, the runtime torch already
+ * loaded); every token's result is computed the same way whatever else is in the batch.
  *
- * Layout (grouped_ops.FusedLoRA): a_t is (din, num_slots * k) row-major, column s*k + i*rank + r being row
- * r of slice i's A for slot s; b_t is (num_slots * k, total_out) row-major, row s*k + i*rank + r holding
- * slice i's B^T row r in the slice's columns [off_i, off_i + size_i) (zeros elsewhere, never read here).
+ * Layout (grouped_ops.FusedLoRA.kernel_weights): one contiguous block per slot, so that a slot's weights are
+ * read as one sequential stream (in the engine they come from memory: the base model's weights have just
+ * streamed through every cache). a is (num_slots, din, k) with column i*rank + r of slot s's block being row
+ * r of slice i's A; b is (num_slots, rank, total_out) with row r of slot s's block holding row r of every
+ * slice's B^T, slice i in its columns [off_i, off_i + size_i).
  * Numerics follow vLLM's stock CPU ops: fp32 shrink, scaled, then added through B into y.
  */
 #include <stdint.h>
@@ -124,66 +127,90 @@ static void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K],
     }
 }
 
-int quiver_lora_f32(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t num_tokens, int64_t din,
-                    const float *a_t, const float *b_t, int64_t num_slots, int64_t n_slices, int64_t rank,
-                    const int64_t *slice_sizes, int64_t total_out, const int64_t *slots,
-                    const uint8_t *in_use, float scale)
-{
-    const int64_t k = n_slices * rank, lda = num_slots * k;
-    if (k <= 0 || k > QUIVER_MAX_K)
-        return -1;
-    static __thread float buf[TOKENS][QUIVER_MAX_K], coef[TOKENS][QUIVER_MAX_K];
-    for (int64_t s = 0; s < num_slots; s++) {
-        if (!in_use[s])
-            continue;
-        const float *a = a_t + s * k;
-        const float *b = b_t + s * k * total_out;
-        int64_t t = 0;
-        for (;;) {
-            /* the next TOKENS tokens on slot s, in batch order */
-            int64_t rows[TOKENS];
-            int m = 0;
-            for (; t < num_tokens && m < TOKENS; t++)
-                if (slots[t] == s)
-                    rows[m++] = t;
-            if (m == 0)
-                break;
-            const float *xs[TOKENS];
-            float *ys[TOKENS];
-            for (int i = 0; i < TOKENS; i++) {
-                xs[i] = x + rows[i < m ? i : 0] * ldx;
-                ys[i] = y + rows[i < m ? i : 0] * ldy;
-            }
-            shrink(buf, xs, a, lda, din, k);
-            /* expand: y[t, slice i] += (scale * buf[slice i]) @ B_s[slice i], B read once for the m tokens */
-            int64_t off = 0;
-            for (int64_t i = 0; i < n_slices; i++) {
-                float *yo[TOKENS];
-                for (int mi = 0; mi < TOKENS; mi++) {
-                    yo[mi] = ys[mi] + off;
-                    for (int64_t r = 0; r < rank; r++)
-                        coef[mi][r] = buf[mi][i * rank + r] * scale;
-                }
-                expand(yo, coef, b + i * rank * total_out + off, total_out, rank, slice_sizes[i], m);
-                off += slice_sizes[i];
-            }
-        }
-    }
-    return 0;
-}
+/* One pass: up to TOKENS tokens of one slot (rows), each through that slot's A and B only. */
+struct pass {
+    int64_t slot;
+    int m;
+    int64_t rows[TOKENS];
+};
 
-/* One layer's call with everything but its rows prepared once per step plan and weights (lora_kernel.Layer):
- * through ctypes each argument costs ~0.1 us to convert, and the engine makes ~120 of these calls a step. */
+/* Everything about one layer and one step but where its rows are, prepared once per step plan and weights
+ * (lora_kernel.Layer): through ctypes each argument costs ~0.1 us to convert, and the engine makes ~120 of
+ * these calls a step. */
 struct quiver_lora_layer {
-    const float *a_t, *b_t;
+    const float *a, *b;
     const int64_t *slice_sizes, *slots;
     const uint8_t *in_use;
     int64_t num_tokens, din, num_slots, n_slices, rank, total_out;
     float scale;
 };
 
+static void run_pass(const struct quiver_lora_layer *l, const struct pass *p, float *y, int64_t ldy,
+                     const float *x, int64_t ldx)
+{
+    static __thread float buf[TOKENS][QUIVER_MAX_K], coef[TOKENS][QUIVER_MAX_K];
+    const int64_t k = l->n_slices * l->rank;
+    const float *a = l->a + p->slot * l->din * k;
+    const float *b = l->b + p->slot * l->rank * l->total_out;
+    const float *xs[TOKENS];
+    float *ys[TOKENS];
+    for (int i = 0; i < TOKENS; i++) {
+        xs[i] = x + p->rows[i < p->m ? i : 0] * ldx;
+        ys[i] = y + p->rows[i < p->m ? i : 0] * ldy;
+    }
+    shrink(buf, xs, a, k, l->din, k);
+    /* expand: y[t, slice i] += (scale * buf[slice i]) @ B_s[slice i], B read once for the m tokens */
+    int64_t off = 0;
+    for (int64_t i = 0; i < l->n_slices; i++) {
+        float *yo[TOKENS];
+        for (int mi = 0; mi < TOKENS; mi++) {
+            yo[mi] = ys[mi] + off;
+            for (int64_t r = 0; r < l->rank; r++)
+                coef[mi][r] = buf[mi][i * l->rank + r] * l->scale;
+        }
+        expand(yo, coef, b + off, l->total_out, l->rank, l->slice_sizes[i], p->m);
+        off += l->slice_sizes[i];
+    }
+}
+
+/* Passes write disjoint rows (a token has one slot), so they run on OpenMP's threads in any order; a
+ * token's result is the same whichever thread computes it. Without OpenMP the pragma is ignored. */
+static void run_passes(const struct quiver_lora_layer *l, const struct pass *passes, int n, float *y, int64_t ldy,
+                       const float *x, int64_t ldx)
+{
+#pragma omp parallel for schedule(static) if (n > 1)
+    for (int i = 0; i < n; i++)
+        run_pass(l, &passes[i], y, ldy, x, ldx);
+}
+
+#define PASSES 64
+
 int quiver_lora_f32_layer(const struct quiver_lora_layer *l, float *y, int64_t ldy, const float *x, int64_t ldx)
 {
-    return quiver_lora_f32(y, ldy, x, ldx, l->num_tokens, l->din, l->a_t, l->b_t, l->num_slots, l->n_slices,
-                           l->rank, l->slice_sizes, l->total_out, l->slots, l->in_use, l->scale);
+    const int64_t k = l->n_slices * l->rank;
+    if (k <= 0 || k > QUIVER_MAX_K)
+        return -1;
+    struct pass passes[PASSES];
+    int n = 0;
+    for (int64_t s = 0; s < l->num_slots; s++) {
+        if (!l->in_use[s])
+            continue;
+        /* the slot's tokens, TOKENS at a time, in batch order */
+        for (int64_t t = 0;;) {
+            struct pass *p = &passes[n];
+            p->slot = s;
+            p->m = 0;
+            for (; t < l->num_tokens && p->m < TOKENS; t++)
+                if (l->slots[t] == s)
+                    p->rows[p->m++] = t;
+            if (p->m == 0)
+                break;
+            if (++n == PASSES) {
+                run_passes(l, passes, n, y, ldy, x, ldx);
+                n = 0;
+            }
+        }
+    }
+    run_passes(l, passes, n, y, ldy, x, ldx);
+    return 0;
 }

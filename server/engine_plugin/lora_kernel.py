@@ -53,27 +53,43 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def library_path(source: bytes) -> Path:
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+def library_path(source: bytes, flags: tuple[str, ...] = FLAGS) -> Path:
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     return cache_dir() / f"quiver_lora_{key}.so"
+
+
+def openmp_flags(compiler: str) -> tuple[str, ...]:
+    """GCC's -fopenmp links libgomp.so.1, the OpenMP runtime torch's CPU build has already loaded: one runtime,
+    so the kernel's passes run on the engine's own (bound, warm) OpenMP threads. Another compiler's OpenMP,
+    or a process that preloads Intel's runtime instead, would start a second pool fighting the first for the
+    same cores: the kernel is built serial there."""
+    if "libiomp" in os.environ.get("LD_PRELOAD", ""):
+        return ()
+    try:
+        macros = subprocess.run([compiler, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                                timeout=BUILD_TIMEOUT_S, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return ("-fopenmp",) if "__GNUC__" in macros and "__clang__" not in macros else ()
 
 
 def build(source_path: Path = SOURCE) -> Path:
     """The compiled library's path, building it first if it is not cached. Raises on failure."""
     source = source_path.read_bytes()
-    target = library_path(source)
-    if target.exists():
-        return target
     names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
     compiler = next((found for found in map(shutil.which, names) if found), None)
     if compiler is None:
         raise RuntimeError(f"no C compiler on PATH (tried {', '.join(names)})")
+    flags = FLAGS + openmp_flags(compiler)
+    target = library_path(source, flags)
+    if target.exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: engines starting together never load a half-written file.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", partial, str(source_path)], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, "-o", partial, str(source_path)], check=True, capture_output=True,
                        text=True, timeout=BUILD_TIMEOUT_S)
         os.replace(partial, target)
     except subprocess.CalledProcessError as exc:
@@ -104,7 +120,7 @@ def load() -> ctypes.CDLL | None:
 class _LayerArgs(ctypes.Structure):
     """`struct quiver_lora_layer` in lora_kernel.c, field for field."""
 
-    _fields_ = [("a_t", ctypes.c_void_p), ("b_t", ctypes.c_void_p), ("slice_sizes", ctypes.c_void_p),
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("slice_sizes", ctypes.c_void_p),
                 ("slots", ctypes.c_void_p), ("in_use", ctypes.c_void_p), ("num_tokens", ctypes.c_int64),
                 ("din", ctypes.c_int64), ("num_slots", ctypes.c_int64), ("n_slices", ctypes.c_int64),
                 ("rank", ctypes.c_int64), ("total_out", ctypes.c_int64), ("scale", ctypes.c_float)]
@@ -134,28 +150,30 @@ class Layer:
         return self._fn(self._args, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0)) == 0
 
 
-def bind(lib: ctypes.CDLL, a_t, b_t, num_slots: int, n_slices: int, rank: int, slice_sizes, slots, in_use,
-         scale: float) -> Layer | None:
+def bind(lib: ctypes.CDLL, a, b, slice_sizes, slots, in_use, scale: float) -> Layer | None:
     """The kernel call y[t, :total_out] += scale * x[t] @ A_s^T @ B_s^T for each token t whose slot s
-    (`slots`, int64, -1 for none) is in use (`in_use`, uint8 per slot); None when the weights are not laid out
-    as the kernel reads them (then the caller uses the torch ops)."""
-    if not (a_t.dtype == b_t.dtype == torch.float32 and a_t.dim() == b_t.dim() == 2 and a_t.is_contiguous()
-            and b_t.is_contiguous() and a_t.device.type == b_t.device.type == "cpu"
+    (`slots`, int64, -1 for none) is in use (`in_use`, uint8 per slot), with the weights laid out as
+    FusedLoRA.kernel_weights gives them: `a` (slots, in, n_slices * rank), `b` (slots, rank, sum of
+    `slice_sizes`). None when the tensors are not what the kernel reads (then the caller uses the torch ops)."""
+    if not (a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 3 and a.is_contiguous()
+            and b.is_contiguous() and a.device.type == b.device.type == "cpu"
             and slots.dtype == torch.int64 and slots.dim() == 1 and slots.is_contiguous() and slots.device.type == "cpu"
-            and in_use.numel() == num_slots and in_use.dtype == torch.uint8 and in_use.is_contiguous()
-            # the kernel reads raw pointers: every extent it derives must be the tensors' own
-            and a_t.shape[1] == b_t.shape[0] == num_slots * n_slices * rank
-            and slice_sizes.dtype == torch.int64 and slice_sizes.is_contiguous() and slice_sizes.numel() == n_slices
-            and int(slice_sizes.sum()) <= b_t.shape[1]):
+            and in_use.dtype == torch.uint8 and in_use.is_contiguous()
+            and slice_sizes.dtype == torch.int64 and slice_sizes.dim() == 1 and slice_sizes.is_contiguous()):
         return None
-    args = _LayerArgs(a_t.data_ptr(), b_t.data_ptr(), slice_sizes.data_ptr(), slots.data_ptr(), in_use.data_ptr(),
-                      slots.numel(), a_t.shape[0], num_slots, n_slices, rank, b_t.shape[1], scale)
-    return Layer(lib, (a_t, b_t, slice_sizes, slots, in_use), args)
+    num_slots, din, k = a.shape
+    n_slices, rank = slice_sizes.numel(), b.shape[1]
+    # the kernel reads raw pointers: every extent it derives must be the tensors' own
+    if not (b.shape[0] == in_use.numel() == num_slots and n_slices * rank == k and k > 0
+            and int(slice_sizes.sum()) == b.shape[2] and bool((slice_sizes >= 0).all())):
+        return None
+    args = _LayerArgs(a.data_ptr(), b.data_ptr(), slice_sizes.data_ptr(), slots.data_ptr(), in_use.data_ptr(),
+                      slots.numel(), din, num_slots, n_slices, rank, b.shape[2], scale)
+    return Layer(lib, (a, b, slice_sizes, slots, in_use), args)
 
 
-def add_lora_f32(lib: ctypes.CDLL, y, x, a_t, b_t, num_slots: int, n_slices: int, rank: int, slice_sizes, slots,
-                 in_use, scale: float) -> bool:
+def add_lora_f32(lib: ctypes.CDLL, y, x, a, b, slice_sizes, slots, in_use, scale: float) -> bool:
     """`bind` and call once. False, with y untouched, when the tensors are not laid out as the kernel reads
     them (then the caller uses the torch ops)."""
-    layer = bind(lib, a_t, b_t, num_slots, n_slices, rank, slice_sizes, slots, in_use, scale)
+    layer = bind(lib, a, b, slice_sizes, slots, in_use, scale)
     return layer is not None and layer(y, x)

@@ -112,6 +112,8 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
                         buffer: tuple[torch.Tensor, ...] | None = None,
                         **kwargs: Any) -> None:
         plan = self._plan
+        if plan is not None and plan.kind == "none" and x.dim() == 2 and x.shape[0] == plan.num_tokens:
+            return None  # no token has an adapter (every step of base-only traffic): nothing to add
         # The hot path: this layer's kernel call, bound for this step's slots and these weights (identity and
         # version checks only). The general path below costs ~15 us a call in checks and lookups: ~2 % of a
         # decode step over a model's ~120 LoRA linears, most of what mixed traffic paid over base-only.
