@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from contextlib import contextmanager
@@ -28,13 +29,14 @@ import httpx
 import typer
 
 from loadtests import report
-from loadtests.loadgen import Workload, new_session, run_workload, send_one
+from loadtests.loadgen import Workload, make_prompt, new_session, pick_models, run_workload, send_one
 from loadtests.servers import (ADMIN_KEY, API_KEY, DEFAULT_MODEL_DIR, PeakRss, engine_url_from_log, make_adapters,
                                quiver_server, register)
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 BASE_NAME = "SmolLM2-135M-Instruct"
 PROBE_REQUESTS = 20  # the gateway comparison's one-at-a-time TTFT probe, per side and round
+PAIRS = 200  # and its paired probe: requests a side, the sides taking turns request by request
 
 
 @dataclass
@@ -187,20 +189,54 @@ def do_gateway(t: Target) -> None:
     gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
     ttft_gw, ttft_direct = median(runs["gateway"], "ttft_ms", "p50"), median(runs["direct"], "ttft_ms", "p50")
     solo_gw, solo_direct = median(probes["gateway-c1"], "ttft_ms", "p50"), median(probes["direct-c1"], "ttft_ms", "p50")
+    pairs = asyncio.run(paired_ttft(probe, replace(probe, base_url=t.engine_url, api_key=t.engine_key), PAIRS))
+    differences = [gw_s - direct_s for gw_s, direct_s in pairs]
     figures = {"gateway_tok_s": gw, "direct_tok_s": direct, "ratio": round(gw / direct, 3),
                "ttft_p50_gateway_ms": ttft_gw, "ttft_p50_direct_ms": ttft_direct,
                "extra_ttft_p50_ms": round(ttft_gw - ttft_direct, 2),
                "ttft_p50_gateway_c1_ms": solo_gw, "ttft_p50_direct_c1_ms": solo_direct,
                "extra_ttft_p50_c1_ms": round(solo_gw - solo_direct, 2),
+               "paired_pairs": len(pairs),
+               "paired_extra_ttft_p50_ms": round(statistics.median(differences) * 1e3, 2) if pairs else None,
+               "paired_extra_ttft_iqr_ms": ([round(q * 1e3, 2) for q in statistics.quantiles(differences, n=4)[::2]]
+                                            if len(pairs) > 1 else None),
                "gateway_cpu_ms_per_token": round(statistics.median(cpu_per_token), 3) if cpu_per_token else None}
     save(t, "gateway", runs, [f"- gateway {gw} tok/s vs direct {direct} tok/s: **{figures['ratio']}x** (target >= 0.97x)",
                               f"- TTFT p50 at concurrency {t.work.concurrency}: gateway {ttft_gw} ms vs direct "
                               f"{ttft_direct} ms: **{figures['extra_ttft_p50_ms']:+} ms** (target <= 5 ms)",
                               f"- TTFT p50 one request at a time ({PROBE_REQUESTS} requests a side a round): gateway "
                               f"{solo_gw} ms vs direct {solo_direct} ms: **{figures['extra_ttft_p50_c1_ms']:+} ms**",
+                              f"- the same, paired ({len(pairs)} pairs, the sides taking turns request by request): "
+                              f"median extra TTFT **{figures['paired_extra_ttft_p50_ms']:+} ms** (quartiles "
+                              f"{figures['paired_extra_ttft_iqr_ms']} ms; target <= 2 ms)",
                               f"- gateway CPU per streamed token (its own process, user + system): "
                               f"{figures['gateway_cpu_ms_per_token']} ms"],
          figures)
+
+
+async def paired_ttft(gateway: Workload, direct: Workload, pairs: int) -> list[tuple[float, float]]:
+    """(gateway, direct) TTFT of `pairs` pairs of requests, one request at a time, the sides taking turns: a
+    pair has one model and prompt, and who goes first alternates. Rounds of 20 requests a side drift apart by
+    tens of ms on a shared machine (the prefill alone is ~150 ms here); a pair's two requests run a few
+    hundred ms apart, so their difference is what the gateway adds. Failed requests drop their pair."""
+    models = pick_models(replace(gateway, shape="uniform", requests=pairs))
+    rng = random.Random(gateway.seed + 7)
+    prompts = [make_prompt(rng, gateway.prompt_tokens) for _ in models]
+    sides = [(work, new_session(work.base_url, {"Authorization": f"Bearer {work.api_key}"} if work.api_key else {},
+                                work.timeout_s)) for work in (gateway, direct)]
+    result: list[tuple[float, float]] = []
+    try:
+        t0 = time.perf_counter()
+        for i, (model, prompt) in enumerate(zip(models, prompts)):
+            order = sides if i % 2 == 0 else sides[::-1]
+            records = [await send_one(client, work, model, prompt, t0) for work, client in order]
+            gw, direct = records if i % 2 == 0 else records[::-1]
+            if gw.ttft_s is not None and direct.ttft_s is not None:
+                result.append((gw.ttft_s, direct.ttft_s))
+    finally:
+        for _, client in sides:
+            await client.close()
+    return result
 
 
 def do_peft(t: Target) -> None:
