@@ -3,7 +3,8 @@
 The source is compiled once per machine (about half a second) with the system C compiler (`$CC`, else cc,
 gcc or clang; the CPU image has gcc for torch's inductor already), for this CPU's instruction set, into a
 cache keyed by the source, the flags and the CPU's feature flags, so a cache on a volume shared by different
-CPUs never loads code built for another. No compiler, a failed build or `QUIVER_CPU_LORA_KERNEL=0`:
+CPUs never loads code built for another. With GCC it is built with OpenMP (`openmp_flags`), so a call's passes
+share the engine's own OpenMP threads. No compiler, a failed build or `QUIVER_CPU_LORA_KERNEL=0`:
 `load()` returns None and the torch ops in grouped_ops run instead (same results within float rounding).
 """
 
