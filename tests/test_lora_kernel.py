@@ -4,6 +4,7 @@ definition and the torch ops, batch invariance, its build cache, and the fallbac
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 
@@ -231,3 +232,24 @@ def test_a_bound_call_declines_rows_it_was_not_bound_for(kernel):
     assert not bound(y.view(4, 32, 1), x)
     assert torch.equal(y, torch.zeros(4, 32))
     assert bound(y, x) and y.abs().sum() > 0
+
+
+def test_one_openmp_runtime_in_the_process(kernel):
+    """Built with GCC's OpenMP, the kernel binds to the libgomp.so.1 torch loaded (one thread pool) and never
+    loads a second runtime. (Wheels' vendored, renamed copies such as sentencepiece's `libgomp-<hash>` are
+    private to their own library: nothing of ours can bind to them.)"""
+    mapped = {line.split()[-1] for line in open("/proc/self/maps") if "/" in line}
+    runtimes = {path for path in mapped
+                if os.path.basename(path).startswith(("libgomp.so", "libomp.so", "libiomp5.so"))}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_openmp_only_with_gcc_and_without_intels_runtime(monkeypatch):
+    macros = {"gcc": "#define __GNUC__ 12\n", "clang": "#define __GNUC__ 4\n#define __clang__ 1\n"}
+    monkeypatch.setattr(lora_kernel.subprocess, "run",
+                        lambda command, **kw: type("Done", (), {"stdout": macros[command[0]]})())
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert lora_kernel.openmp_flags("gcc") == ("-fopenmp",)
+    assert lora_kernel.openmp_flags("clang") == ()  # LLVM's libomp would be a second pool
+    monkeypatch.setenv("LD_PRELOAD", "/opt/intel/lib/libiomp5.so")
+    assert lora_kernel.openmp_flags("gcc") == ()
