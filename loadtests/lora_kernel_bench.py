@@ -55,7 +55,7 @@ def main() -> None:
             y_ops, y_kernel = y0.clone(), y0.clone()
             add_lora_linear(y_ops, x, plan, fused)
             add_lora_linear(y_kernel, x, plan, fused, kernel=kernel)
-            bound = bind_kernel(kernel, plan, fused, 1.0)  # what the engine's wrapper keeps per layer and plan
+            bound = bind_kernel(kernel, fused, 1.0, lora_kernel.Step(plan.slots))  # as the engine's wrapper keeps it
             torch.testing.assert_close(y_kernel, y_ops, rtol=1e-4, atol=1e-4)
             ops_us = kernel_us = float("inf")
             for _ in range(args.repeats):

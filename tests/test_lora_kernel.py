@@ -166,7 +166,7 @@ def count_binds(monkeypatch) -> list[lora_kernel.Layer | None]:
 
 def test_the_engine_wrapper_runs_its_linears_through_the_kernel(kernel, monkeypatch):
     """What the engine calls (QuiverPunicaWrapperCPU.add_lora_linear) reaches the kernel, not the fallback;
-    a layer's call is bound once per step plan and weights, then reused."""
+    a layer's call is bound once per weights, then reused."""
     binds = count_binds(monkeypatch)
     from quiver.engine_plugin import punica_cpu
 
@@ -184,9 +184,10 @@ def test_the_engine_wrapper_runs_its_linears_through_the_kernel(kernel, monkeypa
     assert len(binds) == 1 and binds[0] is not None
 
 
-def test_a_bound_call_follows_its_plan_weights_and_scale(kernel, monkeypatch):
-    """The bound call is only reused for what it was bound for: a new mapping, an in-place weight write (what
-    vLLM's set_lora does) or another scale binds again, and every result matches the definition."""
+def test_a_bound_call_follows_its_weights_scale_and_the_steps_mapping(kernel, monkeypatch):
+    """The bound call is only reused for what it was bound for: an in-place weight write (what vLLM's set_lora
+    does) or another scale binds again. A new mapping binds nothing (every layer reads the wrapper's one
+    Step), and its results follow it: every result matches the definition."""
     binds = count_binds(monkeypatch)
     slots = random_slots(16, seed=3)
     wrapper = wrapper_for(slots)
@@ -207,12 +208,16 @@ def test_a_bound_call_follows_its_plan_weights_and_scale(kernel, monkeypatch):
     assert len(binds) == 2
     step(scale=0.5)
     assert len(binds) == 3
-    slots = random_slots(16, seed=4)  # the next step's mapping
-    ids = [10 + s if s >= 0 else 0 for s in slots]
     from vllm.lora.layers import LoRAMapping
-    wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=True), [10, 11, 12, 13], SLOTS + 1, 1000)
-    step()
-    assert len(binds) == 4
+
+    for seed, tokens in ((4, 16), (5, 16), (6, 40), (7, 1)):  # the next steps' mappings, some of other sizes
+        slots = random_slots(tokens, seed=seed)
+        ids = [10 + s if s >= 0 else 0 for s in slots]
+        wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=True), [10, 11, 12, 13], SLOTS + 1,
+                                1000)
+        x, y0 = torch.randn(tokens, D_IN), torch.randn(tokens, sum(out_slices))
+        step(scale=0.5)
+    assert len(binds) == 3
 
 
 def test_a_bound_call_declines_rows_it_was_not_bound_for(kernel):
@@ -221,7 +226,8 @@ def test_a_bound_call_declines_rows_it_was_not_bound_for(kernel):
     a, b = layer(out_slices, (8, 8, 8, 8))
     fused = FusedLoRA(a, b, out_slices, torch.float32)
     plan = build_plan([0, 1, 2, 3])
-    bound = grouped_ops.bind_kernel(kernel, plan, fused, 1.0)
+    step = lora_kernel.Step(plan.slots)
+    bound = grouped_ops.bind_kernel(kernel, fused, 1.0, step)
     y, x = torch.zeros(4, 32), torch.randn(4, D_IN)
     assert not bound(y, torch.randn(5, D_IN))  # more rows than the plan's tokens
     assert not bound(torch.zeros(5, 32), torch.randn(5, D_IN))
@@ -232,6 +238,11 @@ def test_a_bound_call_declines_rows_it_was_not_bound_for(kernel):
     assert not bound(y.view(4, 32, 1), x)
     assert torch.equal(y, torch.zeros(4, 32))
     assert bound(y, x) and y.abs().sum() > 0
+    y = torch.zeros(4, 32)
+    assert not step.set(plan.slots.int())  # slots the kernel cannot read: no tokens, every call declines
+    assert not bound(y, x) and torch.equal(y, torch.zeros(4, 32))
+    assert step.set(torch.tensor([3, 3, -1, 3]))  # the next step's mapping: the same binding follows it
+    assert bound(y, x) and torch.equal(y[2], torch.zeros(32)) and bool((y[[0, 1, 3]] != 0).all())
 
 
 def test_one_openmp_runtime_in_the_process(kernel):

@@ -310,13 +310,13 @@ def used_rank(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[t
     return int(nonzero[-1]) + 1 if nonzero.numel() else 1
 
 
-def bind_kernel(kernel: ctypes.CDLL, plan: LoRAPlan, fused: FusedLoRA, scale: float) -> lora_kernel.Layer | None:
-    """The kernel's call for this layer's fused weights and this step's slots (None: not a layout it reads).
-    Valid while both are: the engine's wrapper keeps one per layer until either changes."""
-    if plan.slots is None:
-        return None
+def bind_kernel(kernel: ctypes.CDLL, fused: FusedLoRA, scale: float,
+                step: lora_kernel.Step) -> lora_kernel.Layer | None:
+    """The kernel's call for this layer's fused weights, the tokens' slots read from `step` (None: not a layout
+    it reads). Valid while the weights and scale are: the engine's wrapper keeps one per layer until they
+    change, and sets its one `step` at each new mapping."""
     a, b = fused.kernel_weights()
-    return lora_kernel.bind(kernel, a, b, fused.slice_sizes, plan.slots, fused.in_use_bytes(), scale)
+    return lora_kernel.bind(kernel, a, b, fused.slice_sizes, fused.in_use_bytes(), scale, step)
 
 
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
@@ -326,12 +326,12 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, plan: LoRAPlan,
     y: (T, >= sum(out_i)), x: (T, in); rows with slot -1 are left untouched. `kernel` (lora_kernel.load())
     does it in one call for float32 tensors (2.8-10x faster than the torch ops below from 1 to 2,048 tokens,
     loadtests/lora_kernel_bench.py); otherwise torch ops. The engine's wrapper binds the call once per layer
-    and plan instead (bind_kernel).
+    and weights instead (bind_kernel).
     """
     if plan.kind == "none" or not any(fused.in_use[slot] for slot in plan.present):
         return
     if kernel is not None:
-        layer = bind_kernel(kernel, plan, fused, scale)
+        layer = bind_kernel(kernel, fused, scale, lora_kernel.Step(plan.slots))
         if layer is not None and layer(y, x):
             return
     out = y if y.shape[1] == fused.total_out else y[:, :fused.total_out]

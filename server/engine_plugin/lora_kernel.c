@@ -134,14 +134,21 @@ struct pass {
     int64_t rows[TOKENS];
 };
 
-/* Everything about one layer and one step but where its rows are, prepared once per step plan and weights
- * (lora_kernel.Layer): through ctypes each argument costs ~0.1 us to convert, and the engine makes ~120 of
- * these calls a step. */
+/* The slot of each token of the current step: one per engine, shared by every layer and set once when the
+ * step's mapping changes (lora_kernel.Step), so that a new mapping costs no layer a new binding. */
+struct quiver_lora_step {
+    const int64_t *slots;
+    int64_t num_tokens;
+};
+
+/* Everything about one layer but where its rows are, prepared once per weights (lora_kernel.Layer): through
+ * ctypes each argument costs ~0.1 us to convert, and the engine makes ~120 of these calls a step. */
 struct quiver_lora_layer {
     const float *a, *b;
-    const int64_t *slice_sizes, *slots;
+    const int64_t *slice_sizes;
     const uint8_t *in_use;
-    int64_t num_tokens, din, num_slots, n_slices, rank, total_out;
+    const struct quiver_lora_step *step;
+    int64_t din, num_slots, n_slices, rank, total_out;
     float scale;
 };
 
@@ -190,6 +197,7 @@ int quiver_lora_f32_layer(const struct quiver_lora_layer *l, float *y, int64_t l
     const int64_t k = l->n_slices * l->rank;
     if (k <= 0 || k > QUIVER_MAX_K)
         return -1;
+    const int64_t *slots = l->step->slots, num_tokens = l->step->num_tokens;
     struct pass passes[PASSES];
     int n = 0;
     for (int64_t s = 0; s < l->num_slots; s++) {
@@ -200,8 +208,8 @@ int quiver_lora_f32_layer(const struct quiver_lora_layer *l, float *y, int64_t l
             struct pass *p = &passes[n];
             p->slot = s;
             p->m = 0;
-            for (; t < l->num_tokens && p->m < TOKENS; t++)
-                if (l->slots[t] == s)
+            for (; t < num_tokens && p->m < TOKENS; t++)
+                if (slots[t] == s)
                     p->rows[p->m++] = t;
             if (p->m == 0)
                 break;

@@ -118,63 +118,101 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+class _StepArgs(ctypes.Structure):
+    """`struct quiver_lora_step` in lora_kernel.c."""
+
+    _fields_ = [("slots", ctypes.c_void_p), ("num_tokens", ctypes.c_int64)]
+
+
 class _LayerArgs(ctypes.Structure):
     """`struct quiver_lora_layer` in lora_kernel.c, field for field."""
 
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("slice_sizes", ctypes.c_void_p),
-                ("slots", ctypes.c_void_p), ("in_use", ctypes.c_void_p), ("num_tokens", ctypes.c_int64),
-                ("din", ctypes.c_int64), ("num_slots", ctypes.c_int64), ("n_slices", ctypes.c_int64),
-                ("rank", ctypes.c_int64), ("total_out", ctypes.c_int64), ("scale", ctypes.c_float)]
+                ("in_use", ctypes.c_void_p), ("step", ctypes.POINTER(_StepArgs)), ("din", ctypes.c_int64),
+                ("num_slots", ctypes.c_int64), ("n_slices", ctypes.c_int64), ("rank", ctypes.c_int64),
+                ("total_out", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
+class Step:
+    """Which slot each token of the current step uses, for every layer bound to it. Set once when the step's
+    mapping changes: the layers' bindings stay valid, where re-binding ~120 layers cost ~3 ms at every change
+    of a batch's make-up (a request joining or leaving), that is at most steps of real traffic."""
+
+    __slots__ = ("_args", "_slots", "num_tokens")
+
+    def __init__(self, slots: torch.Tensor | None = None) -> None:
+        self._args = _StepArgs(None, -1)
+        self._slots: torch.Tensor | None = None
+        self.num_tokens = -1
+        self.set(slots)
+
+    def set(self, slots: torch.Tensor | None) -> bool:
+        """`slots`: int64, one per token, -1 for none. Anything else (or None) leaves no tokens, so that every
+        bound call declines its rows (then the caller uses the torch ops)."""
+        if not (isinstance(slots, torch.Tensor) and slots.dtype == torch.int64 and slots.dim() == 1
+                and slots.is_contiguous() and slots.device.type == "cpu"):
+            slots = None
+        # tokens first to -1: a call between the two writes declines rather than reads a mismatched array
+        self.num_tokens = self._args.num_tokens = -1
+        self._slots = slots  # the kernel reads its pointer: kept alive as long as it is set
+        if slots is None:
+            self._args.slots = None
+            return False
+        self._args.slots = slots.data_ptr()
+        self.num_tokens = self._args.num_tokens = slots.numel()
+        return True
 
 
 class Layer:
-    """One LoRA linear's kernel call for one step's slots: the weights and the slots are checked and packed
-    once (`bind`), so that each call checks only its input and output rows. The engine calls a layer ~120
-    times a step with the same weights and slots; unpacked, the checks and ctypes' conversions of 16
-    arguments cost more than the kernel's own work at decode sizes."""
+    """One LoRA linear's kernel call: the weights are checked and packed once (`bind`), the tokens' slots come
+    from the shared `Step`, so each call checks only its input and output rows. The engine calls a layer ~120
+    times a step with the same weights; unpacked, the checks and ctypes' conversions of 16 arguments cost more
+    than the kernel's own work at decode sizes."""
 
-    __slots__ = ("_keep", "_args", "_fn", "num_tokens", "din", "total_out")
+    __slots__ = ("_keep", "_args", "_fn", "step", "din", "total_out")
 
-    def __init__(self, lib: ctypes.CDLL, keep: tuple, args: _LayerArgs) -> None:
+    def __init__(self, lib: ctypes.CDLL, keep: tuple, args: _LayerArgs, step: Step) -> None:
         self._keep = keep  # the tensors the packed pointers point into
         self._args = ctypes.pointer(args)
         self._fn = lib.quiver_lora_f32_layer
-        self.num_tokens, self.din, self.total_out = args.num_tokens, args.din, args.total_out
+        self.step = step
+        self.din, self.total_out = args.din, args.total_out
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor) -> bool:
         """y[t, :total_out] += the layer's delta for x[t]; False, with y untouched, when x or y are not
-        float32 rows of unit stride of the bound shapes."""
+        float32 rows of unit stride of the bound widths, one per token of the step."""
         if not (y.dtype is x.dtype is torch.float32 and y.dim() == x.dim() == 2
-                and x.shape[0] == y.shape[0] == self.num_tokens and x.shape[1] == self.din
+                and x.shape[0] == y.shape[0] == self.step.num_tokens and x.shape[1] == self.din
                 and y.shape[1] >= self.total_out and y.stride(1) == 1 and x.stride(1) == 1):
             return False
         return self._fn(self._args, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0)) == 0
 
 
-def bind(lib: ctypes.CDLL, a, b, slice_sizes, slots, in_use, scale: float) -> Layer | None:
+def bind(lib: ctypes.CDLL, a, b, slice_sizes, in_use, scale: float, step: Step) -> Layer | None:
     """The kernel call y[t, :total_out] += scale * x[t] @ A_s^T @ B_s^T for each token t whose slot s
-    (`slots`, int64, -1 for none) is in use (`in_use`, uint8 per slot), with the weights laid out as
-    FusedLoRA.kernel_weights gives them: `a` (slots, in, n_slices * rank), `b` (slots, rank, sum of
-    `slice_sizes`). None when the tensors are not what the kernel reads (then the caller uses the torch ops)."""
+    (`step`) is in use (`in_use`, uint8 per slot), with the weights laid out as FusedLoRA.kernel_weights gives
+    them: `a` (slots, in, n_slices * rank), `b` (slots, rank, sum of `slice_sizes`). None when the tensors are
+    not what the kernel reads (then the caller uses the torch ops)."""
     if not (a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 3 and a.is_contiguous()
             and b.is_contiguous() and a.device.type == b.device.type == "cpu"
-            and slots.dtype == torch.int64 and slots.dim() == 1 and slots.is_contiguous() and slots.device.type == "cpu"
             and in_use.dtype == torch.uint8 and in_use.is_contiguous()
             and slice_sizes.dtype == torch.int64 and slice_sizes.dim() == 1 and slice_sizes.is_contiguous()):
         return None
     num_slots, din, k = a.shape
     n_slices, rank = slice_sizes.numel(), b.shape[1]
-    # the kernel reads raw pointers: every extent it derives must be the tensors' own
+    # the kernel reads raw pointers: every extent it derives must be the tensors' own (a token's slot is only
+    # ever compared with 0..num_slots-1, so any value in `step` is safe)
     if not (b.shape[0] == in_use.numel() == num_slots and n_slices * rank == k and k > 0
             and int(slice_sizes.sum()) == b.shape[2] and bool((slice_sizes >= 0).all())):
         return None
-    args = _LayerArgs(a.data_ptr(), b.data_ptr(), slice_sizes.data_ptr(), slots.data_ptr(), in_use.data_ptr(),
-                      slots.numel(), din, num_slots, n_slices, rank, b.shape[2], scale)
-    return Layer(lib, (a, b, slice_sizes, slots, in_use), args)
+    args = _LayerArgs(a.data_ptr(), b.data_ptr(), slice_sizes.data_ptr(), in_use.data_ptr(),
+                      ctypes.pointer(step._args), din, num_slots, n_slices, rank, b.shape[2], scale)
+    return Layer(lib, (a, b, slice_sizes, in_use), args, step)
 
 
 def add_lora_f32(lib: ctypes.CDLL, y, x, a, b, slice_sizes, slots, in_use, scale: float) -> bool:
     """`bind` and call once. False, with y untouched, when the tensors are not laid out as the kernel reads
     them (then the caller uses the torch ops)."""
-    layer = bind(lib, a, b, slice_sizes, slots, in_use, scale)
+    step = Step(slots)
+    layer = bind(lib, a, b, slice_sizes, in_use, scale, step)
     return layer is not None and layer(y, x)

@@ -50,19 +50,19 @@ from .grouped_ops import (
 
 
 class _BoundLinear:
-    """One layer's kernel call (lora_kernel.Layer) and what it was bound for: the plan, the layer's weight
-    tuples and their version counters (vLLM writes a slot's weights in place, which moves them), the scale."""
+    """One layer's kernel call (lora_kernel.Layer) and what it was bound for: the layer's weight tuples and
+    their version counters (vLLM writes a slot's weights in place, which moves them), the scale. The step's
+    slots are not part of it: the wrapper's one lora_kernel.Step carries them to every layer."""
 
-    __slots__ = ("plan", "lora_a", "lora_b", "scale", "versions", "layer")
+    __slots__ = ("lora_a", "lora_b", "scale", "versions", "layer")
 
-    def __init__(self, plan: LoRAPlan, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-                 scale: float, versions: tuple[int, ...], layer: lora_kernel.Layer) -> None:
-        self.plan, self.lora_a, self.lora_b, self.scale = plan, lora_a, lora_b, scale
+    def __init__(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
+                 versions: tuple[int, ...], layer: lora_kernel.Layer) -> None:
+        self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
         self.versions, self.layer = versions, layer
 
-    def serves(self, plan: LoRAPlan | None, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-               scale: float) -> bool:
-        return (plan is self.plan and lora_a is self.lora_a and lora_b is self.lora_b and scale == self.scale
+    def serves(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float) -> bool:
+        return (lora_a is self.lora_a and lora_b is self.lora_b and scale == self.scale
                 and tuple([t._version for t in lora_a] + [t._version for t in lora_b]) == self.versions)
 
 
@@ -80,10 +80,12 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         # The adapter id in each slot (vLLM's lora_index_to_id, given with every new layout): which slots a
         # swap changed, so that only those are re-read (FusedLoRA.refresh).
         self._slot_ids: tuple[int | None, ...] | None = None
-        # The compiled one-call path (None: torch ops only; see lora_kernel.py), and per layer (keyed by its
-        # lora_a_stacked tuple, which the entry keeps alive) its call bound for the current plan and weights.
+        # The compiled one-call path (None: torch ops only; see lora_kernel.py); per layer (keyed by its
+        # lora_a_stacked tuple, which the entry keeps alive) its call bound for its current weights; and the
+        # step's slots, which every bound call reads: one write at each new mapping, no layer re-bound.
         self._kernel = lora_kernel.load()
         self._bound: dict[int, _BoundLinear] = {}
+        self._step = lora_kernel.Step()
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -91,6 +93,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         # token_lora_indices: slot per scheduled token, -1 = no adapter (what
         # the stock ops index with), so the plan agrees with stock by design.
         self._plan = build_plan(self.token_lora_indices)
+        self._step.set(self._plan.slots)
         # sampler_indices: slot per request row of the logits (-1 = none).
         self._sampler_plan = build_plan(self.sampler_indices)
 
@@ -115,11 +118,12 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         plan = self._plan
         if plan is not None and plan.kind == "none" and x.dim() == 2 and x.shape[0] == plan.num_tokens:
             return None  # no token has an adapter (every step of base-only traffic): nothing to add
-        # The hot path: this layer's kernel call, bound for this step's slots and these weights (identity and
-        # version checks only). The general path below costs ~15 us a call in checks and lookups, and a step
-        # makes ~120 calls: ~2 % of a decode step here.
+        # The hot path: this layer's kernel call, bound for these weights (identity and version checks only),
+        # reading the step's slots from self._step. The general path below costs ~15-25 us a call in checks and
+        # lookups, and a step makes ~120 calls: ~2 % of a decode step here, or ~3 ms at every new mapping
+        # (a request joining or leaving the batch) when a plan change re-bound every layer.
         bound = self._bound.get(id(lora_a_stacked))
-        if bound is not None and bound.serves(plan, lora_a_stacked, lora_b_stacked, scale) and bound.layer(y, x):
+        if bound is not None and bound.serves(lora_a_stacked, lora_b_stacked, scale) and bound.layer(y, x):
             return None
         x2 = x.view(-1, x.shape[-1])
         if (
@@ -135,10 +139,10 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
             return None
         y2 = y.view(-1, y.shape[-1])
         fused = self._fused_for(lora_a_stacked, lora_b_stacked, output_slices, y.dtype)
-        layer = bind_kernel(self._kernel, plan, fused, scale) if self._kernel is not None else None
+        layer = bind_kernel(self._kernel, fused, scale, self._step) if self._kernel is not None else None
         if layer is not None:
-            self._bound[id(lora_a_stacked)] = _BoundLinear(plan, lora_a_stacked, lora_b_stacked, scale,
-                                                           fused.versions, layer)
+            self._bound[id(lora_a_stacked)] = _BoundLinear(lora_a_stacked, lora_b_stacked, scale, fused.versions,
+                                                           layer)
             if layer(y2, x2):
                 return None
         add_lora_linear(y2, x2, plan, fused, scale)  # the torch ops
