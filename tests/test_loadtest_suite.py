@@ -47,6 +47,8 @@ def test_quick_suite_runs_on_cpu(tmp_path: Path) -> None:
     assert cold["runs"][0]["ready_s"] > 0 and "model_loaded" in cold["runs"][0]["phases"]
     summary = json.loads((out / "compare" / "summary.json").read_text())
     assert {"mixed", "gateway", "peft", "hot", "scale"} <= set(summary)
+    mixed = summary["mixed"]["figures"]
+    assert mixed["ratio"] > 0 and mixed["adapter_only_ratio"] > 0, mixed  # both of #18's mixed figures
     peft = summary["peft"]["figures"]
     assert peft, summary["peft"]
     many = json.loads((out / "many-adapters" / "many-adapters.json").read_text())

@@ -21,9 +21,10 @@ stock), and adds:
 * `add_lora_linear`: uses the plan and per-layer fused weights (rebuilt only
   when an adapter is loaded into a slot) to do 2-3 matmuls per layer instead
   of 4-12 gathers+einsums -- or, where a C compiler is found, one call into
-  the compiled kernel (`lora_kernel.c`), bound once per layer and step plan
-  so that a call checks only its rows; returns at once when no token has
-  an adapter.
+  the compiled kernel (`lora_kernel.c`), bound once per layer and weights
+  (the step's slots reach every layer through one shared `lora_kernel.Step`,
+  set at each new mapping) so that a call checks only its rows; returns at
+  once when no token has an adapter.
 
 Anything outside what the plan covers (shapes it was not built for, other
 tensor layouts) falls back to the stock implementation.
