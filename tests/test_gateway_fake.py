@@ -265,3 +265,31 @@ def test_an_engine_failure_is_a_retryable_503_never_a_500(make_gateway):
     assert "EngineCore" not in response.text
     metrics = httpx.get(f"{gateway.base_url}/metrics").text
     assert f'quiver_requests_total{{adapter="{BASE}",endpoint="chat/completions",model="{BASE}",status="503"}} 1.0' in metrics
+
+
+def test_every_route_and_dependency_runs_on_the_event_loop(tmp_path: Path) -> None:
+    """FastAPI runs a plain `def` endpoint or dependency in its thread pool: a hop to a worker thread and back on
+    every request, which on a small machine waits for a core the engine holds (measured: the gateway's one
+    getter of that kind was a third of its one-at-a-time overhead). Every route and every dependency under it
+    is a coroutine (blocking work inside them goes to asyncio.to_thread explicitly)."""
+    from fastapi.dependencies.models import Dependant
+    from fastapi.routing import APIRoute
+
+    from quiver.app import create_app
+    from quiver.settings import Settings
+
+    app = create_app(Settings(store_dir=tmp_path / "store", state_dir=tmp_path / "state",
+                              finetuning_dir=tmp_path / "ft"))
+    in_thread_pool: list[str] = []
+
+    def walk(dependant: Dependant, path: str) -> None:
+        if dependant.call is not None and not dependant.is_coroutine_callable:
+            in_thread_pool.append(f"{path}: {getattr(dependant.call, '__qualname__', dependant.call)}")
+        for sub in dependant.dependencies:
+            walk(sub, path)
+
+    routes = [route for route in app.routes if isinstance(route, APIRoute)]
+    assert len(routes) > 30  # the walk reached the app's API, not an empty router
+    for route in routes:
+        walk(route.dependant, route.path)
+    assert not in_thread_pool

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depen
                    responses=error_responses(401, 403, 503), route_class=BoundedJSONRoute)
 
 
-def _registry(request: Request) -> AdapterRegistry:
+async def _registry(request: Request) -> AdapterRegistry:
     return request.app.state.registry
 
 

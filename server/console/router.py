@@ -157,23 +157,23 @@ async def console_page(page: str) -> FileResponse:
 
 # --- API -----------------------------------------------------------------------------------------------------
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _jobs(request: Request) -> JobService:
+async def _jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _engine(request: Request) -> Engine | None:
+async def _engine(request: Request) -> Engine | None:
     return getattr(request.app.state, "engine", None)  # absent until the lifespan has built it
 
 
-def _registry(request: Request) -> AdapterRegistry | None:
+async def _registry(request: Request) -> AdapterRegistry | None:
     return getattr(request.app.state, "registry", None)
 
 

@@ -24,11 +24,11 @@ router = APIRouter(prefix="/v1", tags=["fine-tuning"], dependencies=[Depends(adm
                    responses=error_responses(400, 401, 403))
 
 
-def _files(request: Request) -> FileService:
+async def _files(request: Request) -> FileService:
     return request.app.state.files
 
 
-def _jobs(request: Request) -> JobService:
+async def _jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 

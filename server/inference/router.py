@@ -30,15 +30,18 @@ def _generation_responses(model: type) -> dict:
             **error_responses(400, 404, 413, 429, 503)}
 
 
-def _inference(request: Request) -> InferenceService:
+# Dependencies are `async def` on purpose, here and in every router: FastAPI runs a plain `def` dependency in its
+# thread pool, a hop to a worker thread and back on every request, which under an engine that holds every core
+# waits for one (tests/test_hardening.py::test_every_dependency_runs_on_the_event_loop).
+async def _inference(request: Request) -> InferenceService:
     return request.app.state.inference
 
 
-def _registry(request: Request) -> AdapterRegistry:
+async def _registry(request: Request) -> AdapterRegistry:
     return request.app.state.registry
 
 
-def _started_at(request: Request) -> int:
+async def _started_at(request: Request) -> int:
     return request.app.state.started_at
 
 

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/adapters", tags=["suites"], dependencies=[Depends
                    responses=error_responses(401, 403, 503), route_class=BoundedJSONRoute)
 
 
-def _suites(request: Request) -> SuiteService:
+async def _suites(request: Request) -> SuiteService:
     return request.app.state.suites
 
 

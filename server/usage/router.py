@@ -18,7 +18,7 @@ DAY_S = 86_400
 _MAX_TIME = 2**40  # unix seconds, far beyond any date the ledger holds
 
 
-def _ledger(request: Request) -> UsageLedger:
+async def _ledger(request: Request) -> UsageLedger:
     return request.app.state.usage
 
 
