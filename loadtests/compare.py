@@ -197,7 +197,7 @@ def do_gateway(t: Target) -> None:
     runs.update(probes)
     gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
     ttft_gw, ttft_direct = (round(median(runs[side], "ttft_ms", "p50"), 2) for side in ("gateway", "direct"))
-    solo_gw, solo_direct = median(probes["gateway-c1"], "ttft_ms", "p50"), median(probes["direct-c1"], "ttft_ms", "p50")
+    solo_gw, solo_direct = (round(median(probes[side], "ttft_ms", "p50"), 2) for side in ("gateway-c1", "direct-c1"))
     pairs = asyncio.run(paired_ttft(probe, replace(probe, base_url=t.engine_url, api_key=t.engine_key), PAIRS))
     differences = [gw_s - direct_s for gw_s, direct_s in pairs]
     figures = {"gateway_tok_s": gw, "direct_tok_s": direct, "ratio": round(gw / direct, 3),
