@@ -195,8 +195,6 @@ def do_gateway(t: Target) -> None:
     probe = replace(mix, concurrency=1, requests=PROBE_REQUESTS, max_tokens=4)
     probes = alternate(t, {"gateway-c1": probe, "direct-c1": replace(probe, base_url=t.engine_url, api_key=t.engine_key)})
     runs.update(probes)
-    gw, direct = median(runs["gateway"], "output_tok_s"), median(runs["direct"], "output_tok_s")
-    ttft_gw, ttft_direct = (round(median(runs[side], "ttft_ms", "p50"), 2) for side in ("gateway", "direct"))
     solo_gw, solo_direct = (round(median(probes[side], "ttft_ms", "p50"), 2) for side in ("gateway-c1", "direct-c1"))
     pairs = asyncio.run(paired_ttft(probe, replace(probe, base_url=t.engine_url, api_key=t.engine_key), PAIRS))
     differences = [gw_s - direct_s for gw_s, direct_s in pairs]

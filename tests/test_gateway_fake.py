@@ -269,9 +269,9 @@ def test_an_engine_failure_is_a_retryable_503_never_a_500(make_gateway):
 
 def test_every_route_and_dependency_runs_on_the_event_loop(tmp_path: Path) -> None:
     """FastAPI runs a plain `def` endpoint or dependency in its thread pool: a hop to a worker thread and back on
-    every request, which on a small machine waits for a core the engine holds (measured: the gateway's one
-    getter of that kind was a third of its one-at-a-time overhead). Every route and every dependency under it
-    is a coroutine (blocking work inside them goes to asyncio.to_thread explicitly)."""
+    every request (the generation routes' one such getter took the in-process path to the first byte from 0.35
+    to 0.22 ms). Every route and every dependency under it is a coroutine (blocking work inside them goes to
+    asyncio.to_thread explicitly)."""
     from fastapi.dependencies.models import Dependant
     from fastapi.routing import APIRoute
 

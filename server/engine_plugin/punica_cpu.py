@@ -121,7 +121,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
             return None  # no token has an adapter (every step of base-only traffic): nothing to add
         # The hot path: this layer's kernel call, bound for these weights (identity and version checks only),
         # reading the step's slots from self._step. The general path below costs ~15-25 us a call in checks and
-        # lookups, and a step makes ~120 calls: ~2 % of a decode step here, or ~3 ms at every new mapping
+        # lookups, and a step makes ~120 calls: ~2 % of a decode step here, or ~2.3 ms at every new mapping
         # (a request joining or leaving the batch) when a plan change re-bound every layer.
         bound = self._bound.get(id(lora_a_stacked))
         if bound is not None and bound.serves(lora_a_stacked, lora_b_stacked, scale) and bound.layer(y, x):
