@@ -109,6 +109,13 @@ class _BoundedJSONRequest(Request):
         return self._json
 
 
+def bounded_request(request: Request) -> Request:
+    """`request`, its JSON parsed by `loads_bounded`; one already bounded is returned as is (it caches the body)."""
+    if isinstance(request, _BoundedJSONRequest):
+        return request
+    return _BoundedJSONRequest(request.scope, request.receive)
+
+
 class BoundedJSONRoute(APIRoute):
     """A route whose JSON body is parsed by `loads_bounded` (every router that takes a JSON body uses it)."""
 
@@ -116,6 +123,6 @@ class BoundedJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def bounded(request: Request) -> Response:
-            return await handler(_BoundedJSONRequest(request.scope, request.receive))
+            return await handler(bounded_request(request))
 
         return bounded

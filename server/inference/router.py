@@ -9,6 +9,7 @@ from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.service import AdapterRegistry, model_not_found
 from quiver.auth import ModelScope, caller_identity, inference_auth
 from quiver.errors import error_responses
+from quiver.fast_route import FastPathRoute
 from quiver.inference.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -22,6 +23,9 @@ from quiver.limits import BoundedJSONRoute
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(inference_auth)],
                    responses=error_responses(401), route_class=BoundedJSONRoute)
+# The two generation routes: every caller's request pays for them before the engine sees it, so their
+# well-formed requests skip FastAPI's generic solver (fast_route.py); refusals still take FastAPI's own path.
+generation = APIRouter(route_class=FastPathRoute)
 
 
 def _generation_responses(model: type) -> dict:
@@ -55,16 +59,19 @@ Caller = Annotated[tuple[str, bool], Depends(caller_identity)]
 Session = Annotated[str | None, Header(alias="x-quiver-session", include_in_schema=True)]
 
 
-@router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
+@generation.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
 async def create_chat_completion(body: ChatCompletionRequest, inference: Inference, scope: Scope, caller: Caller,
                                  x_quiver_session: Session = None) -> Response:
     return await inference.forward("chat/completions", body, scope, x_quiver_session, caller[0])
 
 
-@router.post("/completions", response_model=None, responses=_generation_responses(Completion))
+@generation.post("/completions", response_model=None, responses=_generation_responses(Completion))
 async def create_completion(body: CompletionRequest, inference: Inference, scope: Scope, caller: Caller,
                             x_quiver_session: Session = None) -> Response:
     return await inference.forward("completions", body, scope, x_quiver_session, caller[0])
+
+
+router.include_router(generation)
 
 
 def _model_cards(registry: AdapterRegistry, started_at: int, scope: ModelScope) -> list[ModelCard]:
