@@ -205,6 +205,11 @@ def error_response(
 
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        # FastAPI puts the character offset where a field name goes; say what it is instead.
+        offset = first.get("loc", ("body", "?"))[-1]
+        reason = first.get("ctx", {}).get("error", "malformed JSON")
+        return f"the request body is not valid JSON: {reason} at character {offset}", None
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "form")]
     param = ".".join(location) or None
     # Say what was wrong and where, without echoing the client's input back.

@@ -167,6 +167,9 @@ def test_malformed_json_is_a_400_envelope(quiver_server: QuiverServer) -> None:
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    # where it broke, said as such (FastAPI's offset is not a field name)
+    assert error["message"].startswith("the request body is not valid JSON: ") and "at character 1" in error["message"]
+    assert error["param"] is None
 
 
 def test_metrics_count_requests_and_tokens_per_adapter(quiver_server: QuiverServer, registered) -> None:
