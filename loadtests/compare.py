@@ -38,7 +38,7 @@ from loadtests.servers import (ADMIN_KEY, API_KEY, DEFAULT_MODEL_DIR, PeakRss, e
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 BASE_NAME = "SmolLM2-135M-Instruct"
 PROBE_REQUESTS = 20  # the gateway comparison's one-at-a-time TTFT probe, per side and round
-PAIRS = 200  # and its paired probe: requests a side, the sides taking turns request by request
+PAIRS = 200  # and its paired probe (--pairs): requests a side, the sides taking turns request by request
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Target:
     rounds: int
     work: Workload  # the shared traffic settings; each comparison changes shape/adapters/label
     summary: dict
+    pairs: int = PAIRS
 
 
 @contextmanager
@@ -196,7 +197,7 @@ def do_gateway(t: Target) -> None:
     probes = alternate(t, {"gateway-c1": probe, "direct-c1": replace(probe, base_url=t.engine_url, api_key=t.engine_key)})
     runs.update(probes)
     solo_gw, solo_direct = (round(median(probes[side], "ttft_ms", "p50"), 2) for side in ("gateway-c1", "direct-c1"))
-    pairs = asyncio.run(paired_ttft(probe, replace(probe, base_url=t.engine_url, api_key=t.engine_key), PAIRS))
+    pairs = asyncio.run(paired_ttft(probe, replace(probe, base_url=t.engine_url, api_key=t.engine_key), t.pairs))
     differences = [gw_s - direct_s for gw_s, direct_s in pairs]
     figures = {"gateway_tok_s": gw, "direct_tok_s": direct, "ratio": round(gw / direct, 3),
                "ttft_p50_gateway_ms": ttft_gw, "ttft_p50_direct_ms": ttft_direct,
@@ -397,6 +398,8 @@ def main(
     port: Annotated[int, typer.Option(help="port for a started server")] = 18390,
     max_loras: Annotated[int, typer.Option(help="engine LoRA slots of a started server")] = 4,
     rounds: Annotated[int, typer.Option(help="A/B rounds per comparison")] = 2,
+    pairs: Annotated[int, typer.Option(help="`gateway`: its paired one-at-a-time probe's pairs (the median of "
+                                            "their differences varies by about +-1 ms at 200)")] = PAIRS,
     requests: Annotated[int, typer.Option()] = 32,
     concurrency: Annotated[int, typer.Option()] = 16,
     max_tokens: Annotated[int, typer.Option()] = 64,
@@ -412,10 +415,11 @@ def main(
         raise typer.BadParameter(f"unknown comparisons {sorted(unknown)}")
     with target(base_url, port, out, rounds, requests, concurrency, max_tokens, prompt_tokens, max_loras, api_key,
                 admin_key, engine_url, engine_key, server_log, scratch) as t:
+        t.pairs = pairs
         for name in names:
             COMPARISONS[name](t, scale_adapters) if name == "scale" else COMPARISONS[name](t)
         t.summary["finished"] = report.machine_state()
-        t.summary["settings"] = {"rounds": rounds, "requests": requests, "concurrency": concurrency,
+        t.summary["settings"] = {"rounds": rounds, "pairs": pairs, "requests": requests, "concurrency": concurrency,
                                  "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "max_loras": max_loras,
                                  "server": "started by compare" if not base_url else base_url}
         path = t.out / "summary.json"
