@@ -45,7 +45,8 @@ def commands(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
         return [
             ("cold_start", [*py, "loadtests.cold_start", "run", "--runs", "1", "--json", str(out / "cold-start.json")]),
             ("compare", [*py, "loadtests.compare", "mixed,gateway,peft,hot,scale", "--out", str(out / "compare"),
-                         "--rounds", "1", "--scale-adapters", "6", "--scratch", str(out / "scratch"), *shape]),
+                         "--rounds", "1", "--pairs", "10", "--scale-adapters", "6", "--scratch", str(out / "scratch"),
+                         *shape]),
             ("many_adapters", [*py, "loadtests.many_adapters", "--out", str(out / "many-adapters"), "--rounds", "1",
                                "--counts", "6", "--config", "slots4:QUIVER_MAX_LORAS=4",
                                "--scratch", str(out / "scratch-many"), *shape]),

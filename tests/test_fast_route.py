@@ -17,24 +17,39 @@ from pydantic import BaseModel
 from quiver.fake_engine import FakeEngine, fake_text
 from quiver.fast_route import FastPathRoute
 from quiver.limits import BoundedJSONRoute
-from quiver.testing import API_KEY
+from quiver.settings import Settings
+from quiver.testing import ADMIN_KEY, API_KEY, InProcessGateway
 
 BASE = "SmolLM2-135M-Instruct"
 TENANT_KEY = "tenant-key-only-bots"
 CHAT = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 
 
-@pytest.fixture
-def gateways(make_gateway, monkeypatch: pytest.MonkeyPatch, fake_adapter: Path):
-    """(shipped, generic): the second built with FastPathRoute's handler replaced by BoundedJSONRoute's."""
-    settings = {"tenant_keys": {TENANT_KEY: ["bot*"]}, "max_completion_tokens": 64}
-    shipped = make_gateway(**settings)
-    for name in ("bot", "other"):
-        assert shipped.register(name, fake_adapter).status_code == 201
-    with monkeypatch.context() as patch:
-        patch.setattr(FastPathRoute, "get_route_handler", BoundedJSONRoute.get_route_handler)
-        generic = make_gateway(engine=FakeEngine(BASE), state="generic-state", **settings)
-    return shipped, generic
+@pytest.fixture(scope="module")
+def gateways(model_dir: Path, fake_adapter: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(shipped, generic) over one store: the second built with FastPathRoute's handler replaced by
+    BoundedJSONRoute's. One pair for the module: the cases only read."""
+    root = tmp_path_factory.mktemp("fast-route")
+
+    def start(state: str) -> InProcessGateway:
+        settings = Settings(model_cache_dir=model_dir.parent, store_dir=root / "store", state_dir=root / state,
+                            finetuning_dir=root / "ft", admin_keys=[ADMIN_KEY], api_keys=[API_KEY], store_poll_s=0,
+                            tenant_keys={TENANT_KEY: ["bot*"]}, max_completion_tokens=64)
+        return InProcessGateway(settings, FakeEngine(BASE)).start()
+
+    shipped = start("shipped")
+    try:
+        for name in ("bot", "other"):
+            assert shipped.register(name, fake_adapter).status_code == 201
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(FastPathRoute, "get_route_handler", BoundedJSONRoute.get_route_handler)
+            generic = start("generic")
+        try:
+            yield shipped, generic
+        finally:
+            generic.stop()
+    finally:
+        shipped.stop()
 
 
 @pytest.fixture
