@@ -1,8 +1,9 @@
 """API keys: admin keys for the registry, inference keys (or admin keys) for generation, and tenant keys:
 inference keys that see and call only the base model and their own adapters.
 
-Keys are checked twice: by `AuthGate` from the headers alone before any body is read (401/403, and the
-per-key limits), and by the routes' dependencies, which give the key's model scope.
+A key is identified once per request, by `AuthGate` from the headers alone before any body is read (401/403,
+and the per-key limits); the routes' dependencies, which give the key's model scope, reuse that identification
+(kept in the request's ASGI scope) and identify the key themselves only where no gate ran.
 
 With no keys configured at all, auth is off and `quiver serve` binds to loopback only.
 """
@@ -51,6 +52,11 @@ class _Identity:
     scope: ModelScope
 
 
+# The ASGI scope's entry for the request's identified key (its digest and identity): only the server writes a
+# scope, and the key's header cannot change within one request.
+_IDENTIFIED = "quiver.identified_key"
+
+
 def _presented_key(request: Request) -> str | None:
     scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
     return token if scheme.lower() == "bearer" and token else None
@@ -86,6 +92,9 @@ class Auth:
         return self._identify(request)[1]
 
     def _identify(self, request: Request) -> tuple[bytes, _Identity]:
+        known = request.scope.get(_IDENTIFIED)
+        if known is not None:
+            return known
         key = _presented_key(request)
         if key is None:
             raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
@@ -98,6 +107,7 @@ class Auth:
                 found = identity
         if found is None:
             raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.scope[_IDENTIFIED] = presented, found
         return presented, found
 
     async def inference(self, request: Request) -> ModelScope:

@@ -298,6 +298,31 @@ def test_a_key_that_is_admin_and_api_key_keeps_admin_rights(tmp_path: Path, mode
     assert listing.status_code == 200
 
 
+def test_a_requests_key_is_hashed_and_compared_once(tmp_path: Path, model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate identifies the key; the routes' scope and caller dependencies reuse it (it was three times)."""
+    import quiver.auth
+
+    app, _ = inprocess_app(tmp_path, model_dir, **KEYS)
+    digests: list[str] = []
+    digest = quiver.auth._digest
+    monkeypatch.setattr(quiver.auth, "_digest", lambda key: digests.append(key) or digest(key))
+
+    async def go():
+        async with client(app, API) as http:
+            answers = [await http.post("/v1/chat/completions", json={"model": "nobody", **CHAT}),
+                       await http.get("/v1/models"),
+                       await http.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 10**9})]
+        async with client(app, "wrong") as http:
+            answers.append(await http.get("/v1/models"))
+        return answers
+
+    missing, models, too_long, wrong = run(go())
+    assert (missing.status_code, models.status_code, too_long.status_code, wrong.status_code) == (404, 200, 400, 401)
+    assert envelope(too_long)["code"] == "max_tokens_too_large"
+    assert digests == [API, API, API, "wrong"]
+
+
 def test_metrics_key_setting(tmp_path: Path, model_dir: Path) -> None:
     tenant = "tenant-key"
     app, _ = inprocess_app(tmp_path, model_dir, metrics_require_key=True, tenant_keys={tenant: ["acme-*"]}, **KEYS)
