@@ -143,7 +143,7 @@ def alternate(t: Target, sides: dict[str, Workload], cpu_of: int | None = None) 
 
 def median(runs: list[dict], key: str, pct: str | None = None) -> float:
     values = [r["overall"][key][pct] if pct else r["overall"][key] for r in runs]
-    return statistics.median(v for v in values if v is not None)
+    return round(statistics.median(v for v in values if v is not None), 3)  # an even count averages two
 
 
 def save(t: Target, name: str, runs: dict[str, list[dict]], lines: list[str], figures: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 
 import pytest
 
@@ -130,6 +131,26 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="broken.c failed"):
         lora_kernel.build(broken)
     assert not list((tmp_path / "cache").iterdir())
+
+
+def test_a_failed_openmp_build_is_retried_serial(tmp_path, monkeypatch):
+    """A GCC whose -fopenmp cannot link (no libgomp development files) still gives a kernel, built serial."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("needs gcc (CI installs it: .ci/run)")
+    no_openmp = tmp_path / "gcc-without-libgomp"
+    no_openmp.write_text("#!/bin/sh\n"
+                         'for arg in "$@"; do [ "$arg" = -fopenmp ] && { echo "cannot find -lgomp" >&2; exit 1; }; done\n'
+                         f'exec {gcc} "$@"\n')
+    no_openmp.chmod(0o755)
+    monkeypatch.setenv("CC", str(no_openmp))
+    monkeypatch.setenv(lora_kernel.ENV_CACHE, str(tmp_path / "cache"))
+    assert lora_kernel.openmp_flags(str(no_openmp)) == ("-fopenmp",)  # it looks like GCC, so OpenMP is tried
+    built = lora_kernel.build()
+    assert built == lora_kernel.library_path(lora_kernel.SOURCE.read_bytes(), lora_kernel.FLAGS)  # the serial one
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [built.name]  # nothing half-written left
+    kernel = ctypes.CDLL(str(built))
+    assert kernel.quiver_lora_f32_layer is not None
 
 
 def test_no_compiler_or_switched_off_means_torch_ops(tmp_path, monkeypatch):

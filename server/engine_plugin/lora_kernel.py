@@ -4,7 +4,8 @@ The source is compiled once per machine (about half a second) with the system C 
 gcc or clang; the CPU image has gcc for torch's inductor already), for this CPU's instruction set, into a
 cache keyed by the source, the flags and the CPU's feature flags, so a cache on a volume shared by different
 CPUs never loads code built for another. With GCC it is built with OpenMP (`openmp_flags`), so a call's passes
-share the engine's own OpenMP threads. No compiler, a failed build or `QUIVER_CPU_LORA_KERNEL=0`:
+share the engine's own OpenMP threads; should that build fail, it is built serial. No compiler, a failed build or
+`QUIVER_CPU_LORA_KERNEL=0`:
 `load()` returns None and the torch ops in grouped_ops run instead (same results within float rounding).
 """
 
@@ -75,13 +76,26 @@ def openmp_flags(compiler: str) -> tuple[str, ...]:
 
 
 def build(source_path: Path = SOURCE) -> Path:
-    """The compiled library's path, building it first if it is not cached. Raises on failure."""
+    """The compiled library's path, building it first if it is not cached. Raises on failure.
+
+    A build with OpenMP that fails (a GCC without libgomp's development files, say) is retried serial: a
+    kernel on one thread still beats the torch ops."""
     source = source_path.read_bytes()
     names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
     compiler = next((found for found in map(shutil.which, names) if found), None)
     if compiler is None:
         raise RuntimeError(f"no C compiler on PATH (tried {', '.join(names)})")
-    flags = FLAGS + openmp_flags(compiler)
+    parallel = FLAGS + openmp_flags(compiler)
+    if parallel == FLAGS:
+        return _compile(compiler, FLAGS, source, source_path)
+    try:
+        return _compile(compiler, parallel, source, source_path)
+    except RuntimeError as exc:
+        logger.warning("quiver CPU LoRA kernel: the OpenMP build failed, building it serial: %s", exc)
+        return _compile(compiler, FLAGS, source, source_path)
+
+
+def _compile(compiler: str, flags: tuple[str, ...], source: bytes, source_path: Path) -> Path:
     target = library_path(source, flags)
     if target.exists():
         return target
