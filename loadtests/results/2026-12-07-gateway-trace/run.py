@@ -19,6 +19,8 @@ try:
             if httpx.get(base + "/ready").status_code == 200: break
         except httpx.HTTPError: pass
         time.sleep(0.5)
+    if os.environ.get("RT"):  # 2026-12-07, later: the gateway's threads on SCHED_FIFO at this priority once ready
+        subprocess.run(["chrt", "-f", "-a", "-p", os.environ["RT"], str(proc.pid)], check=True)
     folders = make_adapters(DEFAULT_MODEL_DIR, Path("/tmp/quiver-loadtests/adapters"), 4)
     names = [register(base, f.name, f)["id"] for f in folders]
     key = open(root / "state" / "gateway.log").read()
