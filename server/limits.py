@@ -11,13 +11,15 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Auth and middleware are the HTTP layer: they answer with APIError (services raise domain errors).
-from quiver.errors import APIError, error_response
+# The HTTP layer: it answers with the envelope itself, or raises HTTP exceptions (services raise domain errors).
+from quiver.errors import error_response
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
-                    code="request_too_large")
+def _too_large(limit: int) -> "RefusedBody":
+    # An HTTP exception, because it is raised from `receive` while a route reads the body: FastAPI re-raises
+    # those, and turns any other exception there into a vague "error parsing the body" 400.
+    return RefusedBody(f"the request body is larger than this server's limit of {limit} bytes",
+                       "request_too_large", status=413)
 
 
 class BodySizeLimit:
@@ -34,7 +36,7 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             error = _too_large(limit)
-            await error_response(error.status, error.message, error.code)(scope, receive, send)
+            await error_response(error.status_code, error.detail, error.error_code)(scope, receive, send)
             return
         received = 0
 
@@ -94,8 +96,8 @@ class RefusedBody(HTTPException):
     """Raised while FastAPI reads a body (it lets only HTTP exceptions through there); `error_code` is the
     envelope's `code`."""
 
-    def __init__(self, message: str, error_code: str) -> None:
-        super().__init__(400, message)
+    def __init__(self, message: str, error_code: str, status: int = 400) -> None:
+        super().__init__(status, message)
         self.error_code = error_code
 
 

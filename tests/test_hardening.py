@@ -284,6 +284,34 @@ def test_unauthenticated_bodies_are_refused_before_they_are_read(tmp_path: Path,
     assert not list((tmp_path / "store" / ".staging").iterdir())
 
 
+def test_an_oversized_body_without_a_length_is_a_413_on_every_route(tmp_path: Path, model_dir: Path) -> None:
+    """No Content-Length to refuse early: the limit trips while the route reads the body, and is still a 413
+    (FastAPI turned it into a vague 400 on its own path); the generation routes' fast path included."""
+    app, engine = inprocess_app(tmp_path, model_dir, max_request_bytes=64 * 1024, max_upload_bytes=64 * 1024,
+                                **KEYS)
+
+    async def body(prefix: bytes):
+        yield prefix
+        for _ in range(8):
+            yield b"x" * 16 * 1024
+
+    async def go():
+        answers = {}
+        for key, path, prefix, content_type in [
+                (API, "/v1/chat/completions", b'{"model": "' + BASE.encode() + b'", "pad": "', "application/json"),
+                (API, "/v1/completions", b'{"model": "' + BASE.encode() + b'", "pad": "', "application/json"),
+                (API, "/v1/chat/completions", b'{"model": "x", "pad": "', "text/plain"),
+                (ADMIN, "/v1/fine_tuning/jobs", b'{"model": "x", "pad": "', "application/json")]:
+            async with client(app, key) as http:
+                answers[path, content_type] = await http.post(path, content=body(prefix),
+                                                              headers={"Content-Type": content_type})
+        return answers
+
+    for where, answer in run(go()).items():
+        assert answer.status_code == 413 and envelope(answer)["code"] == "request_too_large", (where, answer.text)
+    assert engine.posts == 0
+
+
 # --- 8. keys -------------------------------------------------------------------------------------------
 
 def test_a_key_that_is_admin_and_api_key_keeps_admin_rights(tmp_path: Path, model_dir: Path) -> None:
