@@ -197,52 +197,129 @@ def do_gateway(t: Target) -> None:
     probes = alternate(t, {"gateway-c1": probe, "direct-c1": replace(probe, base_url=t.engine_url, api_key=t.engine_key)})
     runs.update(probes)
     solo_gw, solo_direct = (round(median(probes[side], "ttft_ms", "p50"), 2) for side in ("gateway-c1", "direct-c1"))
-    pairs = asyncio.run(paired_ttft(probe, replace(probe, base_url=t.engine_url, api_key=t.engine_key), t.pairs))
-    differences = [gw_s - direct_s for gw_s, direct_s in pairs]
+    pairs = asyncio.run(paired_ttft({"gateway": probe,
+                                     "direct": replace(probe, base_url=t.engine_url, api_key=t.engine_key)}, t.pairs))
+    differences = [row["gateway"] - row["direct"] for row in pairs]
+    # The same one-at-a-time extra, sharper, and split: the smallest request (a completion of one token after
+    # a few words), whose time to first token (one engine step, ~40 ms) spreads far less than the chat probe's
+    # prefill; and a bare pass-through proxy as a third side, what any HTTP hop in front of the engine costs here.
+    floor = floor_probe(t, replace(probe, endpoint="completions", prompt_tokens=1, max_tokens=1))
     figures = {"gateway_tok_s": gw, "direct_tok_s": direct, "ratio": round(gw / direct, 3),
                "ttft_p50_gateway_ms": ttft_gw, "ttft_p50_direct_ms": ttft_direct,
                "extra_ttft_p50_ms": round(ttft_gw - ttft_direct, 2),
                "ttft_p50_gateway_c1_ms": solo_gw, "ttft_p50_direct_c1_ms": solo_direct,
                "extra_ttft_p50_c1_ms": round(solo_gw - solo_direct, 2),
                "paired_pairs": len(pairs),
-               "paired_extra_ttft_p50_ms": round(statistics.median(differences) * 1e3, 2) if pairs else None,
-               "paired_extra_ttft_iqr_ms": ([round(q * 1e3, 2) for q in statistics.quantiles(differences, n=4)[::2]]
+               "paired_extra_ttft_p50_ms": ms(statistics.median(differences)) if pairs else None,
+               "paired_extra_ttft_ci95_ms": [ms(v) for v in median_ci(differences)] if len(pairs) > 1 else None,
+               "paired_extra_ttft_iqr_ms": ([ms(q) for q in statistics.quantiles(differences, n=4)[::2]]
                                             if len(pairs) > 1 else None),
+               **floor,
                "gateway_cpu_ms_per_token": round(statistics.median(cpu_per_token), 3) if cpu_per_token else None}
-    save(t, "gateway", runs, [f"- gateway {gw} tok/s vs direct {direct} tok/s: **{figures['ratio']}x** (target >= 0.99x)",
-                              f"- TTFT p50 at concurrency {t.work.concurrency}: gateway {ttft_gw} ms vs direct "
-                              f"{ttft_direct} ms: **{figures['extra_ttft_p50_ms']:+} ms** (target <= 5 ms)",
-                              f"- TTFT p50 one request at a time ({PROBE_REQUESTS} requests a side a round): gateway "
-                              f"{solo_gw} ms vs direct {solo_direct} ms: **{figures['extra_ttft_p50_c1_ms']:+} ms**",
-                              f"- the same, paired ({len(pairs)} pairs, the sides taking turns request by request): "
-                              f"median extra TTFT **{figures['paired_extra_ttft_p50_ms']:+} ms** (quartiles "
-                              f"{figures['paired_extra_ttft_iqr_ms']} ms; target <= 2 ms)",
-                              f"- gateway CPU per streamed token (its own process, user + system): "
-                              f"{figures['gateway_cpu_ms_per_token']} ms"],
-         figures)
+    lines = [f"- gateway {gw} tok/s vs direct {direct} tok/s: **{figures['ratio']}x** (target >= 0.99x)",
+             f"- TTFT p50 at concurrency {t.work.concurrency}: gateway {ttft_gw} ms vs direct "
+             f"{ttft_direct} ms: **{figures['extra_ttft_p50_ms']:+} ms** (target <= 5 ms)",
+             f"- TTFT p50 one request at a time ({PROBE_REQUESTS} requests a side a round): gateway "
+             f"{solo_gw} ms vs direct {solo_direct} ms: **{figures['extra_ttft_p50_c1_ms']:+} ms**",
+             f"- the same, paired ({len(pairs)} pairs, the sides taking turns request by request): median extra "
+             f"TTFT **{figures['paired_extra_ttft_p50_ms']:+} ms** (95 % CI {figures['paired_extra_ttft_ci95_ms']} ms, "
+             f"quartiles {figures['paired_extra_ttft_iqr_ms']} ms; target <= 2 ms)"]
+    if floor:
+        lines += [f"- the smallest request, one at a time ({floor['floor_rows']} rows of direct, bare proxy and "
+                  f"gateway in turn; direct TTFT p50 {floor['floor_direct_ttft_p50_ms']} ms): gateway extra "
+                  f"**{floor['floor_gateway_extra_ms']:+} ms** (95 % CI {floor['floor_gateway_extra_ci95_ms']} ms; "
+                  f"target <= 2 ms), of which any hop in front of the engine (a bare pass-through proxy) "
+                  f"{floor['floor_bare_extra_ms']:+} ms (CI {floor['floor_bare_extra_ci95_ms']}) and quiver's own "
+                  f"code {floor['floor_gateway_over_bare_ms']:+} ms (CI {floor['floor_gateway_over_bare_ci95_ms']})"]
+    lines.append(f"- gateway CPU per streamed token (its own process, user + system): "
+                 f"{figures['gateway_cpu_ms_per_token']} ms")
+    save(t, "gateway", runs, lines, figures)
 
 
-async def paired_ttft(gateway: Workload, direct: Workload, pairs: int) -> list[tuple[float, float]]:
-    """(gateway, direct) TTFT of `pairs` pairs of requests, one request at a time, the sides taking turns: a
-    pair has one model and prompt, and who goes first alternates. Rounds of 20 requests a side drift apart by
-    tens of ms on a shared machine (the prefill alone is ~150 ms here); a pair's two requests run a few
-    hundred ms apart, so their difference is what the gateway adds. Failed requests drop their pair."""
-    models = pick_models(replace(gateway, shape="uniform", requests=pairs))
-    rng = random.Random(gateway.seed + 7)
-    prompts = [make_prompt(rng, gateway.prompt_tokens) for _ in models]
-    sides = [(work, new_session(work.base_url, {"Authorization": f"Bearer {work.api_key}"} if work.api_key else {},
-                                work.timeout_s)) for work in (gateway, direct)]
-    result: list[tuple[float, float]] = []
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def median_ci(values: list[float], resamples: int = 2000, seed: int = 1) -> tuple[float, float]:
+    """A 95 % bootstrap confidence interval of the median: how far the paired probes' medians can be trusted."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def floor_probe(t: Target, probe: Workload) -> dict:
+    """`probe` (one request at a time) in rows of three: straight to the engine, through a bare pass-through
+    proxy (`loadtests.bare_proxy`), through the gateway; the order rotates row by row. Gives the median extra
+    TTFT of each over the direct request and of the gateway over the proxy, with 95 % bootstrap intervals.
+    Empty where the engine's URL or key is unknown (a server given by --base-url without them)."""
+    import os
+    import subprocess
+    import sys
+
+    from quiver.testing import free_port
+
+    from loadtests.bare_proxy import KEY_ENV
+
+    if not (t.engine_url and t.engine_key):
+        return {}
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "loadtests.bare_proxy", "--port", str(port),
+                              "--engine-url", t.engine_url], env={**os.environ, KEY_ENV: t.engine_key})
+    bare_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # up once it answers (the engine's own model list, through it)
+            try:
+                if httpx.get(bare_url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the bare proxy did not start")
+            time.sleep(0.2)
+        rows = asyncio.run(paired_ttft({"direct": replace(probe, base_url=t.engine_url, api_key=t.engine_key),
+                                        "bare": replace(probe, base_url=bare_url, api_key=None),
+                                        "gateway": probe}, t.pairs))
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+    if len(rows) < 2:
+        return {}
+    figures: dict = {"floor_rows": len(rows),
+                     "floor_direct_ttft_p50_ms": ms(statistics.median(row["direct"] for row in rows))}
+    for name, side, base in (("gateway_extra", "gateway", "direct"), ("bare_extra", "bare", "direct"),
+                             ("gateway_over_bare", "gateway", "bare")):
+        differences = [row[side] - row[base] for row in rows]
+        figures[f"floor_{name}_ms"] = ms(statistics.median(differences))
+        figures[f"floor_{name}_ci95_ms"] = [ms(v) for v in median_ci(differences)]
+    return figures
+
+
+async def paired_ttft(sides: dict[str, Workload], rows: int) -> list[dict[str, float]]:
+    """TTFT of `rows` rows of requests, one request at a time, one request a side a row, the sides taking
+    turns: a row has one model and prompt, and the order rotates row by row (who goes first, second...).
+    Rounds of 20 requests a side drift apart by tens of ms on a shared machine (the prefill alone is ~150 ms
+    here); a row's requests run a few hundred ms apart, so their differences are what one side adds over
+    another. Rows with a failed request are dropped."""
+    first = next(iter(sides.values()))
+    models = pick_models(replace(first, shape="uniform", requests=rows))
+    rng = random.Random(first.seed + 7)
+    prompts = [make_prompt(rng, first.prompt_tokens) for _ in models]
+    clients = [(name, work, new_session(work.base_url, {"Authorization": f"Bearer {work.api_key}"}
+                                        if work.api_key else {}, work.timeout_s)) for name, work in sides.items()]
+    result: list[dict[str, float]] = []
     try:
         t0 = time.perf_counter()
         for i, (model, prompt) in enumerate(zip(models, prompts)):
-            order = sides if i % 2 == 0 else sides[::-1]
-            records = [await send_one(client, work, model, prompt, t0) for work, client in order]
-            gw, direct = records if i % 2 == 0 else records[::-1]
-            if gw.ttft_s is not None and direct.ttft_s is not None:
-                result.append((gw.ttft_s, direct.ttft_s))
+            k = i % len(clients)
+            order = clients[k:] + clients[:k]
+            if (i // len(clients)) % 2:  # every side also follows every other one
+                order = order[::-1]
+            records = {name: await send_one(client, work, model, prompt, t0) for name, work, client in order}
+            if all(record.ttft_s is not None for record in records.values()):
+                result.append({name: record.ttft_s for name, record in records.items()})
     finally:
-        for _, client in sides:
+        for _, _, client in clients:
             await client.close()
     return result
 

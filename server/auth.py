@@ -151,7 +151,9 @@ class Auth:
     def gate(self, request: Request) -> tuple[bytes | None, bool]:
         """Checks the key a request needs from its headers alone; raises the 401/403. Gives the key's digest
         (None when auth is off or the route is open) and whether it is an admin key."""
-        needed = self.route_class(request.url.path)
+        # The scope's path, which the router matches (`request.url` would build and parse a whole URL: ~0.1 ms
+        # on cold caches, on every request).
+        needed = self.route_class(request.scope["path"])
         if not self.enabled or needed == "open":
             return None, False
         digest, identity = self._identify(request)
@@ -188,7 +190,8 @@ class AuthGate:
             await error_response(refused.status, refused.message, refused.code, headers=refused.headers)(
                 scope, receive, send)
             return
-        if self.key_limits is None or digest is None or is_admin or scope["path"] not in _GENERATION_PATHS:
+        if (self.key_limits is None or not self.key_limits.enabled or digest is None or is_admin
+                or scope["path"] not in _GENERATION_PATHS):
             await self.app(scope, receive, send)
             return
         try:

@@ -212,6 +212,30 @@ def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(make_gateway)
     assert 'status="499"' in text
 
 
+def test_a_client_that_leaves_before_the_first_token_aborts_the_engine_request(make_gateway):
+    """A hang-up while the engine still computes the first token (a long prefill) is noticed at once: the
+    engine request is aborted before any token exists, and the request counts as a 499."""
+    engine = FakeEngine(BASE)
+    gateway = make_gateway(engine)
+    engine.hold()
+    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": BASE, "prompt": "Hi", "max_tokens": 200, "stream": True}) as response:
+        assert response.status_code == 200
+        wait_for(lambda: engine.running == 1, what="the request to reach the engine")
+    wait_for(lambda: engine.aborted == 1, what="the engine request to be aborted while it holds the first token")
+    assert engine.completed == 0
+    engine.release()
+    wait_for(lambda: engine.running == 0 and gateway.state.inference.limiter.running == 0, what="slots back")
+
+    def counted_499() -> bool:
+        lines = httpx.get(f"{gateway.base_url}/metrics").text.splitlines()
+        return any(line.startswith("quiver_requests_total{") and 'endpoint="completions"' in line
+                   and 'status="499"' in line and line.endswith(" 1.0") for line in lines)
+
+    wait_for(counted_499, what="the 499 to be counted")
+
+
 def test_a_refused_load_registers_nothing(make_gateway, fake_adapter: Path):
     gateway = make_gateway()
     gateway.engine.refuse_loads = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,3 +46,66 @@ def test_loadgen_refuses_remote_hosts():
     work = Workload(base_url="http://192.0.2.1:8000", model="m")  # TEST-NET-1: never loopback
     with pytest.raises(ValueError, match="loopback"):
         work.validate()
+
+
+def test_the_floor_probe_splits_the_gateways_extra_time(quiver_server, tmp_path):
+    """`compare gateway`'s smallest-request probe end to end on the session server: a bare pass-through proxy
+    (`loadtests.bare_proxy`) started in front of the engine, rows of direct / proxy / gateway requests, each
+    difference's median inside its own bootstrap interval; the proxy is stopped afterwards. No timing targets."""
+    from loadtests import compare
+    from loadtests.bare_proxy import KEY_ENV
+
+    probe = Workload(base_url=quiver_server.base_url, model=quiver_server.model_name, api_key=quiver_server.api_key,
+                     shape="base", requests=1, concurrency=1, prompt_tokens=1, max_tokens=1, endpoint="completions",
+                     timeout_s=60)
+    target = compare.Target(base_url=quiver_server.base_url, api_key=quiver_server.api_key,
+                            admin_key=quiver_server.admin_key, engine_url=quiver_server.engine_url,
+                            engine_key=quiver_server.engine_key, pid=None, out=tmp_path, adapters_dir=tmp_path,
+                            model_dir=tmp_path, rounds=1, work=probe, summary={}, pairs=6)
+
+    figures = compare.floor_probe(target, probe)
+
+    assert figures["floor_rows"] == 6, figures  # every row complete: the proxy relayed each stream
+    assert figures["floor_direct_ttft_p50_ms"] > 0
+    for name in ("gateway_extra", "bare_extra", "gateway_over_bare"):
+        low, high = figures[f"floor_{name}_ci95_ms"]
+        assert low <= figures[f"floor_{name}_ms"] <= high, (name, figures)
+    assert KEY_ENV not in os.environ  # the engine's key went to the proxy's environment only
+
+
+def test_the_bare_proxy_relays_the_engines_answer_untouched(quiver_server):
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from loadtests.bare_proxy import make_app
+    from quiver.testing import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(quiver_server.engine_url, quiver_server.engine_key),
+                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            threading.Event().wait(0.05)
+        body = {"model": quiver_server.model_name, "prompt": "The sea is", "max_tokens": 5, "temperature": 0,
+                "stream": True}
+        through = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        direct = httpx.post(f"{quiver_server.engine_url}/v1/completions", json=body, timeout=60,
+                            headers={"Authorization": f"Bearer {quiver_server.engine_key}"})
+        assert through.status_code == direct.status_code == 200
+        assert through.headers["content-type"] == direct.headers["content-type"]
+
+        def texts(response: httpx.Response) -> list[str]:
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            return [json.loads(e)["choices"][0]["text"] for e in events if e != "[DONE]"]
+
+        assert texts(through) == texts(direct) and len(texts(through)) == 5
+        unknown = httpx.get(f"http://127.0.0.1:{port}/v1/no-such-route", timeout=30)
+        assert unknown.status_code == 404  # the engine's answer, passed on as is
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -55,12 +55,16 @@ class _BoundLinear:
     their version counters (vLLM writes a slot's weights in place, which moves them), the scale. The step's
     slots are not part of it: the wrapper's one lora_kernel.Step carries them to every layer."""
 
-    __slots__ = ("lora_a", "lora_b", "scale", "versions", "layer")
+    __slots__ = ("lora_a", "lora_b", "scale", "versions", "layer", "idle")
 
     def __init__(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
-                 versions: tuple[int, ...], layer: lora_kernel.Layer) -> None:
+                 versions: tuple[int, ...], layer: lora_kernel.Layer, idle: bool) -> None:
         self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
         self.versions, self.layer = versions, layer
+        # No slot has weights for this layer (the usual case for the MLP's linears: adapters trained on the
+        # attention projections leave them zero): its delta is zero for every token, so the call is skipped.
+        # New weights in any slot move the versions, and the layer is bound again.
+        self.idle = idle
 
     def serves(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float) -> bool:
         return (lora_a is self.lora_a and lora_b is self.lora_b and scale == self.scale
@@ -124,7 +128,8 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         # lookups, and a step makes ~120 calls: ~2 % of a decode step here, or ~2.3 ms at every new mapping
         # (a request joining or leaving the batch) when a plan change re-bound every layer.
         bound = self._bound.get(id(lora_a_stacked))
-        if bound is not None and bound.serves(lora_a_stacked, lora_b_stacked, scale) and bound.layer(y, x):
+        if bound is not None and bound.serves(lora_a_stacked, lora_b_stacked, scale) and (bound.idle
+                                                                                          or bound.layer(y, x)):
             return None
         x2 = x.view(-1, x.shape[-1])
         if (
@@ -143,7 +148,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         layer = bind_kernel(self._kernel, fused, scale, self._step) if self._kernel is not None else None
         if layer is not None:
             self._bound[id(lora_a_stacked)] = _BoundLinear(lora_a_stacked, lora_b_stacked, scale, fused.versions,
-                                                           layer)
+                                                           layer, idle=not any(fused.in_use))
             if layer(y2, x2):
                 return None
         add_lora_linear(y2, x2, plan, fused, scale)  # the torch ops
