@@ -241,6 +241,37 @@ def test_a_bound_call_follows_its_weights_scale_and_the_steps_mapping(kernel, mo
     assert len(binds) == 3
 
 
+def test_a_layer_no_slot_has_weights_for_is_skipped_until_one_has(kernel, monkeypatch):
+    """Adapters trained on the attention projections leave the MLP's slots zero: such a layer adds nothing, so
+    once bound its calls reach no kernel at all. Weights written into one of its slots (vLLM's set_lora, in
+    place) bind it again, and its results follow them."""
+    binds = count_binds(monkeypatch)
+    kernel_calls = []
+    real_call = lora_kernel.Layer.__call__
+    monkeypatch.setattr(lora_kernel.Layer, "__call__",
+                        lambda self, y, x: kernel_calls.append(1) or real_call(self, y, x))
+    slots = random_slots(16, seed=3)
+    wrapper = wrapper_for(slots)
+    out_slices = (48, 48)
+    a, b = layer(out_slices, (0, 0, 0, 0))  # every slot empty for this layer
+    x, y0 = torch.randn(16, D_IN), torch.randn(16, sum(out_slices))
+
+    for _ in range(3):
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
+        assert torch.equal(y, y0)
+    assert len(binds) == 1 and len(kernel_calls) == 1  # the first call bound it; the next two were skipped
+
+    g = torch.Generator().manual_seed(9)
+    a[1][2, 0, :4].copy_(torch.randn(4, D_IN, generator=g) / D_IN**0.5)  # slot 2, second slice, rank 4
+    b[1][2, 0, :, :4].copy_(torch.randn(48, 4, generator=g) / 2)
+    for _ in range(2):
+        y = y0.clone()
+        wrapper.add_lora_linear(y, x, a, b, 1.0, out_slices)
+        torch.testing.assert_close(y.double(), reference(y0, x, a, b, slots, out_slices, 1.0), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(y, y0) and len(binds) == 2 and len(kernel_calls) == 3
+
+
 def test_a_bound_call_declines_rows_it_was_not_bound_for(kernel):
     """A bound call checks its input and output rows on every call (the kernel reads raw pointers)."""
     out_slices = (32,)
