@@ -302,7 +302,7 @@ async def paired_ttft(sides: dict[str, Workload], rows: int) -> list[dict[str, f
     here); a row's requests run a few hundred ms apart, so their differences are what one side adds over
     another. Rows with a failed request are dropped."""
     first = next(iter(sides.values()))
-    models = pick_models(replace(first, shape="uniform", requests=rows))
+    models = pick_models(replace(first, requests=rows))  # the sides' shared shape and models
     rng = random.Random(first.seed + 7)
     prompts = [make_prompt(rng, first.prompt_tokens) for _ in models]
     clients = [(name, work, new_session(work.base_url, {"Authorization": f"Bearer {work.api_key}"}
