@@ -13,9 +13,14 @@ body and every chunk pass through as bytes. A measuring instrument for loopback 
 from __future__ import annotations
 
 import os
-from typing import Annotated
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Annotated, Iterator
 
 import aiohttp
+import httpx
 import typer
 
 KEY_ENV = "BARE_PROXY_ENGINE_KEY"  # the engine's key, from the environment: argv is readable by every user
@@ -55,6 +60,34 @@ def make_app(engine_url: str, engine_key: str | None):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
+
+
+@contextmanager
+def serving(engine_url: str, engine_key: str | None, timeout_s: float = 60) -> Iterator[str]:
+    """The proxy in a child process on a free loopback port (the engine's key in its environment only); yields
+    its URL once it relays the engine's model list, and stops it on the way out."""
+    from quiver.testing import free_port
+
+    port = free_port()
+    env = {**os.environ, **({KEY_ENV: engine_key} if engine_key else {})}
+    proxy = subprocess.Popen([sys.executable, "-m", "loadtests.bare_proxy", "--port", str(port),
+                              "--engine-url", engine_url], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the bare proxy did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
 
 
 def main(port: Annotated[int, typer.Option()],

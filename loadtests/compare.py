@@ -252,37 +252,14 @@ def floor_probe(t: Target, probe: Workload) -> dict:
     proxy (`loadtests.bare_proxy`), through the gateway; the order rotates row by row. Gives the median extra
     TTFT of each over the direct request and of the gateway over the proxy, with 95 % bootstrap intervals.
     Empty where the engine's URL or key is unknown (a server given by --base-url without them)."""
-    import os
-    import subprocess
-    import sys
-
-    from quiver.testing import free_port
-
-    from loadtests.bare_proxy import KEY_ENV
+    from loadtests.bare_proxy import serving
 
     if not (t.engine_url and t.engine_key):
         return {}
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "loadtests.bare_proxy", "--port", str(port),
-                              "--engine-url", t.engine_url], env={**os.environ, KEY_ENV: t.engine_key})
-    bare_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # up once it answers (the engine's own model list, through it)
-            try:
-                if httpx.get(bare_url + "/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proxy.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the bare proxy did not start")
-            time.sleep(0.2)
+    with serving(t.engine_url, t.engine_key) as bare_url:
         rows = asyncio.run(paired_ttft({"direct": replace(probe, base_url=t.engine_url, api_key=t.engine_key),
                                         "bare": replace(probe, base_url=bare_url, api_key=None),
                                         "gateway": probe}, t.pairs))
-    finally:
-        proxy.terminate()
-        proxy.wait(30)
     if len(rows) < 2:
         return {}
     figures: dict = {"floor_rows": len(rows),

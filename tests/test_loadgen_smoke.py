@@ -74,26 +74,14 @@ def test_the_floor_probe_splits_the_gateways_extra_time(quiver_server, tmp_path)
 
 
 def test_the_bare_proxy_relays_the_engines_answer_untouched(quiver_server):
-    import threading
-
     import httpx
-    import uvicorn
 
-    from loadtests.bare_proxy import make_app
-    from quiver.testing import free_port
+    from loadtests.bare_proxy import serving
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(quiver_server.engine_url, quiver_server.engine_key),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive()
-            threading.Event().wait(0.05)
+    with serving(quiver_server.engine_url, quiver_server.engine_key) as proxy_url:
         body = {"model": quiver_server.model_name, "prompt": "The sea is", "max_tokens": 5, "temperature": 0,
                 "stream": True}
-        through = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        through = httpx.post(f"{proxy_url}/v1/completions", json=body, timeout=60)
         direct = httpx.post(f"{quiver_server.engine_url}/v1/completions", json=body, timeout=60,
                             headers={"Authorization": f"Bearer {quiver_server.engine_key}"})
         assert through.status_code == direct.status_code == 200
@@ -104,8 +92,5 @@ def test_the_bare_proxy_relays_the_engines_answer_untouched(quiver_server):
             return [json.loads(e)["choices"][0]["text"] for e in events if e != "[DONE]"]
 
         assert texts(through) == texts(direct) and len(texts(through)) == 5
-        unknown = httpx.get(f"http://127.0.0.1:{port}/v1/no-such-route", timeout=30)
+        unknown = httpx.get(f"{proxy_url}/v1/no-such-route", timeout=30)
         assert unknown.status_code == 404  # the engine's answer, passed on as is
-    finally:
-        server.should_exit = True
-        thread.join(30)
