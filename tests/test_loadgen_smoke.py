@@ -48,6 +48,31 @@ def test_loadgen_refuses_remote_hosts():
         work.validate()
 
 
+def test_rounds_rotate_their_order_and_ratios_pair_each_round(monkeypatch):
+    from loadtests import compare
+
+    speeds = {"base": [100.0, 50.0, 200.0], "lora": [97.0, 48.0, 190.0]}  # a machine whose speed swings by 4x
+    order = []
+
+    def fake_run(work):
+        side, number = work.label.split(" #")
+        order.append(side)
+        return {"overall": {"output_tok_s": speeds[side][int(number) - 1]}}
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    work = Workload(base_url="http://127.0.0.1:1", model="m")
+    target = compare.Target(base_url=work.base_url, api_key="k", admin_key="k", engine_url=None, engine_key=None,
+                            pid=None, out=Path("."), adapters_dir=Path("."), model_dir=Path("."), rounds=3,
+                            work=work, summary={})
+    runs = compare.alternate(target, {"base": work, "lora": work})
+
+    assert order == ["base", "lora", "lora", "base", "base", "lora"]  # no side always runs first
+    figures = compare.ratio_figures(compare.round_ratios(runs, "lora", "base"))
+    assert figures["per_round"] == [0.97, 0.96, 0.95] and figures["round_median"] == 0.96
+    low, high = figures["round_ci95"]
+    assert 0.95 <= low <= 0.96 <= high <= 0.97
+
+
 def test_the_floor_probe_splits_the_gateways_extra_time(quiver_server, tmp_path):
     """`compare gateway`'s smallest-request probe end to end on the session server: a bare pass-through proxy
     (`loadtests.bare_proxy`) started in front of the engine, rows of direct / proxy / gateway requests, each

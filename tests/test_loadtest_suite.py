@@ -49,6 +49,7 @@ def test_quick_suite_runs_on_cpu(tmp_path: Path) -> None:
     assert {"mixed", "gateway", "peft", "hot", "scale"} <= set(summary)
     mixed = summary["mixed"]["figures"]
     assert mixed["ratio"] > 0 and mixed["adapter_only_ratio"] > 0, mixed  # both of #18's mixed figures
+    assert all(len(mixed["paired"][name]["per_round"]) >= 1 for name in ("mixed", "adapter_only")), mixed
     gateway = summary["gateway"]["figures"]  # the smallest-request probe ran its three sides, the bare proxy included
     assert gateway["floor_rows"] > 0 and gateway["floor_direct_ttft_p50_ms"] > 0, gateway
     assert {"floor_gateway_extra_ms", "floor_bare_extra_ms", "floor_gateway_over_bare_ms"} <= set(gateway)
