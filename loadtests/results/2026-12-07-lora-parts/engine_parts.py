@@ -93,7 +93,8 @@ def run(shape: str, seed: int) -> dict:
 
 for shape in SHAPES:
     run(shape, 99)
-print("bound layers", len(LAYERS))
+huge = [l for l in Path("/proc/self/smaps_rollup").read_text().splitlines() if l.startswith(("Rss", "AnonHuge"))]
+print("bound layers", len(LAYERS), "THP_MEM_ALLOC_ENABLE", os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)
 res = {shape: [] for shape in SHAPES}
 for r in range(int(os.environ.get("ROUNDS", "6"))):
     for shape in (SHAPES if r % 2 == 0 else list(SHAPES)[::-1]):
