@@ -52,13 +52,15 @@ def execute_model(self, *a, **k):
 GPUModelRunner.execute_model = execute_model
 
 LIBS = {"omp": lora_kernel.load()}
-def load_variant(flags):
-    lib = ctypes.CDLL(str(lora_kernel._compile("gcc", flags, lora_kernel.SOURCE.read_bytes(), lora_kernel.SOURCE)))
+def load_variant(flags, source=lora_kernel.SOURCE):
+    lib = ctypes.CDLL(str(lora_kernel._compile("gcc", flags, source.read_bytes(), source)))
     lib.quiver_lora_f32_layer.argtypes = LIBS["omp"].quiver_lora_f32_layer.argtypes
     lib.quiver_lora_f32_layer.restype = ctypes.c_int
     return lib
 if "serial" in os.environ.get("VARIANTS", ""):
     LIBS["serial"] = load_variant(lora_kernel.FLAGS)
+if os.environ.get("VARIANT_SOURCE"):  # another build of the kernel, e.g. with prefetches
+    LIBS["variant"] = load_variant(lora_kernel.FLAGS + ("-fopenmp",), Path(os.environ["VARIANT_SOURCE"]))
 def use(lib_name):
     for layer in LAYERS:
         layer._fn = LIBS[lib_name].quiver_lora_f32_layer
