@@ -195,11 +195,14 @@ class Layer:
     def __call__(self, y: torch.Tensor, x: torch.Tensor) -> bool:
         """y[t, :total_out] += the layer's delta for x[t]; False, with y untouched, when x or y are not
         float32 rows of unit stride of the bound widths, one per token of the step."""
-        if not (y.dtype is x.dtype is torch.float32 and y.dim() == x.dim() == 2
-                and x.shape[0] == y.shape[0] == self.step.num_tokens and x.shape[1] == self.din
-                and y.shape[1] >= self.total_out and y.stride(1) == 1 and x.stride(1) == 1):
+        num_tokens, y_shape = self.step.num_tokens, y.shape
+        if not (y.dtype is x.dtype is torch.float32 and x.shape == (num_tokens, self.din) and len(y_shape) == 2
+                and y_shape[0] == num_tokens and y_shape[1] >= self.total_out):
             return False
-        return self._fn(self._args, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0)) == 0
+        y_strides, x_strides = y.stride(), x.stride()
+        if y_strides[1] != 1 or x_strides[1] != 1:
+            return False
+        return self._fn(self._args, y.data_ptr(), y_strides[0], x.data_ptr(), x_strides[0]) == 0
 
 
 def bind(lib: ctypes.CDLL, a, b, slice_sizes, in_use, scale: float, step: Step) -> Layer | None:

@@ -55,12 +55,13 @@ class _BoundLinear:
     their version counters (vLLM writes a slot's weights in place, which moves them), the scale. The step's
     slots are not part of it: the wrapper's one lora_kernel.Step carries them to every layer."""
 
-    __slots__ = ("lora_a", "lora_b", "scale", "versions", "layer", "idle")
+    __slots__ = ("lora_a", "lora_b", "scale", "sources", "versions", "layer", "idle")
 
     def __init__(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
                  versions: tuple[int, ...], layer: lora_kernel.Layer, idle: bool) -> None:
         self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
-        self.versions, self.layer = versions, layer
+        self.sources = lora_a + lora_b
+        self.versions, self.layer = list(versions), layer
         # No slot has weights for this layer (the usual case for the MLP's linears: adapters trained on the
         # attention projections leave them zero): its delta is zero for every token, so the call is skipped.
         # New weights in any slot move the versions, and the layer is bound again.
@@ -68,7 +69,14 @@ class _BoundLinear:
 
     def serves(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float) -> bool:
         return (lora_a is self.lora_a and lora_b is self.lora_b and scale == self.scale
-                and tuple([t._version for t in lora_a] + [t._version for t in lora_b]) == self.versions)
+                and [t._version for t in self.sources] == self.versions)
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                 lora_b: tuple[torch.Tensor, ...], scale: float) -> bool:
+        """The layer's delta added to y (or nothing to add: idle); False when these are not the weights it was
+        bound for, or the kernel declines the rows. One call, for the ~120 a step makes: each Python frame
+        and lookup in it runs on caches the base model's weights have just evicted."""
+        return self.serves(lora_a, lora_b, scale) and (self.idle or self.layer(y, x))
 
 
 class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
@@ -128,8 +136,7 @@ class QuiverPunicaWrapperCPU(PunicaWrapperCPU):
         # lookups, and a step makes ~120 calls: ~2 % of a decode step here, or ~2.3 ms at every new mapping
         # (a request joining or leaving the batch) when a plan change re-bound every layer.
         bound = self._bound.get(id(lora_a_stacked))
-        if bound is not None and bound.serves(lora_a_stacked, lora_b_stacked, scale) and (bound.idle
-                                                                                          or bound.layer(y, x)):
+        if bound is not None and bound(y, x, lora_a_stacked, lora_b_stacked, scale):
             return None
         x2 = x.view(-1, x.shape[-1])
         if (
