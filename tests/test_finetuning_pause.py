@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from quiver.common.jobs import PAUSE, PAUSED, RESULT, SPEC, EventLog, JobResult, JobSpec, PausedRecord, write_record
-from quiver.training.data import read_examples, write_jsonl
+from quiver.training.data import read_examples, read_preference_examples, write_jsonl
 
 pytestmark = pytest.mark.training
 
@@ -23,13 +23,17 @@ REPO = Path(__file__).parent.parent
 HYPERPARAMETERS = {"n_epochs": 2, "batch_size": 4}
 
 
-def job_folder(root: Path, model_dir: Path) -> Path:
+def job_folder(root: Path, model_dir: Path, method: str = "supervised") -> Path:
+    """10 chat examples (supervised), or 10 preference pairs (dpo): 8 to train on, 2 held out."""
     root.mkdir(parents=True)
     data = root / "train.jsonl"
-    write_jsonl(data, read_examples(REPO / "examples" / "pirate.jsonl")[:10])
+    if method == "dpo":
+        write_jsonl(data, read_preference_examples(REPO / "examples" / "concise.jsonl")[:10])
+    else:
+        write_jsonl(data, read_examples(REPO / "examples" / "pirate.jsonl")[:10])
     write_record(root / SPEC, JobSpec(name="pause", training_file=data, base_model_dir=model_dir,
                                       base_model_name="SmolLM2-135M-Instruct", hyperparameters=HYPERPARAMETERS,
-                                      seed=5))
+                                      seed=5, method=method))
     return root
 
 
@@ -112,4 +116,41 @@ def test_a_pause_after_an_evaluated_epoch_keeps_its_resumable_checkpoint(tmp_pat
     (job / RESULT).unlink()
     assert finish(start_worker(job), job).status == "succeeded"
     assert steps_logged(job) == [1, 2, 3, 4]  # each step once: resumed, not started over
+    assert f"Fine-tuning job resumed from step {paused.step}" in [e.message for e in EventLog(job).read()]
+
+
+def test_a_paused_dpo_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_path: Path,
+                                                                           model_dir: Path) -> None:
+    """DPO trains on TRL's DPOTrainer, with a frozen reference (the base: the adapter switched off) that a
+    resumed run must score exactly as the unpaused one did, and preference pairs collated its own way."""
+    plain = job_folder(tmp_path / "plain", model_dir, method="dpo")
+    unpaused = finish(start_worker(plain), plain)
+    assert unpaused.status == "succeeded", unpaused
+    reference_manifest = json.loads((unpaused.run_dir / "manifest.json").read_text())
+    assert reference_manifest["hyperparameters"]["method"] == "dpo"
+    reference = reference_manifest["training"]
+
+    job = job_folder(tmp_path / "paused", model_dir, method="dpo")
+    worker = start_worker(job)
+    deadline = time.monotonic() + 600
+    while not steps_logged(job):
+        assert worker.poll() is None and time.monotonic() < deadline, (job / "worker.out").read_text()[-3000:]
+        time.sleep(0.2)
+    (job / PAUSE).touch()
+    paused = finish(worker, job)
+    assert paused.status == "paused" and 1 <= paused.step < reference["steps"], paused
+    record = PausedRecord.model_validate_json((job / PAUSED).read_bytes())
+    assert record.step == paused.step
+    assert (job / "run" / "checkpoints" / record.checkpoint / "trainer_state.json").is_file()
+
+    (job / PAUSE).unlink()
+    (job / RESULT).unlink()
+    resumed = finish(start_worker(job), job)
+    assert resumed.status == "succeeded", resumed
+    manifest = json.loads((resumed.run_dir / "manifest.json").read_text())
+    training = manifest["training"]
+    assert manifest["hyperparameters"]["method"] == "dpo" and training["steps"] == reference["steps"]
+    assert steps_logged(job) == list(range(1, reference["steps"] + 1))  # each step once, none repeated or lost
+    assert training["final_train_loss"] == pytest.approx(reference["final_train_loss"], rel=0.02)
+    assert training["final_validation_loss"] == pytest.approx(reference["final_validation_loss"], rel=0.02)
     assert f"Fine-tuning job resumed from step {paused.step}" in [e.message for e in EventLog(job).read()]
