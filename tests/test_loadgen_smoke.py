@@ -71,6 +71,8 @@ def test_rounds_rotate_their_order_and_ratios_pair_each_round(monkeypatch):
     assert figures["per_round"] == [0.97, 0.96, 0.95] and figures["round_median"] == 0.96
     low, high = figures["round_ci95"]
     assert 0.95 <= low <= 0.96 <= high <= 0.97
+    assert compare.paired_line(figures) == ("round by round: median 0.96x, 95 % CI "
+                                            f"{low}-{high}; per round [0.97, 0.96, 0.95]")
 
 
 def test_the_floor_probe_splits_the_gateways_extra_time(quiver_server, tmp_path):

@@ -53,6 +53,7 @@ def test_quick_suite_runs_on_cpu(tmp_path: Path) -> None:
     gateway = summary["gateway"]["figures"]  # the smallest-request probe ran its three sides, the bare proxy included
     assert gateway["floor_rows"] > 0 and gateway["floor_direct_ttft_p50_ms"] > 0, gateway
     assert {"floor_gateway_extra_ms", "floor_bare_extra_ms", "floor_gateway_over_bare_ms"} <= set(gateway)
+    assert gateway["paired_ratio"]["per_round"] and gateway["paired_ratio"]["round_median"] > 0, gateway
     peft = summary["peft"]["figures"]
     assert peft, summary["peft"]
     many = json.loads((out / "many-adapters" / "many-adapters.json").read_text())
