@@ -52,6 +52,24 @@ def steps_logged(job_dir: Path) -> list[int]:
     return [e.data["step"] for e in EventLog(job_dir).read() if e.type == "metrics" and "train_loss" in e.data]
 
 
+def pause_once_training_runs(job_dir: Path) -> JobResult:
+    """Start the worker and ask for a pause once it has logged a step: its result at the next step boundary."""
+    worker = start_worker(job_dir)
+    deadline = time.monotonic() + 600
+    while not steps_logged(job_dir):
+        assert worker.poll() is None and time.monotonic() < deadline, (job_dir / "worker.out").read_text()[-3000:]
+        time.sleep(0.2)
+    (job_dir / PAUSE).touch()
+    return finish(worker, job_dir)
+
+
+def resume(job_dir: Path) -> JobResult:
+    """Start the worker again on the paused folder, as the runner does: its request and the old result cleared."""
+    (job_dir / PAUSE).unlink()
+    (job_dir / RESULT).unlink()
+    return finish(start_worker(job_dir), job_dir)
+
+
 def test_a_paused_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_path: Path, model_dir: Path) -> None:
     plain = job_folder(tmp_path / "plain", model_dir)
     unpaused = finish(start_worker(plain), plain)
@@ -59,13 +77,7 @@ def test_a_paused_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_pat
     reference = json.loads((unpaused.run_dir / "manifest.json").read_text())["training"]
 
     job = job_folder(tmp_path / "paused", model_dir)
-    worker = start_worker(job)
-    deadline = time.monotonic() + 600
-    while not steps_logged(job):  # pause once training runs: the step boundary after the request
-        assert worker.poll() is None and time.monotonic() < deadline, (job / "worker.out").read_text()[-3000:]
-        time.sleep(0.2)
-    (job / PAUSE).touch()
-    paused = finish(worker, job)
+    paused = pause_once_training_runs(job)
     assert paused.status == "paused" and 1 <= paused.step < reference["steps"], paused
     record = PausedRecord.model_validate_json((job / PAUSED).read_bytes())
     checkpoint = job / "run" / "checkpoints" / record.checkpoint
@@ -78,9 +90,7 @@ def test_a_paused_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_pat
     if paused.step < epoch_steps:
         assert not (job / "checkpoints").exists() or not list((job / "checkpoints").iterdir())
 
-    (job / PAUSE).unlink()  # the runner clears its request (and the old result) before it starts the worker again
-    (job / RESULT).unlink()
-    resumed = finish(start_worker(job), job)
+    resumed = resume(job)
     assert resumed.status == "succeeded", resumed
     training = json.loads((resumed.run_dir / "manifest.json").read_text())["training"]
     assert training["steps"] == reference["steps"] and training["epochs_completed"] == reference["epochs_completed"]
@@ -112,9 +122,7 @@ def test_a_pause_after_an_evaluated_epoch_keeps_its_resumable_checkpoint(tmp_pat
     record = PausedRecord.model_validate_json((job / PAUSED).read_bytes())
     assert (job / "run" / "checkpoints" / record.checkpoint / "trainer_state.json").is_file()
 
-    (job / PAUSE).unlink()
-    (job / RESULT).unlink()
-    assert finish(start_worker(job), job).status == "succeeded"
+    assert resume(job).status == "succeeded"
     assert steps_logged(job) == [1, 2, 3, 4]  # each step once: resumed, not started over
     assert f"Fine-tuning job resumed from step {paused.step}" in [e.message for e in EventLog(job).read()]
 
@@ -131,21 +139,13 @@ def test_a_paused_dpo_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp
     reference = reference_manifest["training"]
 
     job = job_folder(tmp_path / "paused", model_dir, method="dpo")
-    worker = start_worker(job)
-    deadline = time.monotonic() + 600
-    while not steps_logged(job):
-        assert worker.poll() is None and time.monotonic() < deadline, (job / "worker.out").read_text()[-3000:]
-        time.sleep(0.2)
-    (job / PAUSE).touch()
-    paused = finish(worker, job)
+    paused = pause_once_training_runs(job)
     assert paused.status == "paused" and 1 <= paused.step < reference["steps"], paused
     record = PausedRecord.model_validate_json((job / PAUSED).read_bytes())
     assert record.step == paused.step
     assert (job / "run" / "checkpoints" / record.checkpoint / "trainer_state.json").is_file()
 
-    (job / PAUSE).unlink()
-    (job / RESULT).unlink()
-    resumed = finish(start_worker(job), job)
+    resumed = resume(job)
     assert resumed.status == "succeeded", resumed
     manifest = json.loads((resumed.run_dir / "manifest.json").read_text())
     training = manifest["training"]
