@@ -1,6 +1,6 @@
 """sim.py with the kernel's weights in one arena: with THP_MEM_ALLOC_ENABLE=1 torch backs it with 2 MB pages."""
 import os, statistics, time, torch
-exec(open("/tmp/sim/sim.py").read().split("x = torch.randn(T, 576)")[0])
+exec(open(__import__("pathlib").Path(__file__).with_name("sim.py")).read().split("x = torch.randn(T, 576)")[0])
 from quiver.engine_plugin import lora_kernel as lk
 sizes = []
 for w, binds in layers:
@@ -19,7 +19,7 @@ for w, binds in layers:
         bv = arena[off:off + b.numel()].view(b.shape); off += b.numel(); bv.copy_(b)
         binds[name]["arena"] = lk.bind(libs["shipped"], av, bv, ss, iu, layer._args.contents.scale, step)
 x = torch.randn(T, 576)
-exec("def run(variant):" + open("/tmp/sim/sim.py").read().split("def run(variant):")[1].split("sides = [")[0])
+exec("def run(variant):" + open(__import__("pathlib").Path(__file__).with_name("sim.py")).read().split("def run(variant):")[1].split("sides = [")[0])
 sides = [None, "shipped", "arena"]
 times = {s: [] for s in sides}
 for _ in range(5): [run(s) for s in sides]

@@ -1,6 +1,6 @@
 """sim.py's step with each kernel call timed: cold (as in the engine), then the same call again at once (warm)."""
 import os, statistics, time, torch
-exec(open("/tmp/sim/sim.py").read().split("x = torch.randn(T, 576)")[0])
+exec(open(__import__("pathlib").Path(__file__).with_name("sim.py")).read().split("x = torch.randn(T, 576)")[0])
 x = torch.randn(T, 576)
 cold, warm, empty = [], [], []
 def run():

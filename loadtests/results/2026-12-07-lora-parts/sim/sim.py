@@ -1,3 +1,5 @@
+# Written for this measurement (kept as it ran). Run from the repo root with OMP_NUM_THREADS=2 and the venv's python;
+# argv: kernel sources to compare with the shipped one (lora_kernel.c with a patch of this folder applied).
 """A decode step in miniature: SmolLM2-135M's 30 layers of fp32 GEMMs (16 tokens) with the LoRA kernel after qkv
 and o (4 slots, rank 8, 4 tokens a slot), against the same GEMMs alone; variants of the kernel library swapped in."""
 import ctypes, os, statistics, sys, time

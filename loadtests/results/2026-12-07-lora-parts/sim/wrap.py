@@ -1,7 +1,7 @@
 """A decode step in miniature through the wrapper itself (add_lora_linear for qkv, o, and the MLP's two idle
 layers), cold as in the engine (the base GEMMs in between); the previous commit's wrapper vs this one."""
 import os, statistics, sys, time, torch
-sys.path.insert(0, "/tmp/oldpkg")
+sys.path.insert(0, "/tmp/oldpkg")  # the previous commit's server/engine_plugin, copied to /tmp/oldpkg/oldplugin
 from quiver.engine_plugin.punica_cpu import QuiverPunicaWrapperCPU as New
 from quiver.engine_plugin import grouped_ops
 from oldplugin.punica_cpu import QuiverPunicaWrapperCPU as Old
