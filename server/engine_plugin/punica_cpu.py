@@ -60,7 +60,7 @@ class _BoundLinear:
     def __init__(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
                  versions: tuple[int, ...], layer: lora_kernel.Layer, idle: bool) -> None:
         self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
-        self.sources = lora_a + lora_b
+        self.sources = (*lora_a, *lora_b)  # the order of FusedLoRA.sources, whose versions these are
         self.versions, self.layer = list(versions), layer
         # No slot has weights for this layer (the usual case for the MLP's linears: adapters trained on the
         # attention projections leave them zero): its delta is zero for every token, so the call is skipped.
