@@ -130,7 +130,7 @@ def test_a_pause_after_an_evaluated_epoch_keeps_its_resumable_checkpoint(tmp_pat
 def test_a_paused_dpo_run_resumes_to_the_steps_and_losses_of_an_unpaused_one(tmp_path: Path,
                                                                            model_dir: Path) -> None:
     """DPO trains on TRL's DPOTrainer, with a frozen reference (the base: the adapter switched off) that a
-    resumed run must score exactly as the unpaused one did, and preference pairs collated its own way."""
+    resumed run must score as the unpaused one did, and preference pairs collated its own way."""
     plain = job_folder(tmp_path / "plain", model_dir, method="dpo")
     unpaused = finish(start_worker(plain), plain)
     assert unpaused.status == "succeeded", unpaused
