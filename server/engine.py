@@ -80,6 +80,7 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--port", str(port),
         "--middleware", SEAL_MIDDLEWARE,
         "--dtype", settings.dtype,
+        "--lora-dtype", settings.lora_dtype,
         "--max-model-len", str(settings.max_model_len),
         "--enable-lora",
         "--max-loras", str(settings.max_loras),

@@ -942,7 +942,8 @@ def test_model_volume_without_persistence() -> None:
 
 def test_engine_scale_up_knobs_reach_the_engine_command(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {"gpu": {"count": 2},
-              "engine": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "maxLoras": 8, "maxLoraRank": 64}}
+              "engine": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "maxLoras": 8, "maxLoraRank": 64,
+                         "loraDtype": "bfloat16"}}
     objects = objects_of(values)
     for obj in objects:
         validate_object(obj)
@@ -959,20 +960,24 @@ def test_engine_scale_up_knobs_reach_the_engine_command(monkeypatch: pytest.Monk
     assert pairs["--tensor-parallel-size"] == "2"
     assert pairs["--gpu-memory-utilization"] == "0.85"
     assert pairs["--max-loras"] == "8" and pairs["--max-lora-rank"] == "64"
+    assert pairs["--lora-dtype"] == "bfloat16"
 
     default_env = env_of(container(one(objects_of(), "Deployment")))
     assert default_env["QUIVER_TENSOR_PARALLEL_SIZE"]["value"] == "1"
     assert "QUIVER_GPU_MEMORY_UTILIZATION" not in default_env
     monkeypatch.delenv("QUIVER_TENSOR_PARALLEL_SIZE")
     monkeypatch.delenv("QUIVER_GPU_MEMORY_UTILIZATION")
+    monkeypatch.delenv("QUIVER_LORA_DTYPE")
     plain = engine_command(Settings(), Path("/m"), 9000)
     assert "--tensor-parallel-size" not in plain and "--gpu-memory-utilization" not in plain
+    assert dict(zip(plain, plain[1:]))["--lora-dtype"] == "auto"
     cpu_env = env_of(container(one(objects_of(VARIANTS["cpu"]), "Deployment")))
     assert "QUIVER_TENSOR_PARALLEL_SIZE" not in cpu_env
 
     assert "engine.tensorParallelSize (4)" in render_error({"engine": {"tensorParallelSize": 4}})
     assert "/engine/gpuMemoryUtilization" in render_error({"engine": {"gpuMemoryUtilization": 1.5}})
     assert "/engine/tensorParallelSize" in render_error({"engine": {"tensorParallelSize": 0}})
+    assert "/engine/loraDtype" in render_error({"engine": {"loraDtype": "int8"}})
 
 
 # --------------------------------------------------------------------------------------- images: static checks

@@ -73,6 +73,33 @@ def test_matches_definition_and_torch_ops(kernel, num_tokens, out_slices, ranks)
     assert torch.equal(y_kernel[:, sum(out_slices):], y0[:, sum(out_slices):])
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 200])
+@pytest.mark.parametrize("out_slices,ranks", [
+    ((64, 16, 16), (8, 8, 8, 8)),
+    ((13, 35), (5, 3, 0, 5)),  # widths and ranks off the kernel's blocks: its one-value tails read bfloat16 too
+], ids=["qkv", "odd"])
+def test_bfloat16_weights_give_the_float32_result_bit_for_bit(kernel, num_tokens, out_slices, ranks):
+    """vLLM's --lora-dtype bfloat16 slots: the kernel keeps them in bfloat16 (half the bytes) and widens each
+    weight exactly, so a token's result equals the one from float32 slots of the same values, bit for bit."""
+    a, b = layer(out_slices, ranks, seed=num_tokens)
+    a16, b16 = tuple(w.bfloat16() for w in a), tuple(w.bfloat16() for w in b)
+    fused16 = FusedLoRA(a16, b16, out_slices, torch.float32)
+    fused32 = FusedLoRA(tuple(w.float() for w in a16), tuple(w.float() for w in b16), out_slices, torch.float32)
+    assert {w.dtype for w in fused16.kernel_weights()} == {torch.bfloat16}
+    assert {w.dtype for w in fused32.kernel_weights()} == {torch.float32}
+    slots = random_slots(num_tokens, seed=num_tokens)
+    plan = build_plan(slots)
+    x = torch.randn(num_tokens, D_IN)
+    y0 = torch.randn(num_tokens, sum(out_slices))
+    y16, y32 = y0.clone(), y0.clone()
+    for fused, y in ((fused16, y16), (fused32, y32)):
+        assert lora_kernel.add_lora_f32(kernel, y, x, *fused.kernel_weights(), fused.slice_sizes, plan.slots,
+                                        fused.in_use_bytes(), 0.7)
+    assert torch.equal(y16, y32)
+    torch.testing.assert_close(y16.double(), reference(y0, x, a16, b16, slots, out_slices, 0.7),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_a_tokens_result_does_not_depend_on_its_batch(kernel):
     """Each token multiplies only its own adapter's weights, the same way in any batch: bit for bit."""
     out_slices = (64, 16, 16)
@@ -110,6 +137,8 @@ def test_declines_what_it_cannot_read(kernel):
     assert not lora_kernel.add_lora_f32(kernel, y, x, a_k, b_k, fused.slice_sizes, plan.slots,
                                         torch.ones(3, dtype=torch.uint8), 1.0)  # in_use for 3 slots of 4
     assert not lora_kernel.add_lora_f32(kernel, y, x, a_k.double(), b_k.double(), *args[2:])
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k.bfloat16(), b_k, *args[2:])  # one dtype for both
+    assert not lora_kernel.add_lora_f32(kernel, y, x, a_k.half(), b_k.half(), *args[2:])
     assert torch.equal(y, torch.zeros(4, 32))
 
 

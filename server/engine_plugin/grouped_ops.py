@@ -152,6 +152,9 @@ class FusedLoRA:
         # The adapter id in each slot when built (vLLM's lora_index_to_id), None if not known.
         self.slot_ids = tuple(slot_ids) if slot_ids is not None else None
         self.expand_dtype = expand_dtype
+        # The kernel's copy keeps bfloat16 slots (vLLM's --lora-dtype bfloat16) in bfloat16: the same values in
+        # half the bytes, which is what a decode step waits on. Other dtypes are copied as float32.
+        self.kernel_dtype = torch.bfloat16 if all(t.dtype == torch.bfloat16 for t in self.sources) else torch.float32
         self.output_slices = tuple(output_slices)
         n = len(lora_a_stacked)
         S, _, _, d_in = lora_a_stacked[0].shape
@@ -230,10 +233,11 @@ class FusedLoRA:
         (S, rank, sum(out_i)) with slice i's B^T rows in its own columns (b_t's zero blocks dropped). In the
         engine a slot's LoRA weights come from memory, not cache (the base model's weights stream through
         every cache between two LoRA layers), and read as one stream they took ~25 % less time than strided
-        out of a_t's interleaved columns (30 layers' qkv and o, 16 tokens, caches evicted between calls)."""
+        out of a_t's interleaved columns (30 layers' qkv and o, 16 tokens, caches evicted between calls).
+        In `kernel_dtype`: float32, or bfloat16 where the slots are (a_t and b_t hold those values exactly)."""
         if self._kernel_weights is None:
-            self._kernel_weights = (torch.empty(self.num_slots, self.a_t.shape[0], self.k, dtype=self.a_t.dtype),
-                                    torch.empty(self.num_slots, self.rank, self.total_out, dtype=self.b_t.dtype))
+            self._kernel_weights = (torch.empty(self.num_slots, self.a_t.shape[0], self.k, dtype=self.kernel_dtype),
+                                    torch.empty(self.num_slots, self.rank, self.total_out, dtype=self.kernel_dtype))
             for slot in range(self.num_slots):
                 self._write_kernel_slot(slot)
         return self._kernel_weights

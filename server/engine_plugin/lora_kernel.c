@@ -13,6 +13,10 @@
  * r of slice i's A; b is (num_slots, rank, total_out) with row r of slot s's block holding row r of every
  * slice's B^T, slice i in its columns [off_i, off_i + size_i).
  * Numerics follow vLLM's stock CPU ops: fp32 shrink, scaled, then added through B into y.
+ *
+ * Weights are float32 or bfloat16 (the engine's --lora-dtype): a bfloat16 weight widens to float32 exactly
+ * (its 16 bits are the top half of the float's), so the arithmetic is the same and the result bit-identical
+ * to float32 weights of the same values, while a decode step, which waits on memory, reads half the bytes.
  */
 #include <stdint.h>
 #include <string.h>
@@ -24,20 +28,49 @@
  * without tying the source to one instruction set. Unaligned loads and stores go through memcpy. */
 typedef float v8 __attribute__((vector_size(32)));
 
+typedef uint16_t h8 __attribute__((vector_size(16)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+/* Weights: `w` points at float32 or bfloat16 values (`bf16`, a constant wherever these are inlined, so each
+ * weight type gets its own loops); element `i` of them, and eight from `i` on, as float32. */
+#define INLINE static inline __attribute__((always_inline))
+INLINE v8 wload8(const void *w, int64_t i, const int bf16)
+{
+    if (!bf16)
+        return load8((const float *)w + i);
+    h8 h;
+    memcpy(&h, (const uint16_t *)w + i, sizeof h);
+    const u8 bits = __builtin_convertvector(h, u8) << 16;
+    v8 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+/* (one-value tails use fmaf: whether the compiler fuses a multiply-add there depends on how it vectorises the
+ * loop, which differs between the weight types; fused everywhere, both give the same bits) */
+INLINE float wload1(const void *w, int64_t i, const int bf16)
+{
+    if (!bf16)
+        return ((const float *)w)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 /* buf[m][j0 + j] = sum_d x_m[d] * a[d * lda + j0 + j] for j < 8 * W: W register columns of eight, for all
  * TOKENS rows at once (4 * W independent accumulators keep the FMA pipes busy; a load of `a` serves four) */
 #define SHRINK_BLOCK(W)                                                                                       \
-    static void shrink_##W(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS], const float *a,   \
-                           int64_t lda, int64_t din, int64_t j0)                                              \
+    INLINE void shrink_##W(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS], const void *a,    \
+                           int64_t lda, int64_t din, int64_t j0, const int bf16)                              \
     {                                                                                                         \
         v8 acc[TOKENS][W] = {{{0}}};                                                                          \
         for (int64_t d = 0; d < din; d++) {                                                                   \
             v8 ad[W];                                                                                         \
             for (int w = 0; w < W; w++)                                                                       \
-                ad[w] = load8(a + d * lda + j0 + 8 * w);                                                      \
+                ad[w] = wload8(a, d * lda + j0 + 8 * w, bf16);                                                \
             for (int m = 0; m < TOKENS; m++) {                                                                \
                 const float xd = xs[m][d];                                                                    \
                 for (int w = 0; w < W; w++)                                                                   \
@@ -53,25 +86,25 @@ SHRINK_BLOCK(2)
 SHRINK_BLOCK(3)
 
 /* buf[m][j] = sum_d x_m[d] * a[d * lda + j], j < k, for TOKENS rows x_m (a short pass repeats a row) */
-static void shrink(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS], const float *a, int64_t lda,
-                   int64_t din, int64_t k)
+INLINE void shrink(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS], const void *a, int64_t lda,
+                   int64_t din, int64_t k, const int bf16)
 {
     int64_t j0 = 0;
     for (; j0 + 24 <= k; j0 += 24)
-        shrink_3(buf, xs, a, lda, din, j0);
+        shrink_3(buf, xs, a, lda, din, j0, bf16);
     if (j0 + 16 <= k) {
-        shrink_2(buf, xs, a, lda, din, j0);
+        shrink_2(buf, xs, a, lda, din, j0, bf16);
         j0 += 16;
     }
     if (j0 + 8 <= k) {
-        shrink_1(buf, xs, a, lda, din, j0);
+        shrink_1(buf, xs, a, lda, din, j0, bf16);
         j0 += 8;
     }
     for (; j0 < k; j0++) {
         for (int m = 0; m < TOKENS; m++) {
             float acc = 0.0f;
             for (int64_t d = 0; d < din; d++)
-                acc += xs[m][d] * a[d * lda + j0];
+                acc = __builtin_fmaf(xs[m][d], wload1(a, d * lda + j0, bf16), acc);
             buf[m][j0] = acc;
         }
     }
@@ -79,8 +112,8 @@ static void shrink(float buf[TOKENS][QUIVER_MAX_K], const float *const xs[TOKENS
 
 /* y_m[o] += sum_r c[m][r] * b[r * ldb + o], o < size, r < rank, for TOKENS rows y_m: each 16 columns of the
  * rows stay in registers across all ranks, so y is read and written once (a short pass: m_used rows) */
-static void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K], const float *b, int64_t ldb,
-                   int64_t rank, int64_t size, int m_used)
+INLINE void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K], const void *b, int64_t ldb,
+                   int64_t rank, int64_t size, int m_used, const int bf16)
 {
     int64_t o = 0;
     if (m_used == TOKENS) {
@@ -91,7 +124,7 @@ static void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K],
                 acc[m][1] = load8(ys[m] + o + 8);
             }
             for (int64_t r = 0; r < rank; r++) {
-                const v8 b0 = load8(b + r * ldb + o), b1 = load8(b + r * ldb + o + 8);
+                const v8 b0 = wload8(b, r * ldb + o, bf16), b1 = wload8(b, r * ldb + o + 8, bf16);
                 for (int m = 0; m < TOKENS; m++) {
                     acc[m][0] += c[m][r] * b0;
                     acc[m][1] += c[m][r] * b1;
@@ -113,7 +146,7 @@ static void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K],
                     acc[w] = load8(ys[m] + p + 8 * w);
                 for (int64_t r = 0; r < rank; r++)
                     for (int w = 0; w < 4; w++)
-                        acc[w] += c[m][r] * load8(b + r * ldb + p + 8 * w);
+                        acc[w] += c[m][r] * wload8(b, r * ldb + p + 8 * w, bf16);
                 for (int w = 0; w < 4; w++)
                     store8(ys[m] + p + 8 * w, acc[w]);
             }
@@ -121,7 +154,7 @@ static void expand(float *const ys[TOKENS], const float c[TOKENS][QUIVER_MAX_K],
         for (; p < size; p++) {
             float acc = ys[m][p];
             for (int64_t r = 0; r < rank; r++)
-                acc += c[m][r] * b[r * ldb + p];
+                acc = __builtin_fmaf(c[m][r], wload1(b, r * ldb + p, bf16), acc);
             ys[m][p] = acc;
         }
     }
@@ -144,21 +177,22 @@ struct quiver_lora_step {
 /* Everything about one layer but where its rows are, prepared once per weights (lora_kernel.Layer): through
  * ctypes each argument costs ~0.1 us to convert, and the engine makes ~120 of these calls a step. */
 struct quiver_lora_layer {
-    const float *a, *b;
+    const void *a, *b; /* float32, or bfloat16 where weight_bf16 */
     const int64_t *slice_sizes;
     const uint8_t *in_use;
     const struct quiver_lora_step *step;
     int64_t din, num_slots, n_slices, rank, total_out;
     float scale;
+    int32_t weight_bf16;
 };
 
-static void run_pass(const struct quiver_lora_layer *l, const struct pass *p, float *y, int64_t ldy,
-                     const float *x, int64_t ldx)
+INLINE void run_pass(const struct quiver_lora_layer *l, const struct pass *p, float *y, int64_t ldy,
+                     const float *x, int64_t ldx, const int bf16)
 {
     static __thread float buf[TOKENS][QUIVER_MAX_K], coef[TOKENS][QUIVER_MAX_K];
-    const int64_t k = l->n_slices * l->rank;
-    const float *a = l->a + p->slot * l->din * k;
-    const float *b = l->b + p->slot * l->rank * l->total_out;
+    const int64_t k = l->n_slices * l->rank, size = bf16 ? 2 : 4;
+    const char *a = (const char *)l->a + p->slot * l->din * k * size;
+    const char *b = (const char *)l->b + p->slot * l->rank * l->total_out * size;
     const float *xs[TOKENS];
     float *ys[TOKENS];
     for (int i = 0; i < TOKENS; i++) {
@@ -167,9 +201,9 @@ static void run_pass(const struct quiver_lora_layer *l, const struct pass *p, fl
     }
     /* B is read only once the shrink is done: requested now, its lines arrive while A streams through (in the
      * engine both come from memory; this cut the kernel's time in a decode step by ~6 %) */
-    for (int64_t i = 0; i < l->rank * l->total_out; i += 64 / (int64_t)sizeof(float))
+    for (int64_t i = 0; i < l->rank * l->total_out * size; i += 64)
         __builtin_prefetch(b + i, 0, 3);
-    shrink(buf, xs, a, k, l->din, k);
+    shrink(buf, xs, a, k, l->din, k, bf16);
     /* expand: y[t, slice i] += (scale * buf[slice i]) @ B_s[slice i], B read once for the m tokens */
     int64_t off = 0;
     for (int64_t i = 0; i < l->n_slices; i++) {
@@ -179,9 +213,22 @@ static void run_pass(const struct quiver_lora_layer *l, const struct pass *p, fl
             for (int64_t r = 0; r < l->rank; r++)
                 coef[mi][r] = buf[mi][i * l->rank + r] * l->scale;
         }
-        expand(yo, coef, b + off, l->total_out, l->rank, l->slice_sizes[i], p->m);
+        expand(yo, coef, b + off * size, l->total_out, l->rank, l->slice_sizes[i], p->m, bf16);
         off += l->slice_sizes[i];
     }
+}
+
+/* A pass compiled for each weight type. */
+typedef void pass_fn(const struct quiver_lora_layer *, const struct pass *, float *, int64_t, const float *, int64_t);
+static void run_pass_f32(const struct quiver_lora_layer *l, const struct pass *p, float *y, int64_t ldy,
+                         const float *x, int64_t ldx)
+{
+    run_pass(l, p, y, ldy, x, ldx, 0);
+}
+static void run_pass_bf16(const struct quiver_lora_layer *l, const struct pass *p, float *y, int64_t ldy,
+                          const float *x, int64_t ldx)
+{
+    run_pass(l, p, y, ldy, x, ldx, 1);
 }
 
 /* Passes write disjoint rows (a token has one slot), so they run on OpenMP's threads in any order; a
@@ -189,9 +236,10 @@ static void run_pass(const struct quiver_lora_layer *l, const struct pass *p, fl
 static void run_passes(const struct quiver_lora_layer *l, const struct pass *passes, int n, float *y, int64_t ldy,
                        const float *x, int64_t ldx)
 {
+    pass_fn *const pass = l->weight_bf16 ? run_pass_bf16 : run_pass_f32;
 #pragma omp parallel for schedule(static) if (n > 1)
     for (int i = 0; i < n; i++)
-        run_pass(l, &passes[i], y, ldy, x, ldx);
+        pass(l, &passes[i], y, ldy, x, ldx);
 }
 
 #define PASSES 64

@@ -30,6 +30,8 @@ ENV_CACHE = "QUIVER_KERNEL_CACHE"
 SOURCE = Path(__file__).with_name("lora_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
+# What the kernel's weights may be (its activations are float32): bfloat16 halves the bytes a step reads.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger("vllm.quiver_cpu_lora")
 
@@ -144,7 +146,7 @@ class _LayerArgs(ctypes.Structure):
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("slice_sizes", ctypes.c_void_p),
                 ("in_use", ctypes.c_void_p), ("step", ctypes.POINTER(_StepArgs)), ("din", ctypes.c_int64),
                 ("num_slots", ctypes.c_int64), ("n_slices", ctypes.c_int64), ("rank", ctypes.c_int64),
-                ("total_out", ctypes.c_int64), ("scale", ctypes.c_float)]
+                ("total_out", ctypes.c_int64), ("scale", ctypes.c_float), ("weight_bf16", ctypes.c_int32)]
 
 
 class Step:
@@ -208,9 +210,9 @@ class Layer:
 def bind(lib: ctypes.CDLL, a, b, slice_sizes, in_use, scale: float, step: Step) -> Layer | None:
     """The kernel call y[t, :total_out] += scale * x[t] @ A_s^T @ B_s^T for each token t whose slot s
     (`step`) is in use (`in_use`, uint8 per slot), with the weights laid out as FusedLoRA.kernel_weights gives
-    them: `a` (slots, in, n_slices * rank), `b` (slots, rank, sum of `slice_sizes`). None when the tensors are
-    not what the kernel reads (then the caller uses the torch ops)."""
-    if not (a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 3 and a.is_contiguous()
+    them: `a` (slots, in, n_slices * rank), `b` (slots, rank, sum of `slice_sizes`), both float32 or both
+    bfloat16. None when the tensors are not what the kernel reads (then the caller uses the torch ops)."""
+    if not (a.dtype == b.dtype and a.dtype in WEIGHT_DTYPES and a.dim() == b.dim() == 3 and a.is_contiguous()
             and b.is_contiguous() and a.device.type == b.device.type == "cpu"
             and in_use.dtype == torch.uint8 and in_use.is_contiguous()
             and slice_sizes.dtype == torch.int64 and slice_sizes.dim() == 1 and slice_sizes.is_contiguous()):
@@ -223,7 +225,8 @@ def bind(lib: ctypes.CDLL, a, b, slice_sizes, in_use, scale: float, step: Step) 
             and int(slice_sizes.sum()) == b.shape[2] and bool((slice_sizes >= 0).all())):
         return None
     args = _LayerArgs(a.data_ptr(), b.data_ptr(), slice_sizes.data_ptr(), in_use.data_ptr(),
-                      ctypes.pointer(step._args), din, num_slots, n_slices, rank, b.shape[2], scale)
+                      ctypes.pointer(step._args), din, num_slots, n_slices, rank, b.shape[2], scale,
+                      a.dtype == torch.bfloat16)
     return Layer(lib, (a, b, slice_sizes, in_use), args, step)
 
 
