@@ -101,9 +101,9 @@ class Settings(BaseModelSettings):
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="the dtype the engine holds adapter weights in (vLLM's --lora-dtype); auto: the model's dtype. "
-                    "bfloat16 on a float32 CPU engine halves the bytes each decode step reads for its adapters "
-                    "(the step waits on memory): adapters saved in bfloat16 give bit-identical results, float32 "
-                    "ones are rounded once when loaded")
+                    "bfloat16 on a float32 CPU engine: adapters in half the memory and a decode step ~0.3 % "
+                    "faster; adapters saved in bfloat16 give bit-identical results, float32 ones are rounded once "
+                    "when loaded")
     max_model_len: int = Field(2048, gt=0)
     max_loras: int = Field(4, ge=1)
     max_cpu_loras: int | None = Field(None, ge=1)

@@ -153,7 +153,7 @@ class FusedLoRA:
         self.slot_ids = tuple(slot_ids) if slot_ids is not None else None
         self.expand_dtype = expand_dtype
         # The kernel's copy keeps bfloat16 slots (vLLM's --lora-dtype bfloat16) in bfloat16: the same values in
-        # half the bytes, which is what a decode step waits on. Other dtypes are copied as float32.
+        # half the bytes and memory. Other dtypes are copied as float32.
         self.kernel_dtype = torch.bfloat16 if all(t.dtype == torch.bfloat16 for t in self.sources) else torch.float32
         self.output_slices = tuple(output_slices)
         n = len(lora_a_stacked)

@@ -30,7 +30,7 @@ ENV_CACHE = "QUIVER_KERNEL_CACHE"
 SOURCE = Path(__file__).with_name("lora_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
-# What the kernel's weights may be (its activations are float32): bfloat16 halves the bytes a step reads.
+# What the kernel's weights may be (its activations are float32): bfloat16 slots (--lora-dtype) are read as they are.
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger("vllm.quiver_cpu_lora")
