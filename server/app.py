@@ -54,7 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         model_dir = settings.model_dir
         if settings.uses_default_model:
             await asyncio.to_thread(prepare_default_model, model_dir)
-        base = await asyncio.to_thread(BaseModelSpec.from_folder, model_dir)
+        base = await asyncio.to_thread(BaseModelSpec.from_folder, model_dir, settings.lora_target_modules)
         engine: Engine = injected if injected is not None else EngineSupervisor(settings, model_dir)
         registry = AdapterRegistry(
             store=open_store(settings),

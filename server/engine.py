@@ -97,6 +97,8 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     parser = tool_call_parser(model_dir, settings)
     if parser is not None:
         command += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    if settings.lora_target_modules:
+        command += ["--lora-target-modules", *settings.lora_target_modules]
     if settings.max_cpu_loras is not None:
         command += ["--max-cpu-loras", str(settings.max_cpu_loras)]
     if settings.tensor_parallel_size > 1:

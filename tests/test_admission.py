@@ -192,3 +192,27 @@ def test_archives_with_a_top_folder_are_accepted(tmp_path: Path, base: BaseModel
     stage_upload([("my-adapter.tar.gz", buffer)], staging, max_bytes=10**7)
     assert sorted(p.name for p in staging.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert validate_adapter_dir(staging, base, MAX_RANK).rank == 8
+
+
+def test_adapters_that_train_layers_the_engine_does_not_serve_are_refused(tmp_path: Path, model_dir: Path) -> None:
+    """With lora_target_modules set, vLLM wraps only those layers and would silently drop an adapter's others:
+    such an adapter is refused, naming the layers; one within them is admitted."""
+    from quiver.settings import Settings
+
+    served = Settings(lora_target_modules="q_proj, k_proj,v_proj o_proj,q_proj").lora_target_modules
+    assert served == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    base = BaseModelSpec.from_folder(model_dir, served)
+    assert validate_adapter_dir(write_adapter(tmp_path / "attention"), base, MAX_RANK).modules == 2
+    mlp = {**lora_tensors(), "base_model.model.model.layers.3.mlp.down_proj.lora_A.weight": torch.zeros(8, 1536),
+           "base_model.model.model.layers.3.mlp.down_proj.lora_B.weight": torch.zeros(576, 8)}
+    folder = write_adapter(tmp_path / "mlp", lora_config(target_modules=["q_proj", "v_proj", "down_proj"]), mlp)
+    assert validate_adapter_dir(folder, BaseModelSpec.from_folder(model_dir), MAX_RANK).modules == 3  # all served
+    with pytest.raises(AdmissionError) as refused:
+        validate_adapter_dir(folder, base, MAX_RANK)
+    assert refused.value.code == "target_module_not_served" and "down_proj" in refused.value.message
+
+    # A name that is no layer of the model stops the server at start, not every registration later.
+    with pytest.raises(ValueError, match="qkv_proj.*not a linear layer.*q_proj"):
+        BaseModelSpec.from_folder(model_dir, ["qkv_proj"])
+    with pytest.raises(ValueError, match="not a module name"):
+        Settings(lora_target_modules="q_proj;rm")

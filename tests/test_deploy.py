@@ -943,7 +943,7 @@ def test_model_volume_without_persistence() -> None:
 def test_engine_scale_up_knobs_reach_the_engine_command(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {"gpu": {"count": 2},
               "engine": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "maxLoras": 8, "maxLoraRank": 64,
-                         "loraDtype": "bfloat16"}}
+                         "loraDtype": "bfloat16", "loraTargetModules": ["q_proj", "v_proj"]}}
     objects = objects_of(values)
     for obj in objects:
         validate_object(obj)
@@ -961,16 +961,22 @@ def test_engine_scale_up_knobs_reach_the_engine_command(monkeypatch: pytest.Monk
     assert pairs["--gpu-memory-utilization"] == "0.85"
     assert pairs["--max-loras"] == "8" and pairs["--max-lora-rank"] == "64"
     assert pairs["--lora-dtype"] == "bfloat16"
+    at = command.index("--lora-target-modules") + 1
+    assert command[at:at + 2] == ["q_proj", "v_proj"] and command[at + 2:at + 3] != ["k_proj"]
 
     default_env = env_of(container(one(objects_of(), "Deployment")))
     assert default_env["QUIVER_TENSOR_PARALLEL_SIZE"]["value"] == "1"
     assert "QUIVER_GPU_MEMORY_UTILIZATION" not in default_env
     monkeypatch.delenv("QUIVER_TENSOR_PARALLEL_SIZE")
     monkeypatch.delenv("QUIVER_GPU_MEMORY_UTILIZATION")
+    worker_values = {**FINETUNING_VARIANTS["worker-s3"], "engine": {"loraTargetModules": ["q_proj", "v_proj"]}}
+    worker_env = env_of(container(one(objects_of(worker_values), "Deployment", WORKER), "worker"))
+    assert worker_env["QUIVER_LORA_TARGET_MODULES"]["value"] == "q_proj,v_proj"  # its admission checks too
     monkeypatch.delenv("QUIVER_LORA_DTYPE")
+    monkeypatch.delenv("QUIVER_LORA_TARGET_MODULES")
     plain = engine_command(Settings(), Path("/m"), 9000)
     assert "--tensor-parallel-size" not in plain and "--gpu-memory-utilization" not in plain
-    assert dict(zip(plain, plain[1:]))["--lora-dtype"] == "auto"
+    assert dict(zip(plain, plain[1:]))["--lora-dtype"] == "auto" and "--lora-target-modules" not in plain
     cpu_env = env_of(container(one(objects_of(VARIANTS["cpu"]), "Deployment")))
     assert "QUIVER_TENSOR_PARALLEL_SIZE" not in cpu_env
 
@@ -978,6 +984,7 @@ def test_engine_scale_up_knobs_reach_the_engine_command(monkeypatch: pytest.Monk
     assert "/engine/gpuMemoryUtilization" in render_error({"engine": {"gpuMemoryUtilization": 1.5}})
     assert "/engine/tensorParallelSize" in render_error({"engine": {"tensorParallelSize": 0}})
     assert "/engine/loraDtype" in render_error({"engine": {"loraDtype": "int8"}})
+    assert "/engine/loraTargetModules" in render_error({"engine": {"loraTargetModules": ["q_proj; rm"]}})
 
 
 # --------------------------------------------------------------------------------------- images: static checks

@@ -438,6 +438,20 @@ def test_a_method_with_another_type_s_settings_is_a_400(gateway, method) -> None
     assert refused.value.body["type"] == "invalid_request_error"
 
 
+def test_a_job_whose_adapter_the_engine_could_not_serve_is_refused_at_creation(make_gateway) -> None:
+    """A server that applies LoRA to some layers only (lora_target_modules) refuses a job training others now,
+    not after training; one whose layers are all served is queued."""
+    narrow = make_gateway(lora_target_modules=["q_proj", "v_proj"], finetuning_runner="off")
+    client = admin(narrow)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model=BASE, training_file=upload(client))
+    assert (refused.value.code, refused.value.body["param"]) == ("target_module_not_served", "model")
+    assert "k_proj" in refused.value.message and not client.fine_tuning.jobs.list().data
+    wide = make_gateway(state="wide", lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                        finetuning_runner="off")
+    assert admin(wide).fine_tuning.jobs.create(model=BASE, training_file=upload(admin(wide))).status == "queued"
+
+
 def test_empty_integrations_are_kept_as_sent(gateway) -> None:
     client = admin(gateway)
     job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client), integrations=[])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,18 @@ def check_adapter_name(name: str) -> None:
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """What an adapter must fit: the base model's linear layers and their (out, in) shapes."""
+    """What an adapter must fit: the base model's linear layers and their (out, in) shapes, and the layers the
+    engine serves LoRA on (`served_modules`, module names such as q_proj; None: every one)."""
 
     architecture: str
     model_type: str
     linear_shapes: dict[str, tuple[int, int]]
+    served_modules: frozenset[str] | None = None
 
     @classmethod
-    def from_folder(cls, model_dir: Path) -> "BaseModelSpec":
+    def from_folder(cls, model_dir: Path, served_modules: Sequence[str] = ()) -> "BaseModelSpec":
+        """`served_modules`: the engine's --lora-target-modules (empty: all); each must name linear layers of the
+        model, else ValueError (a server that would refuse every adapter for a typo must not start)."""
         config = json.loads((model_dir / "config.json").read_text())
         shards = sorted(model_dir.glob("*.safetensors"))
         if not shards:
@@ -78,11 +83,22 @@ class BaseModelSpec:
                 if name.endswith(".weight") and len(info.shape) == 2:
                     out_features, in_features = info.shape
                     shapes[name.removesuffix(".weight")] = (out_features, in_features)
-        return cls(
+        spec = cls(
             architecture=(config.get("architectures") or ["?"])[0],
             model_type=config.get("model_type", "?"),
             linear_shapes=shapes,
+            served_modules=frozenset(served_modules) or None,
         )
+        unknown = sorted(name for name in served_modules if not spec.modules_matching([name]))
+        if unknown:
+            layers = sorted({name.rsplit(".", 1)[-1] for name in shapes if name.count(".") > 1})
+            raise ValueError(f"lora_target_modules names {', '.join(unknown)}: not a linear layer of "
+                             f"{spec.architecture} (its layers: {', '.join(layers)})")
+        return spec
+
+    def serves(self, module: str) -> bool:
+        """Whether the engine applies LoRA to this module (a full name from an adapter's weights)."""
+        return self.served_modules is None or module.rsplit(".", 1)[-1] in self.served_modules
 
     def modules_matching(self, target: str | list[str]) -> set[str]:
         """PEFT's rule: a list names module-name suffixes, a string is a regex over the full name."""
@@ -225,6 +241,12 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
                 f"(is this adapter for another model?)",
             )
         parts.setdefault(module, set()).add(part)
+    unserved = sorted({module.rsplit(".", 1)[-1] for module in parts if not base.serves(module)})
+    if unserved:
+        # vLLM would load such an adapter and silently leave those layers out: it would answer as another model.
+        raise refuse("target_module_not_served",
+                     f"this server applies LoRA to {', '.join(sorted(base.served_modules or ()))} only "
+                     f"(lora_target_modules); the adapter trains {', '.join(unserved)}")
     incomplete = sorted(module for module, seen in parts.items() if seen != {"A", "B"})
     if incomplete:
         raise refuse("incomplete_adapter", f"these layers lack a lora_A or lora_B weight: {', '.join(incomplete[:5])}")

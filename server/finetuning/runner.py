@@ -44,7 +44,8 @@ async def run_worker(settings, model_dir: Path, stop: asyncio.Event | None = Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     registry = AdapterRegistry(store=open_store(settings), engine=NoEngine(),  # type: ignore[arg-type]
-                               base=BaseModelSpec.from_folder(model_dir), base_model_name=settings.base_model_name,
+                               base=BaseModelSpec.from_folder(model_dir, settings.lora_target_modules),
+                               base_model_name=settings.base_model_name,
                                max_rank=settings.max_lora_rank, max_upload_bytes=settings.max_upload_bytes,
                                metrics=Metrics())
     await asyncio.to_thread(registry.load_store)

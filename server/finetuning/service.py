@@ -533,6 +533,7 @@ class JobService:
         """The base model, or a registered adapter to continue training from: `name` is pinned to its current
         version now (`name@N`), so the job trains from exactly what was served when it was created."""
         if model == self.registry.base_model_name:
+            self._check_served_modules()
             return model
         try:
             target = self.registry.resolve(model)
@@ -542,6 +543,22 @@ class JobService:
                 f"adapter (`name` or `name@version`), not `{model[:100]}`",
                 code="model_not_available", param="model") from None
         return target.engine_model
+
+    def _check_served_modules(self) -> None:
+        """A new adapter trains the trainer's default layers; a server that applies LoRA to fewer
+        (lora_target_modules) could not register the result, so the job is refused now, not after training.
+        (Continued training keeps its adapter's layers, which registration has already checked.)"""
+        served = self.registry.base.served_modules
+        if served is None:
+            return
+        from quiver.training.config import DEFAULT_TARGET_MODULES
+
+        unserved = [name for name in DEFAULT_TARGET_MODULES if name not in served]
+        if unserved:
+            raise InvalidRequest(
+                f"fine-tuning trains {', '.join(DEFAULT_TARGET_MODULES)}; this server applies LoRA to "
+                f"{', '.join(sorted(served))} only (lora_target_modules), so it could not serve the result",
+                code="target_module_not_served", param="model")
 
     async def cancel(self, job_id: str) -> FineTuningJob:
         async with self._commit:

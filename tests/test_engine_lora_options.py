@@ -1,7 +1,9 @@
-"""QUIVER_LORA_DTYPE=bfloat16 through the real engine (vLLM's --lora-dtype), against the session server's float32
-slots: an adapter saved in bfloat16 (as many published adapters are) holds the same values in either, and the
-engine plugin's kernel widens bfloat16 exactly, so the answers must be the same tokens with the same logprobs,
-alone and in mixed batches. The official openai client; a second real engine, started for this module."""
+"""The engine's LoRA options through a second real engine, against the session server (float32 slots, every layer
+wrapped): QUIVER_LORA_DTYPE=bfloat16 (vLLM's --lora-dtype) and QUIVER_LORA_TARGET_MODULES (--lora-target-modules,
+here the attention projections only). An adapter saved in bfloat16 (as many published adapters are) holds the same
+values in either dtype, the engine plugin's kernel widens bfloat16 exactly, and layers left unwrapped compute what
+wrapped layers with no adapter weights do: the answers must be the same tokens with the same logprobs, alone and
+in mixed batches. An adapter training another layer is refused. The official openai client."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QuiverServer
+from lora_factory import ATTENTION
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three fruits."]
 NAME = "saved-bf16"
@@ -32,7 +35,7 @@ def bf16_saved_adapter(lora_adapters, tmp_path_factory: pytest.TempPathFactory) 
 def bf16_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("bf16-server")
     server = QuiverServer(model_dir=model_dir, store_dir=root / "store", state_dir=root / "state",
-                          extra_env={"QUIVER_LORA_DTYPE": "bfloat16"})
+                          extra_env={"QUIVER_LORA_DTYPE": "bfloat16", "QUIVER_LORA_TARGET_MODULES": ",".join(ATTENTION)})
     try:
         yield server.start()
     finally:
@@ -44,9 +47,8 @@ def answer(server: QuiverServer, model: str, prompt: str) -> tuple[list[str], li
     return reply.choices[0].logprobs.tokens, reply.choices[0].logprobs.token_logprobs
 
 
-def test_a_bfloat16_saved_adapter_answers_the_same_from_bfloat16_slots(quiver_server: QuiverServer,
-                                                                      bf16_server: QuiverServer,
-                                                                      bf16_saved_adapter: Path) -> None:
+def test_a_bfloat16_saved_adapter_answers_the_same_from_bfloat16_attention_only_slots(
+        quiver_server: QuiverServer, bf16_server: QuiverServer, bf16_saved_adapter: Path, lora_adapters) -> None:
     for server in (quiver_server, bf16_server):
         registered = server.register(NAME, bf16_saved_adapter)
         assert registered.status_code == 201, registered.text
@@ -63,3 +65,9 @@ def test_a_bfloat16_saved_adapter_answers_the_same_from_bfloat16_slots(quiver_se
     assert {prompt: together[(NAME, prompt)] for prompt in PROMPTS} == {
         prompt: tokens for prompt, (tokens, _) in bfloat16_slots.items()}
     assert {prompt: together[(bf16_server.model_name, prompt)] for prompt in PROMPTS} == base
+
+    # An adapter that also trains down_proj, which this engine leaves unwrapped: refused, nothing stored.
+    refused = bf16_server.register("trains-mlp", lora_adapters.random_b)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "target_module_not_served"
+    assert "down_proj" in refused.json()["error"]["message"]
+    assert "trains-mlp" not in {a["name"] for a in bf16_server.admin().get("/v1/adapters").json()["data"]}
