@@ -62,7 +62,7 @@ class Target:
 def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests: int, concurrency: int,
            max_tokens: int, prompt_tokens: int, max_loras: int, api_key: str, admin_key: str,
            engine_url: Optional[str], engine_key: Optional[str], server_log: Optional[Path],
-           scratch: Path) -> Iterator[Target]:
+           scratch: Path, lora_target_modules: str = "") -> Iterator[Target]:
     out.mkdir(parents=True, exist_ok=True)
     work = Workload(base_url="", model=BASE_NAME, requests=requests, concurrency=concurrency,
                     max_tokens=max_tokens, prompt_tokens=prompt_tokens)
@@ -74,9 +74,10 @@ def target(base_url: Optional[str], port: int, out: Path, rounds: int, requests:
                      engine_key=engine_key, pid=listening_pid(base_url),
                      work=replace(work, base_url=base_url, api_key=api_key), **common)
         return
-    server = quiver_server(scratch / f"server-{time.strftime('%Y%m%d-%H%M%S')}", port,
-                           env={"QUIVER_MAX_LORAS": str(max_loras)})
-    typer.echo(f"starting quiver on {server.base_url} (max_loras={max_loras}; log {server.log_path})")
+    env = {"QUIVER_MAX_LORAS": str(max_loras), "QUIVER_LORA_TARGET_MODULES": lora_target_modules}
+    server = quiver_server(scratch / f"server-{time.strftime('%Y%m%d-%H%M%S')}", port, env=env)
+    typer.echo(f"starting quiver on {server.base_url} (max_loras={max_loras}, "
+               f"lora_target_modules={lora_target_modules or 'all'}; log {server.log_path})")
     with server:
         yield Target(base_url=server.base_url, api_key=API_KEY, admin_key=ADMIN_KEY, engine_url=server.engine_url,
                      engine_key=server.engine_key, pid=server.process.pid, work=replace(work, base_url=server.base_url, api_key=API_KEY),
@@ -484,6 +485,9 @@ def main(
     server_log: Annotated[Optional[Path], typer.Option(help="with --base-url: its log, to find the engine")] = None,
     port: Annotated[int, typer.Option(help="port for a started server")] = 18390,
     max_loras: Annotated[int, typer.Option(help="engine LoRA slots of a started server")] = 4,
+    lora_target_modules: Annotated[str, typer.Option(
+        help="a started server's QUIVER_LORA_TARGET_MODULES (e.g. q_proj,k_proj,v_proj,o_proj: the layers the "
+             "generated adapters train); empty: every layer wrapped")] = "",
     rounds: Annotated[int, typer.Option(help="A/B rounds per comparison")] = 2,
     pairs: Annotated[int, typer.Option(help="`gateway`: its paired one-at-a-time probe's pairs (the median of "
                                             "their differences varies by about +-1 ms at 200)")] = PAIRS,
@@ -501,13 +505,14 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown comparisons {sorted(unknown)}")
     with target(base_url, port, out, rounds, requests, concurrency, max_tokens, prompt_tokens, max_loras, api_key,
-                admin_key, engine_url, engine_key, server_log, scratch) as t:
+                admin_key, engine_url, engine_key, server_log, scratch, lora_target_modules) as t:
         t.pairs = pairs
         for name in names:
             COMPARISONS[name](t, scale_adapters) if name == "scale" else COMPARISONS[name](t)
         t.summary["finished"] = report.machine_state()
         t.summary["settings"] = {"rounds": rounds, "pairs": pairs, "requests": requests, "concurrency": concurrency,
                                  "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "max_loras": max_loras,
+                                 "lora_target_modules": lora_target_modules or "all",
                                  "server": "started by compare" if not base_url else base_url}
         path = t.out / "summary.json"
         previous = json.loads(path.read_text()) if path.exists() else {}

@@ -5,7 +5,9 @@ and the metadata update), the compiled kernel's calls inside it, and the rest (P
 Variants taken in turns in one process: base-only; adapter-only with the kernel as shipped (OpenMP passes);
 with the same source built serial (VARIANTS=serial), swapped into every bound layer between runs; with the
 kernel reading bfloat16 copies of every bound layer's weights (VARIANTS=bf16: what --lora-dtype bfloat16 gives the
-kernel, the same code path; only the bytes it reads differ), swapped in the same way."""
+kernel, the same code path; only the bytes it reads differ), swapped in the same way; with no slot in use
+(VARIANTS=empty: every call made, no pass). TARGETS=q_proj,k_proj,v_proj,o_proj: vLLM wraps only those layers
+(--lora-target-modules), for the whole process."""
 import ctypes, os, random, statistics, sys, time
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="2", OMP_PLACES="{0,1}", OMP_PROC_BIND="true",
                   VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
@@ -88,7 +90,8 @@ def use(lib_name):
 
 ads = make_adapters(DEFAULT_MODEL_DIR, Path("/tmp/quiver-loadtests/adapters"), 4)  # compare's adapters
 llm = LLM(model=str(DEFAULT_MODEL_DIR), dtype="float32", max_model_len=2048, enable_lora=True, max_loras=4,
-          max_lora_rank=16, generation_config="auto", max_num_seqs=16)
+          max_lora_rank=16, generation_config="auto", max_num_seqs=16,
+          **({"lora_target_modules": os.environ["TARGETS"].split(",")} if os.environ.get("TARGETS") else {}))
 params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(ads)]
 N = 32
