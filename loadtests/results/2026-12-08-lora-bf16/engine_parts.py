@@ -7,7 +7,8 @@ with the same source built serial (VARIANTS=serial), swapped into every bound la
 kernel reading bfloat16 copies of every bound layer's weights (VARIANTS=bf16: what --lora-dtype bfloat16 gives the
 kernel, the same code path; only the bytes it reads differ), swapped in the same way; with no slot in use
 (VARIANTS=empty: every call made, no pass). TARGETS=q_proj,k_proj,v_proj,o_proj: vLLM wraps only those layers
-(--lora-target-modules), for the whole process."""
+(--lora-target-modules), for the whole process. MIXED=1: also base and the four adapters in turn, as
+`compare mixed` sends them."""
 import ctypes, os, random, statistics, sys, time
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="2", OMP_PLACES="{0,1}", OMP_PROC_BIND="true",
                   VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
@@ -96,6 +97,8 @@ params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(ads)]
 N = 32
 SHAPES = {"base": ([None], "omp"), "adapters": (loras, "omp")}
+if os.environ.get("MIXED"):  # compare's mixed traffic: base and the four adapters in turn
+    SHAPES["mixed"] = ([None, *loras], "omp")
 for v in LIBS:
     if v != "omp":
         SHAPES[f"adapters-{v}"] = (loras, v)
