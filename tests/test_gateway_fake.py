@@ -71,6 +71,25 @@ def test_routing_base_name_and_pinned_versions(make_gateway, fake_adapter: Path)
     assert [body["model"] for body in gateway.engine.requests] == [BASE, "bot@1", "bot@2", "bot@1", "bot@2"]
 
 
+def test_a_stored_adapter_training_a_layer_this_server_leaves_out_is_never_loaded(make_gateway, fake_adapter: Path,
+                                                                                   model_dir: Path, tmp_path: Path):
+    """Registered by a replica that wraps every layer, then served by one started with lora_target_modules
+    narrower than the adapter: vLLM would load it without those layers and answer as another model, so the
+    request gets a 400 naming them and the engine never sees the adapter; adapters within the layers serve."""
+    from quiver.testing import random_adapter
+
+    trains_mlp = random_adapter(model_dir, tmp_path / "trains-mlp", seed=5, target_modules=["q_proj", "down_proj"])
+    wide = make_gateway()
+    assert wide.register("mlp", trains_mlp).status_code == 201
+    assert wide.register("attention", fake_adapter).status_code == 201
+    narrow = make_gateway(state="narrow", lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(narrow, "mlp")
+    assert (refused.value.code, refused.value.body["param"]) == ("target_module_not_served", "model")
+    assert "down_proj" in refused.value.message and "mlp@1" not in narrow.engine.load_calls
+    assert chat(narrow, "attention").choices[0].message.content == fake_text("attention@1", 3)
+
+
 def test_a_deleted_version_is_unloaded_only_after_its_last_request(make_gateway, fake_adapter: Path):
     gateway = make_gateway()
     engine = gateway.engine

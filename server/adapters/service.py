@@ -34,7 +34,8 @@ from quiver.adapters.model_id import parse_model_id
 from quiver.adapters.protocol import Adapter, AdapterVersion, GateResult, Pin, StoredFile
 from quiver.adapters.store import AdapterStore, StoredAdapter, file_sha256
 from quiver.adapters.uploads import stage_upload
-from quiver.adapters.validation import BaseModelSpec, NameConflict, check_adapter_name, validate_adapter_dir
+from quiver.adapters.validation import (BaseModelSpec, NameConflict, adapter_modules, check_adapter_name,
+                                        unserved_modules, validate_adapter_dir)
 from quiver.auth import EVERY_MODEL, ModelScope
 from quiver.engine_client import AdapterAlreadyLoaded, AdapterNotFound, EngineClient, EngineRejected, EngineUnavailable
 from quiver.errors import APIError, Conflict, DomainError, InvalidRequest, NotFound, StorageFull, Unavailable
@@ -335,6 +336,15 @@ class AdapterRegistry:
         key = engine_name(name, version)
         # Off the event loop: a remote store may first have to download the version.
         path = await asyncio.to_thread(self._engine_copy, name, version)
+        if self.base.served_modules is not None:
+            # Registered before this server's lora_target_modules left some of its layers out: vLLM would load
+            # it without them and answer as another model.
+            unserved = unserved_modules(await asyncio.to_thread(adapter_modules, path), self.base)
+            if unserved:
+                raise InvalidRequest(
+                    f"adapter {key} trains {', '.join(unserved)}, which this server applies no LoRA to "
+                    f"(lora_target_modules: {', '.join(sorted(self.base.served_modules))}); it cannot be served "
+                    "here", code="target_module_not_served", param="model")
         try:
             await self.engine.load_adapter(key, path)
         except AdapterAlreadyLoaded:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,7 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
                 f"(is this adapter for another model?)",
             )
         parts.setdefault(module, set()).add(part)
-    unserved = sorted({module.rsplit(".", 1)[-1] for module in parts if not base.serves(module)})
+    unserved = unserved_modules(parts, base)
     if unserved:
         # vLLM would load such an adapter and silently leave those layers out: it would answer as another model.
         raise refuse("target_module_not_served",
@@ -252,6 +252,16 @@ def _check_weights(path: Path, config: dict[str, Any], rank: int, base: BaseMode
         raise refuse("incomplete_adapter", f"these layers lack a lora_A or lora_B weight: {', '.join(incomplete[:5])}")
     b_weights = [info for name, info in tensors.items() if _LORA_KEY.match(name)["part"] == "B"]  # type: ignore[index]
     return len(parts), [NOOP_ADAPTER_WARNING] if all_zero(path, b_weights) else []
+
+
+def unserved_modules(modules: Iterable[str], base: BaseModelSpec) -> list[str]:
+    """The layer names (q_proj, ...) among `modules` (full names) that the engine applies no LoRA to."""
+    return sorted({module.rsplit(".", 1)[-1] for module in modules if not base.serves(module)})
+
+
+def adapter_modules(folder: Path) -> set[str]:
+    """The modules an adapter folder holds LoRA weights for, from its safetensors header (nothing else is read)."""
+    return {match["module"] for name in read_header(folder / WEIGHTS_FILE) if (match := _LORA_KEY.match(name))}
 
 
 def validate_adapter_dir(folder: Path, base: BaseModelSpec, max_rank: int) -> AdapterSpec:
