@@ -1,4 +1,4 @@
-# Written for this measurement (kept as it ran). Run from the repo root with OMP_NUM_THREADS=2 and the venv's python.
+# Written for this measurement (kept as it ran; its two timing loops since folded into `measure`). Run from the repo root with OMP_NUM_THREADS=2 and the venv's python.
 """A kernel call with nothing to do (no slot in use), warm and cold (a 64 MB write between calls): the whole call, its Python
 checks alone, its ctypes call alone; then the ctypes call with void* arguments instead of a typed pointer."""
 import time, statistics, torch, ctypes
@@ -24,15 +24,17 @@ def checks_only(self, y, x):
     return (self._args, y.data_ptr(), y_strides[0], x.data_ptr(), x_strides[0])
 args = (Z._args, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
 fn = Z._fn
+def measure(cases):
+    for mode in ("warm", "cold"):
+        for name, f in cases.items():
+            ts = []
+            for i in range(300 if mode == "cold" else 3000):
+                if mode == "cold": big.add_(1.0)
+                t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+            print(mode, f"{name:20s}", "median us", round(statistics.median(ts) * 1e6, 2))
 cases = {"full call": lambda: Z(y, x), "python checks only": lambda: checks_only(Z, y, x), "ctypes call only": lambda: fn(*args),
          "nothing": lambda: None}
-for mode in ("warm", "cold"):
-    for name, f in cases.items():
-        ts = []
-        for i in range(300 if mode == "cold" else 3000):
-            if mode == "cold": big.add_(1.0)
-            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-        print(mode, f"{name:20s}", "median us", round(statistics.median(ts) * 1e6, 2))
+measure(cases)
 lib2 = ctypes.CDLL(lib._name)
 fn2 = lib2.quiver_lora_f32_layer
 fn2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
@@ -40,10 +42,4 @@ fn2.restype = ctypes.c_int
 addr = ctypes.addressof(Z._args.contents)
 args2 = (addr, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0))
 cases = {"ctypes void* args": lambda: fn2(*args2), "ctypes pointer arg": lambda: fn(*args)}
-for mode in ("warm", "cold"):
-    for name, f in cases.items():
-        ts = []
-        for i in range(300 if mode == "cold" else 3000):
-            if mode == "cold": big.add_(1.0)
-            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-        print(mode, f"{name:20s}", "median us", round(statistics.median(ts) * 1e6, 2))
+measure(cases)
