@@ -4,6 +4,7 @@ engine is tested against vLLM in the `engine` group."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -336,3 +337,32 @@ def test_every_route_and_dependency_runs_on_the_event_loop(tmp_path: Path) -> No
     for route in routes:
         walk(route.dependant, route.path)
     assert not in_thread_pool
+
+
+def test_a_client_that_hangs_up_right_after_done_is_counted_as_served(make_gateway, monkeypatch):
+    """The openai client closes its connection as soon as it reads [DONE], often before the engine's stream has
+    ended; the gateway then closes that stream, and the real engine client's next read fails (aiohttp raises on
+    a closed response). The answer was whole: it counts as a 200, not a 499."""
+    from quiver.engine_client import EngineUnavailable
+    from quiver.fake_engine import _FakeResponse
+
+    whole = _FakeResponse.chunks
+
+    async def ends_late(self):
+        async for part in whole(self):
+            yield part
+            if b"[DONE]" in part:
+                while not self._closed:  # the engine's end of stream, not yet arrived
+                    await asyncio.sleep(0.01)
+                raise EngineUnavailable("Connection closed")  # what reading a closed aiohttp response raises
+
+    monkeypatch.setattr(_FakeResponse, "chunks", ends_late)
+    gateway = make_gateway()
+    streamed = list(gateway.openai().chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
+                                                             max_tokens=3, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == fake_text(BASE, 3)
+    series = f'quiver_requests_total{{adapter="{BASE}",endpoint="chat/completions",model="{BASE}",status="200"}} 1.0'
+    deadline = time.monotonic() + 5
+    while series not in (text := httpx.get(f"{gateway.base_url}/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert series in text and 'status="499"' not in text

@@ -175,6 +175,10 @@ class InferenceService:
             status = "200" if done else _CLIENT_GONE
             raise
         except EngineError:  # the engine broke, or stayed silent past the read timeout (hung)
+            if done:
+                # [DONE] has reached the client, which may hang up before the engine's stream ends (the openai
+                # client does, at once); closing that stream then fails the read: the answer was whole, a 200.
+                return
             if release.client_gone:  # or the response closed the engine's stream: the client hung up
                 status = _CLIENT_GONE
                 return
