@@ -45,6 +45,7 @@ from pydantic import BaseModel
 from quiver.adapters.model_id import ModelRef, parse_adapter_ref
 from quiver.adapters.service import AdapterRegistry
 from quiver.adapters.store import StoreUnavailable
+from quiver.adapters.validation import unserved_modules
 from quiver.errors import Conflict, DomainError, InvalidRequest, NotFound, NotSupported, PayloadTooLarge
 from quiver.finetuning.launcher import Launcher, LocalLauncher, Run
 from quiver.finetuning.protocol import (
@@ -548,16 +549,16 @@ class JobService:
         """A new adapter trains the trainer's default layers; a server that applies LoRA to fewer
         (lora_target_modules) could not register the result, so the job is refused now, not after training.
         (Continued training keeps its adapter's layers, which registration has already checked.)"""
-        served = self.registry.base.served_modules
-        if served is None:
+        base = self.registry.base
+        if base.served_modules is None:
             return
         from quiver.training.config import DEFAULT_TARGET_MODULES
 
-        unserved = [name for name in DEFAULT_TARGET_MODULES if name not in served]
-        if unserved:
+        if unserved_modules(DEFAULT_TARGET_MODULES, base):
             raise InvalidRequest(
                 f"fine-tuning trains {', '.join(DEFAULT_TARGET_MODULES)}; this server applies LoRA to "
-                f"{', '.join(sorted(served))} only (lora_target_modules), so it could not serve the result",
+                f"{', '.join(sorted(base.served_modules))} only (lora_target_modules), so it could not serve "
+                "the result",
                 code="target_module_not_served", param="model")
 
     async def cancel(self, job_id: str) -> FineTuningJob:
